@@ -1,0 +1,328 @@
+"""
+Convert a BAGEL checkpoint in the original release layout (`ByteDance-Seed/BAGEL-7B-MoT`: `ema.safetensors`,
+`ae.safetensors`, `llm_config.json`, `vit_config.json`, tokenizer files) into one folder in diffusers layout:
+
+    OUT/model_index.json
+    OUT/model/       BagelForConditionalGeneration (sharded safetensors)
+    OUT/vae/         diffusers AutoencoderKL (FLUX autoencoder)
+    OUT/scheduler/   FlowMatchEulerScheduler
+    OUT/processor/   BagelProcessor (tokenizer, image processor, chat template)
+
+Usage:
+
+    python -m transformers_bagel.convert_bagel_to_hf --input_dir ORIG --output_dir OUT
+
+The original loader's corrections are applied: the ViT config lists one layer more than the model runs, the ViT patch
+embedding is stored as a linear layer, and the values `app.py` hard-codes (not stored in any file of the release) are
+used when `config.json` / `vae_config.json` are absent. Only safetensors files are read; pickles are never loaded.
+"""
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig, SiglipVisionConfig
+from transformers.utils import logging
+
+from .configuration_bagel import BagelConfig, BagelTextConfig
+from .modeling_bagel import BagelForConditionalGeneration
+
+
+logger = logging.get_logger(__name__)
+
+# Values `app.py` hard-codes for the 7B release (SPEC section 2); a release folder has no file holding them.
+BAGEL_7B_MODEL_VALUES = {
+    "latent_patch_size": 2,
+    "max_latent_size": 64,
+    "vit_max_num_patch_per_side": 70,
+    "connector_act": "gelu_pytorch_tanh",
+    "interpolate_pos": False,
+    "timestep_shift": 1.0,
+}
+# Image-processor sizes of the 7B (SPEC section 4).
+BAGEL_7B_IMAGE_SIZES = {
+    "vae_max_image_size": 1024,
+    "vae_min_image_size": 512,
+    "vit_max_image_size": 980,
+    "vit_min_image_size": 224,
+}
+SPECIAL_TOKENS = {
+    "bos_token_id": "<|im_start|>",
+    "eos_token_id": "<|im_end|>",
+    "start_of_image_token_id": "<|vision_start|>",
+    "end_of_image_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "latent_token_id": "<|vision_pad|>",
+    "pad_token_id": "<|endoftext|>",
+}
+# Original key prefix -> HF key prefix (everything else keeps its name).
+KEY_PREFIXES = [
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vit_model.vision_model.", "model.vision_model."),
+    ("llm2vae.", "llm2vae."),
+    ("vae2llm.", "model.vae2llm."),
+    ("time_embedder.", "model.time_embedder."),
+    ("latent_pos_embed.", "model.latent_pos_embed."),
+    ("vit_pos_embed.", "model.vit_pos_embed."),
+    ("connector.", "model.connector."),
+]
+TEXT_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "attention_dropout",
+    "qk_norm",
+)
+VISION_CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+)
+
+
+def convert_key(key: str) -> str:
+    """Name of an original `ema.safetensors` tensor in [`BagelForConditionalGeneration`]."""
+    for old, new in KEY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    raise ValueError(f"Unexpected tensor {key!r} in the original checkpoint: no known BAGEL module holds it.")
+
+
+def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames every original tensor; the values are the same tensor objects (bit-exact)."""
+    converted = {}
+    for key, value in original.items():
+        new_key = convert_key(key)
+        if new_key in converted:
+            raise ValueError(f"Two original tensors map to {new_key!r}.")
+        converted[new_key] = value
+    return converted
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path} is not a .safetensors file; pickled checkpoints are never loaded.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Missing checkpoint file {path}.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {error}") from error
+
+
+def build_config(input_dir: Path, tokenizer) -> tuple[BagelConfig, dict]:
+    """BagelConfig from the release folder, and the FLUX autoencoder params stored there (None for the release,
+    whose autoencoder uses FLUX's hard-coded params)."""
+    for name in ("llm_config.json", "vit_config.json"):
+        if not (input_dir / name).is_file():
+            raise FileNotFoundError(f"{input_dir} has no {name}: not a BAGEL release folder.")
+    llm = _read_json(input_dir / "llm_config.json")
+    text_kwargs = {key: llm[key] for key in TEXT_CONFIG_KEYS if key in llm}
+    text_kwargs["qk_norm"] = True
+    text_kwargs["tie_word_embeddings"] = False
+    text_kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": float(llm.get("rope_theta", 1e6))}
+    text_config = BagelTextConfig(**text_kwargs)
+
+    vit = _read_json(input_dir / "vit_config.json")
+    vision_kwargs = {key: vit[key] for key in VISION_CONFIG_KEYS if key in vit}
+    # The release's vit_config.json counts the layer BAGEL never runs (it uses penultimate-layer features).
+    vision_kwargs["num_hidden_layers"] = vit["num_hidden_layers"] - 1
+    vision_config = SiglipVisionConfig(**vision_kwargs)
+
+    model_values = dict(BAGEL_7B_MODEL_VALUES)
+    if (input_dir / "config.json").is_file():
+        stored = _read_json(input_dir / "config.json")
+        model_values.update({key: stored[key] for key in BAGEL_7B_MODEL_VALUES if key in stored})
+    else:
+        logger.info("No config.json: using the 7B values hard-coded by the original app.py.")
+    vae_params = None
+    if (input_dir / "vae_config.json").is_file():
+        vae_params = _read_json(input_dir / "vae_config.json")
+    # FLUX autoencoder: 16 latent channels, 8x down-sampling.
+    latent_channels = vae_params.get("z_channels", 16) if vae_params else 16
+    vae_downsample = vae_params.get("downsample", 8) if vae_params else 8
+
+    token_ids = {}
+    missing = []
+    for field, token in SPECIAL_TOKENS.items():
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            missing.append(token)
+        token_ids[field] = token_id
+    if missing:
+        raise ValueError(f"The tokenizer in {input_dir} lacks BAGEL's special tokens {missing}.")
+
+    config = BagelConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        latent_channels=latent_channels,
+        vae_downsample=vae_downsample,
+        **model_values,
+        **token_ids,
+    )
+    return config, vae_params
+
+
+def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """
+    Builds [`BagelForConditionalGeneration`] from an original release folder, refusing a checkpoint whose tensors do
+    not match the model exactly (missing or unexpected keys, wrong shapes). Returns `(model, tokenizer, vae_params)`.
+    """
+    input_dir = Path(input_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
+    config, vae_params = build_config(input_dir, tokenizer)
+    original = _read_safetensors(input_dir / "ema.safetensors")
+    state_dict = convert_state_dict(original)
+
+    with torch.device("meta"):
+        model = BagelForConditionalGeneration(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        to_original = {convert_key(key): key for key in original}
+        raise ValueError(
+            "The checkpoint does not match the BAGEL architecture built from its configs. "
+            f"Missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}. "
+            f"Unexpected tensors: {[to_original[key] for key in unexpected][:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}."
+        )
+    wrong_shapes = [
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    ]
+    if wrong_shapes:
+        raise ValueError("Tensor shapes do not match the configs: " + "; ".join(wrong_shapes[:20]))
+    state_dict = {key: value.to(dtype) for key, value in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Non-persistent buffers (RoPE inverse frequencies) are not in the checkpoint: rebuild them off the meta device.
+    for module in model.modules():
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            module.inv_freq = inv_freq
+            module.original_inv_freq = inv_freq.clone()
+    model.config.dtype = dtype
+    model.eval()
+    return model, tokenizer, vae_params
+
+
+def convert(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "5GB",
+    image_sizes: dict | None = None,
+) -> Path:
+    """Converts `input_dir` (original layout) into `output_dir` (diffusers layout). Returns `output_dir`."""
+    from diffusers_bagel.convert_flux_vae import load_flux_vae
+    from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
+
+    from .image_processing_bagel import BagelImageProcessor
+    from .processing_bagel import BagelProcessor
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    sizes = dict(BAGEL_7B_IMAGE_SIZES, **(image_sizes or {}))
+
+    model, tokenizer, vae_params = load_original_model(input_dir, dtype=dtype)
+    vae = load_flux_vae(input_dir / "ae.safetensors", params=vae_params, dtype=dtype)
+    image_processor = BagelImageProcessor(
+        vit_patch_size=model.config.vision_config.patch_size,
+        vae_stride=model.config.latent_downsample,
+        vit_max_num_patch_per_side=model.config.vit_max_num_patch_per_side,
+        **sizes,
+    )
+    processor = BagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id,
+    )
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir / "model", max_shard_size=max_shard_size)
+    vae.save_pretrained(output_dir / "vae")
+    FlowMatchEulerScheduler().save_pretrained(output_dir / "scheduler")
+    processor.save_pretrained(output_dir / "processor")
+    _write_model_index(output_dir)
+    logger.info(f"Converted {input_dir} into {output_dir}")
+    return output_dir
+
+
+def _write_model_index(output_dir: Path):
+    """diffusers' `model_index.json`, naming each component's library module and class."""
+    import diffusers
+
+    index = {
+        "_class_name": "BagelPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "model": ["transformers_bagel.modeling_bagel", "BagelForConditionalGeneration"],
+        "processor": ["transformers_bagel.processing_bagel", "BagelProcessor"],
+        "scheduler": ["diffusers_bagel.scheduling_flow_match_euler", "FlowMatchEulerScheduler"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(output_dir / "model_index.json", "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"--dtype must be one of {sorted(choices)}, got {name!r}")
+    return choices[name]
+
+
+def _parse_shard_size(value: str) -> str:
+    if not re.fullmatch(r"\d+(KB|MB|GB)", value):
+        raise argparse.ArgumentTypeError(f"--max_shard_size must look like 500MB or 5GB, got {value!r}")
+    return value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_dir", required=True, help="Folder of the original release (ema.safetensors, ...).")
+    parser.add_argument("--output_dir", required=True, help="Where to write the converted folder.")
+    parser.add_argument("--dtype", type=_parse_dtype, default=torch.float32, help="float32 (default), bfloat16, float16.")
+    parser.add_argument("--max_shard_size", type=_parse_shard_size, default="5GB", help="Safetensors shard size.")
+    for name, default in BAGEL_7B_IMAGE_SIZES.items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"Image processor {name} (default {default}).")
+    args = parser.parse_args(argv)
+    sizes = {name: getattr(args, name) for name in BAGEL_7B_IMAGE_SIZES}
+    for name, value in sizes.items():
+        if value <= 0:
+            parser.error(f"--{name} must be positive, got {value}")
+    out = convert(args.input_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, image_sizes=sizes)
+    print(f"Converted checkpoint written to {out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["convert", "convert_key", "convert_state_dict", "load_original_model", "build_config", "main"]

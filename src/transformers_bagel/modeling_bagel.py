@@ -1,0 +1,826 @@
+"""BAGEL: a Mixture-of-Transformer-Experts decoder shared by understanding (text, ViT tokens) and generation (VAE
+latent tokens), with a SigLIP NaViT encoder and flow-matching heads."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_bagel import BagelConfig, BagelTextConfig
+from .modeling_bagel_vision import BagelVisionEmbeddings, BagelVisionModel, flattened_grid_position_ids
+
+
+logger = logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Routing of tokens to the two experts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ExpertRouting:
+    """
+    Which tokens use the understanding expert and which the generation expert (`*_moe_gen`).
+
+    Built once per forward from a boolean `gen_token_mask` of shape `(batch, seq)` (True for VAE latent tokens) and
+    shared by every layer. Sequences made of one kind of token (text decoding, ViT prefill) take a fast path with no
+    gather/scatter; mixed sequences run each expert on its own tokens only. transformers has no MoT routing, so this
+    is written here.
+    """
+
+    def __init__(self, gen_token_mask: torch.Tensor | None):
+        self.und_index = self.gen_index = None
+        if gen_token_mask is None or not bool(gen_token_mask.any()):
+            self.kind = "und"
+        elif bool(gen_token_mask.all()):
+            self.kind = "gen"
+        else:
+            self.kind = "mixed"
+            flat = gen_token_mask.reshape(-1)
+            self.gen_index = flat.nonzero().squeeze(1)
+            self.und_index = (~flat).nonzero().squeeze(1)
+
+    def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
+        """Applies `und` to understanding tokens and `gen` to generation tokens of `hidden_states`, whose first
+        `token_dims` dimensions index tokens."""
+        if self.kind == "und":
+            return und(hidden_states)
+        if self.kind == "gen":
+            return gen(hidden_states)
+        lead = hidden_states.shape[:token_dims]
+        flat = hidden_states.reshape(-1, *hidden_states.shape[token_dims:])
+        und_out = und(flat[self.und_index])
+        gen_out = gen(flat[self.gen_index])
+        out = und_out.new_empty((flat.shape[0], *und_out.shape[1:]))
+        out = out.index_copy(0, self.und_index, und_out).index_copy(0, self.gen_index, gen_out.to(und_out.dtype))
+        return out.reshape(*lead, *und_out.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small modules
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sincos_2d_position_table(hidden_size: int, side: int) -> torch.Tensor:
+    """
+    Fixed 2-D sin-cos table of shape `(side * side, hidden_size)` for positions `row * side + col`: the first half of
+    the features encodes the column, the second half the row, each as `[sin, cos]` over 10000^(-2i/d) frequencies
+    (computed in float64 like the original's numpy code, returned as float32).
+    """
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    rows, cols = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32), indexing="ij")
+
+    def encode(coords):
+        angles = np.einsum("m,d->md", coords.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return torch.from_numpy(np.concatenate([encode(cols), encode(rows)], axis=1)).float()
+
+
+class BagelPositionEmbedding(nn.Module):
+    """Frozen 2-D sin-cos table (stored with the weights, as in the release) indexed by flattened 2-D ids."""
+
+    def __init__(self, side: int, hidden_size: int):
+        super().__init__()
+        self.side = side
+        self.hidden_size = hidden_size
+        self.pos_embed = nn.Parameter(torch.zeros(side * side, hidden_size), requires_grad=False)
+
+    def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
+        return self.pos_embed[position_ids]
+
+
+class BagelTimestepEmbedder(nn.Module):
+    """DiT-style embedding of flow time t in [0, 1]: a 256-d `[cos, sin]` sinusoid, then Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def sinusoid(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        exponent = -np.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+        angles = timesteps.float()[:, None] * torch.exp(exponent)[None]
+        embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        if self.frequency_embedding_size % 2:
+            embedding = torch.nn.functional.pad(embedding, (0, 1))
+        return embedding
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(timesteps).to(self.mlp[0].weight.dtype))
+
+
+class BagelConnector(nn.Module):
+    """MLP from ViT features to the decoder width: fc1 -> activation -> fc2."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[activation]
+        self.fc2 = nn.Linear(out_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixture-of-Transformer-Experts decoder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class BagelAttention(nn.Module):
+    """
+    Joint attention over all tokens, with per-expert projections: understanding tokens use `{q,k,v,o}_proj` and
+    `{q,k}_norm`, generation tokens their `*_moe_gen` twins. q/k RMSNorm (over the head dim) runs before RoPE.
+    """
+
+    def __init__(self, config: BagelTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_out = config.num_attention_heads * self.head_dim
+        kv_out = config.num_key_value_heads * self.head_dim
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(config.hidden_size, q_out, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(config.hidden_size, kv_out, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(config.hidden_size, kv_out, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(q_out, config.hidden_size, bias=False))
+            norm = (lambda: Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps)) if config.qk_norm else nn.Identity
+            setattr(self, f"q_norm{suffix}", norm())
+            setattr(self, f"k_norm{suffix}", norm())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        routing: ExpertRouting,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        update_cache: bool = True,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, seq_len = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(batch, seq_len, -1, self.head_dim)
+
+        query = routing(heads(routing(hidden_states, self.q_proj, self.q_proj_moe_gen)), self.q_norm, self.q_norm_moe_gen)
+        key = routing(heads(routing(hidden_states, self.k_proj, self.k_proj_moe_gen)), self.k_norm, self.k_norm_moe_gen)
+        value = heads(routing(hidden_states, self.v_proj, self.v_proj_moe_gen))
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+
+        if past_key_values is not None:
+            if update_cache:
+                key, value = past_key_values.update(key, value, self.layer_idx)
+            else:
+                # Attend to the cached context without storing the new tokens (denoising steps, CFG branches).
+                layer = past_key_values.layers[self.layer_idx]
+                if layer.is_initialized and layer.keys.numel():
+                    key = torch.cat([layer.keys, key], dim=-2)
+                    value = torch.cat([layer.values, value], dim=-2)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()
+        attn_output = routing(attn_output, self.o_proj, self.o_proj_moe_gen)
+        return attn_output, attn_weights
+
+
+class BagelDecoderLayer(GradientCheckpointingLayer):
+    """One MoT layer: both layernorms and the MLP exist per expert; attention is joint."""
+
+    def __init__(self, config: BagelTextConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = BagelAttention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.mlp_moe_gen = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def _und_mlp(self, hidden_states):
+        return self.mlp(self.post_attention_layernorm(hidden_states))
+
+    def _gen_mlp(self, hidden_states):
+        return self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(hidden_states))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        routing: ExpertRouting,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        update_cache: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_moe_gen)
+        hidden_states, _ = self.self_attn(
+            hidden_states,
+            routing=routing,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            update_cache=update_cache,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = routing(hidden_states, self._und_mlp, self._gen_mlp)
+        return residual + hidden_states
+
+
+class BagelPreTrainedModel(PreTrainedModel):
+    config: BagelConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BagelDecoderLayer", "SiglipEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # Image blocks need bidirectional attention inside a causal sequence: flash-attention's causal/full switch
+    # cannot express that mask, so BAGEL runs on eager, sdpa or flex_attention.
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": BagelDecoderLayer, "attentions": BagelAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BagelPositionEmbedding):
+            init.copy_(module.pos_embed, sincos_2d_position_table(module.hidden_size, module.side))
+        elif isinstance(module, BagelVisionEmbeddings):
+            init.normal_(module.position_embedding.weight, std=module.config.hidden_size**-0.5)
+
+
+class BagelTextModel(BagelPreTrainedModel):
+    """
+    The MoT decoder. Plain Qwen2 behaviour when every token is an understanding token and positions are consecutive;
+    BAGEL's composite model passes its own position ids, image-block ids and expert routing.
+    """
+
+    config: BagelTextConfig
+    input_modalities = ("text",)
+
+    def __init__(self, config: BagelTextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([BagelDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        gen_token_mask: torch.BoolTensor | None = None,
+        block_ids: torch.LongTensor | None = None,
+        and_mask_function: Callable | None = None,
+        update_cache: bool = True,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        gen_token_mask (`torch.BoolTensor` of shape `(batch, seq)`, *optional*):
+            True where a token is a VAE latent token (generation expert). Default: all understanding tokens.
+        block_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Image block of each token (`-1` for causal text tokens). Tokens of one block attend to each other
+            bidirectionally.
+        and_mask_function (`Callable`, *optional*):
+            Extra mask restriction (packed training samples, noised images hidden from later tokens).
+        update_cache (`bool`, defaults to `True`):
+            When False, the tokens attend to `past_key_values` but are not appended to it.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if block_ids is not None and not bool((block_ids >= 0).any()):
+            block_ids = None
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if block_ids is not None and past_seen:
+            # The mask functions index blocks by absolute key position: cached tokens are never in a new block.
+            block_ids = torch.cat([block_ids.new_full((block_ids.shape[0], past_seen), -1), block_ids], dim=1)
+        # position_ids=None on purpose: image blocks repeat one position, which transformers would mistake for packed
+        # sequences.
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=None,
+            block_sequence_ids=block_ids,
+            and_mask_function=and_mask_function,
+        )
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        routing = ExpertRouting(gen_token_mask)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                routing,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                update_cache=update_cache,
+                **kwargs,
+            )
+        hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token layout: positions, image blocks, experts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLayout:
+    """BAGEL's per-token structure, derived from `input_ids`."""
+
+    position_ids: torch.LongTensor
+    block_ids: torch.LongTensor
+    gen_token_mask: torch.BoolTensor
+    next_position: torch.LongTensor
+
+
+def bagel_token_layout(
+    input_ids: torch.LongTensor,
+    config: BagelConfig,
+    attention_mask: torch.Tensor | None = None,
+    position_offset: torch.Tensor | int = 0,
+) -> TokenLayout:
+    """
+    Positions and image blocks of BAGEL: text tokens advance the position by one; an image block
+    (`<|vision_start|>` ... `<|vision_end|>`, boundary tokens included) shares one position and advances it by one.
+    Padding (attention_mask == 0) does not advance it.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, seq)`).
+        config ([`BagelConfig`]).
+        attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 for real tokens.
+        position_offset (`int` or `torch.Tensor` of shape `(batch,)`): position of the first token (a cached context's
+            next position).
+    """
+    is_start = input_ids == config.start_of_image_token_id
+    is_end = input_ids == config.end_of_image_token_id
+    starts_so_far = is_start.long().cumsum(-1)
+    ends_before = is_end.long().cumsum(-1) - is_end.long()
+    inside = (starts_so_far - ends_before) > 0
+    advance = (~inside | is_end).long()
+    if attention_mask is not None:
+        advance = advance * attention_mask[:, -input_ids.shape[1] :].long()
+    offset = torch.as_tensor(position_offset, device=input_ids.device).reshape(-1, 1)
+    running = advance.cumsum(-1)
+    position_ids = running - advance + offset
+    block_ids = torch.where(inside, starts_so_far, torch.full_like(starts_so_far, -1))
+    return TokenLayout(
+        position_ids=position_ids,
+        block_ids=block_ids,
+        gen_token_mask=input_ids == config.latent_token_id,
+        next_position=running[:, -1] + offset[:, 0] if input_ids.shape[1] else offset[:, 0].expand(input_ids.shape[0]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Composite model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BagelModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    next_position (`torch.LongTensor` of shape `(batch,)`):
+        The position the next token of each row would take (BAGEL's "rope" counter), needed to continue from the cache.
+    """
+
+    next_position: torch.LongTensor | None = None
+
+
+@dataclass
+class BagelCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): total training loss, `ce_weight * ce_loss + mse_weight * mse_loss`.
+    ce_loss (`torch.FloatTensor`, *optional*): next-token cross entropy on text labels.
+    mse_loss (`torch.FloatTensor`, *optional*): flow-matching MSE on noised latent tokens.
+    logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`): language-model logits.
+    next_position (`torch.LongTensor` of shape `(batch,)`): see [`BagelModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    next_position: torch.LongTensor | None = None
+
+
+class BagelModel(BagelPreTrainedModel):
+    """
+    BAGEL without heads: embeds text, ViT patches (understanding) and VAE latents (generation) into one sequence and
+    runs the MoT decoder over it. ViT patches sit at `image_token_id` placeholders and latent tokens at
+    `latent_token_id` placeholders of `input_ids`.
+    """
+
+    def __init__(self, config: BagelConfig):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.language_model = BagelTextModel(config.text_config)
+        self.vision_model = BagelVisionModel(config.vision_config)
+        self.connector = BagelConnector(config.vision_config.hidden_size, hidden, config.connector_act)
+        self.vit_pos_embed = BagelPositionEmbedding(config.vit_max_num_patch_per_side, hidden)
+        self.latent_pos_embed = BagelPositionEmbedding(config.max_latent_size, hidden)
+        self.time_embedder = BagelTimestepEmbedder(hidden)
+        self.vae2llm = nn.Linear(config.patch_latent_dim, hidden)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hw: torch.LongTensor) -> torch.Tensor:
+        """ViT features of packed patches, projected to the decoder width, plus the fixed 2-D position table:
+        `(total_patches, hidden)`."""
+        position_ids = flattened_grid_position_ids(
+            image_grid_hw, self.config.vit_max_num_patch_per_side, self.config.interpolate_pos, pixel_values.device
+        )
+        features = self.vision_model(pixel_values, image_grid_hw, position_ids=position_ids).last_hidden_state
+        return self.connector(features) + self.vit_pos_embed(position_ids).to(features.dtype)
+
+    def get_latent_embeddings(
+        self, latents: torch.Tensor, latent_grid_hw: torch.LongTensor, latent_timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Decoder inputs of packed latent tokens: `vae2llm(x) + time_embedder(t) + latent_pos_embed(ids)`.
+
+        Args:
+            latents (`torch.Tensor` of shape `(total_tokens, patch_latent_dim)`): packed latent patches.
+            latent_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`): token grid of each latent image.
+            latent_timesteps (`torch.Tensor` of shape `(num_images,)` or `(total_tokens,)`): flow time t of each image
+                (0 for a clean conditioning image) or of each token.
+        """
+        position_ids = flattened_grid_position_ids(
+            latent_grid_hw, self.config.max_latent_size, self.config.interpolate_pos, latents.device
+        )
+        latent_timesteps = torch.as_tensor(latent_timesteps, device=latents.device).reshape(-1)
+        if latent_timesteps.shape[0] != latents.shape[0]:
+            lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
+            if latent_timesteps.shape[0] == 1:
+                latent_timesteps = latent_timesteps.expand(len(lengths))
+            latent_timesteps = latent_timesteps.repeat_interleave(lengths.to(latent_timesteps.device))
+        dtype = self.vae2llm.weight.dtype
+        return (
+            self.vae2llm(latents.to(dtype))
+            + self.time_embedder(latent_timesteps)
+            + self.latent_pos_embed(position_ids).to(dtype)
+        )
+
+    def _scatter(self, inputs_embeds, input_ids, token_id, features, what):
+        mask = input_ids == token_id
+        count = int(mask.sum())
+        if count != features.shape[0]:
+            raise ValueError(
+                f"input_ids hold {count} {what} placeholder tokens (id {token_id}) but {features.shape[0]} {what} "
+                "tokens were given; the processor's placeholders and the images must match."
+            )
+        return inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        latent_grid_hw: torch.LongTensor | None = None,
+        latent_timesteps: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        update_cache: bool = True,
+        and_mask_function: Callable | None = None,
+        **kwargs,
+    ) -> BagelModelOutputWithPast:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(total_patches, 3 * patch_size**2)`, *optional*):
+            ViT patches of all images (see [`BagelImageProcessor`]).
+        image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            Patch grid of each ViT image.
+        latents (`torch.Tensor` of shape `(total_latent_tokens, patch_latent_dim)`, *optional*):
+            Packed VAE latent tokens (normalised latent space, `(h, w, p, q, c)` order).
+        latent_grid_hw (`torch.LongTensor` of shape `(num_latent_images, 2)`, *optional*):
+            Token grid of each latent image.
+        latent_timesteps (`torch.Tensor` of shape `(num_latent_images,)`, *optional*):
+            Flow time of each latent image; 0 (clean) by default.
+        update_cache (`bool`, defaults to `True`):
+            When False the new tokens attend to `past_key_values` without being stored in it.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and (pixel_values is not None or latents is not None):
+            raise ValueError("Images need `input_ids` with placeholder tokens; `inputs_embeds` alone cannot place them.")
+        if use_cache is None:
+            use_cache = self.config.text_config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+
+        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if input_ids is not None:
+            offset = getattr(past_key_values, "bagel_next_position", 0) if cached else 0
+            layout = bagel_token_layout(input_ids, self.config, attention_mask, offset)
+            if position_ids is None:
+                if cached and not hasattr(past_key_values, "bagel_next_position"):
+                    raise ValueError("Pass `position_ids` when continuing from a cache this model did not fill.")
+                position_ids = layout.position_ids
+            block_ids, gen_token_mask = layout.block_ids, layout.gen_token_mask
+            limit = self.config.text_config.max_position_embeddings
+            if position_ids.numel() and int(position_ids.max()) >= limit:
+                raise ValueError(
+                    f"The sequence reaches position {int(position_ids.max())}, beyond the model's limit of {limit} "
+                    "positions (text_config.max_position_embeddings); shorten the prompt."
+                )
+            inputs_embeds = self.language_model.embed_tokens(input_ids)
+        else:
+            layout, block_ids, gen_token_mask = None, None, None
+
+        if pixel_values is not None:
+            if image_grid_hw is None:
+                raise ValueError("`pixel_values` needs `image_grid_hw` (the patch grid of each image).")
+            features = self.get_image_features(pixel_values, image_grid_hw)
+            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, features, "image")
+        elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError("input_ids contain image placeholder tokens but no `pixel_values` were given.")
+        if latents is not None:
+            if latent_grid_hw is None:
+                raise ValueError("`latents` needs `latent_grid_hw` (the token grid of each latent image).")
+            if latent_timesteps is None:
+                latent_timesteps = torch.zeros(latent_grid_hw.shape[0], device=latents.device)
+            features = self.get_latent_embeddings(latents, latent_grid_hw, latent_timesteps)
+            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.latent_token_id, features, "latent")
+        elif gen_token_mask is not None and bool(gen_token_mask.any()):
+            raise ValueError("input_ids contain latent placeholder tokens but no `latents` were given.")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            gen_token_mask=gen_token_mask,
+            block_ids=block_ids,
+            and_mask_function=and_mask_function,
+            update_cache=update_cache,
+            **kwargs,
+        )
+        if layout is not None and position_ids is layout.position_ids:
+            next_position = layout.next_position
+        elif position_ids is not None and position_ids.shape[-1]:
+            next_position = position_ids.max(-1).values + 1
+        else:
+            next_position = None
+        if use_cache and update_cache and next_position is not None:
+            past_key_values.bagel_next_position = next_position
+        return BagelModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            next_position=next_position,
+        )
+
+
+class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
+    """
+    BAGEL with its two heads: `lm_head` (text logits, used by `generate`) and `llm2vae` (flow velocity of latent
+    tokens, used by the diffusers pipeline through [`~BagelForConditionalGeneration.predict_velocity`]).
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: BagelConfig):
+        super().__init__(config)
+        self.model = BagelModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.llm2vae = nn.Linear(config.text_config.hidden_size, config.patch_latent_dim)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        latents: torch.Tensor | None = None,
+        latent_grid_hw: torch.LongTensor | None = None,
+        latent_timesteps: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> BagelCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Next-token labels for the text cross entropy (`-100` ignored), shifted inside like other causal LMs.
+
+        See [`BagelModel.forward`] for the image arguments.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_grid_hw=image_grid_hw,
+            latents=latents,
+            latent_grid_hw=latent_grid_hw,
+            latent_timesteps=latent_timesteps,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        return BagelCausalLMOutputWithPast(
+            loss=loss,
+            ce_loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            next_position=outputs.next_position,
+        )
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if input_ids is None or input_ids.dtype not in (torch.long, torch.int):
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return bagel_token_layout(input_ids, self.config, model_kwargs.get("attention_mask")).position_ids
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and model_inputs.get("use_cache", True):
+            for key in ("pixel_values", "image_grid_hw", "latents", "latent_grid_hw", "latent_timesteps"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+    # -- image generation API (used by diffusers_bagel.BagelPipeline) -------------------------------------------------
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        latent_grid_hw: tuple[int, int],
+        past_key_values: Cache | None,
+        context_attention_mask: torch.Tensor | None = None,
+        context_position: torch.Tensor | int = 0,
+    ) -> torch.Tensor:
+        """
+        Flow velocity (`noise - clean` direction) of a block of latent tokens at time `timestep`, attending to cached
+        contexts without growing them. Each batch row is one (context, latent) pair, so several CFG contexts stacked
+        in the cache's batch are evaluated in one forward.
+
+        Args:
+            latents (`torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`): packed noisy latents x_t.
+            timestep (`float` or `torch.Tensor` of shape `(batch,)`): flow time t in [0, 1] (1 = noise).
+            latent_grid_hw (`tuple[int, int]`): token grid (h, w) of the image.
+            past_key_values (`Cache`): prefilled contexts, one per row (left-padded), or None for empty contexts.
+            context_attention_mask (`torch.Tensor` of shape `(batch, context_len)`, *optional*): 1 for real context
+                tokens, 0 for padding. None means every cached token is real.
+            context_position (`int` or `torch.LongTensor` of shape `(batch,)`): each context's next position; the
+                whole query block sits there.
+
+        Returns:
+            `torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`.
+        """
+        batch, num_tokens = latents.shape[:2]
+        height, width = latent_grid_hw
+        if height * width != num_tokens:
+            raise ValueError(f"latents hold {num_tokens} tokens but the grid {height}x{width} needs {height * width}.")
+        device = latents.device
+        config = self.config
+        row = torch.full((num_tokens + 2,), config.latent_token_id, dtype=torch.long, device=device)
+        row[0], row[-1] = config.start_of_image_token_id, config.end_of_image_token_id
+        input_ids = row.expand(batch, -1)
+        position = torch.as_tensor(context_position, device=device).reshape(-1, 1).expand(batch, num_tokens + 2)
+        attention_mask = None
+        if context_attention_mask is not None:
+            attention_mask = torch.cat(
+                [context_attention_mask.to(device), context_attention_mask.new_ones(batch, num_tokens + 2)], dim=1
+            )
+        timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        grid = torch.tensor([[height, width]], device=device).expand(batch, 2)
+        hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position,
+            past_key_values=past_key_values,
+            latents=latents.reshape(batch * num_tokens, -1),
+            latent_grid_hw=grid,
+            latent_timesteps=timestep,
+            use_cache=past_key_values is not None,
+            update_cache=False,
+        ).last_hidden_state
+        return self.llm2vae(hidden[:, 1:-1])
+
+
+__all__ = [
+    "BagelPreTrainedModel",
+    "BagelTextModel",
+    "BagelModel",
+    "BagelForConditionalGeneration",
+    "BagelModelOutputWithPast",
+    "BagelCausalLMOutputWithPast",
+    "bagel_token_layout",
+    "sincos_2d_position_table",
+]

@@ -1,0 +1,163 @@
+"""SigLIP NaViT encoder used by BAGEL for understanding: variable-size images, no padding to a square."""
+
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipEncoder, SiglipEncoderLayer, SiglipMLP
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+def flattened_grid_position_ids(
+    grid_hw: torch.Tensor, max_side: int, interpolate: bool = False, device=None
+) -> torch.Tensor:
+    """
+    2-D position ids of every patch of every image, flattened into one index of a `max_side x max_side` table.
+
+    Args:
+        grid_hw (`torch.Tensor` of shape `(num_images, 2)`): patch grid (rows, columns) of each image.
+        max_side (`int`): side of the position table.
+        interpolate (`bool`): `False` gives `row * max_side + col` (BAGEL's default, "extrapolate");
+            `True` maps fractional coordinates onto the table by bucketing.
+
+    Returns:
+        `torch.LongTensor` of shape `(sum(rows * cols),)`, images concatenated in order.
+    """
+    device = device if device is not None else grid_hw.device
+    ids = []
+    for rows, cols in grid_hw.tolist():
+        if rows > max_side or cols > max_side:
+            raise ValueError(
+                f"An image of {rows}x{cols} patches does not fit the {max_side}x{max_side} position table; "
+                "resize it to a smaller size."
+            )
+        if interpolate:
+            boundaries = torch.arange(1 / max_side, 1.0, 1 / max_side, device=device)
+            row_ids = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / rows, device=device), boundaries, right=True)
+            col_ids = torch.bucketize(torch.arange(0, 1 - 1e-6, 1 / cols, device=device), boundaries, right=True)
+        else:
+            row_ids = torch.arange(rows, device=device)
+            col_ids = torch.arange(cols, device=device)
+        ids.append((row_ids[:, None] * max_side + col_ids[None, :]).flatten())
+    return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
+
+
+class BagelVisionEmbeddings(nn.Module):
+    """
+    Patch embedding as a linear layer over already-patchified pixels (flatten order `(p, q, c)`), plus SigLIP's learned
+    position table indexed by 2-D position ids. The release stores the patch embedding this way (a convolution
+    reshaped into a matrix), so no conversion happens at load time.
+    """
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.num_patches_per_side = config.image_size // config.patch_size
+        patch_dim = config.num_channels * config.patch_size**2
+        self.patch_embedding = nn.Linear(patch_dim, config.hidden_size)
+        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        return patch_embeds + self.position_embedding(position_ids)
+
+
+class BagelVisionPreTrainedModel(PreTrainedModel):
+    config: SiglipVisionConfig
+    base_model_prefix = "vision_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SiglipEncoderLayer"]
+    _supports_flash_attn = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": SiglipEncoderLayer, "attentions": SiglipAttention}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        from transformers import initialization as init
+
+        if isinstance(module, BagelVisionEmbeddings):
+            init.normal_(module.position_embedding.weight, std=self.config.hidden_size**-0.5)
+            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range)
+            init.zeros_(module.patch_embedding.bias)
+        elif isinstance(module, SiglipAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.xavier_uniform_(proj.weight)
+                init.zeros_(proj.bias)
+        elif isinstance(module, SiglipMLP):
+            init.xavier_uniform_(module.fc1.weight)
+            init.xavier_uniform_(module.fc2.weight)
+            init.normal_(module.fc1.bias, std=1e-6)
+            init.normal_(module.fc2.bias, std=1e-6)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class BagelVisionModel(BagelVisionPreTrainedModel):
+    """
+    SigLIP encoder over packed variable-size images. Each image attends only to its own patches; images are run side
+    by side with a key-padding mask (no resize to a square, no cross-image attention), like the original's varlen
+    flash-attention.
+    """
+
+    def __init__(self, config: SiglipVisionConfig):
+        super().__init__(config)
+        self.embeddings = BagelVisionEmbeddings(config)
+        self.encoder = SiglipEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_hw: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(total_patches, num_channels * patch_size**2)`):
+            Patches of all images, concatenated, as [`BagelImageProcessor`] returns them.
+        image_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`):
+            Patch grid (rows, columns) of each image.
+        position_ids (`torch.LongTensor` of shape `(total_patches,)`, *optional*):
+            Flattened 2-D position ids; computed from `image_grid_hw` when omitted.
+
+        Returns a [`BaseModelOutput`] whose `last_hidden_state` is packed like the input: `(total_patches, hidden)`.
+        """
+        lengths = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
+        if sum(lengths) != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_hw describes {sum(lengths)}."
+            )
+        if position_ids is None:
+            position_ids = flattened_grid_position_ids(
+                image_grid_hw, self.embeddings.num_patches_per_side, device=pixel_values.device
+            )
+        packed = self.embeddings(pixel_values, position_ids)
+
+        # Pad the packed patches into (num_images, longest, hidden) with a key-padding mask.
+        num_images, longest = len(lengths), max(lengths)
+        lengths_t = torch.tensor(lengths, device=packed.device)
+        valid = torch.arange(longest, device=packed.device)[None, :] < lengths_t[:, None]
+        hidden_states = packed.new_zeros(num_images, longest, packed.shape[-1])
+        hidden_states[valid] = packed
+        attention_mask = None
+        if num_images > 1 and not bool(valid.all()):
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=valid.long()
+            )
+        hidden_states = self.encoder(inputs_embeds=hidden_states, attention_mask=attention_mask, **kwargs)
+        hidden_states = self.post_layernorm(hidden_states.last_hidden_state)
+        return BaseModelOutput(last_hidden_state=hidden_states[valid])
+
+
+__all__ = ["BagelVisionModel", "BagelVisionPreTrainedModel", "flattened_grid_position_ids"]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the tiny original checkpoint, its conversion, and the reference outputs of the original code."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ORIGINAL_DIR = FIXTURES / "tiny_bagel_original"
+EXPECTED_DIR = FIXTURES / "expected"
+# Image-processor sizes the reference outputs were produced with (tiny model; the 7B uses 1024/512 and 980/224).
+TINY_IMAGE_SIZES = {"vae_max_image_size": 128, "vae_min_image_size": 32, "vit_max_image_size": 112, "vit_min_image_size": 28}
+
+
+def load_expected(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Returns the json description and the tensors of one reference case."""
+    with open(EXPECTED_DIR / f"{name}.json", encoding="utf-8") as handle:
+        meta = json.load(handle)
+    return meta, load_file(str(EXPECTED_DIR / f"{name}.safetensors"))
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4):
+    """Max abs error relative to the largest reference magnitude."""
+    actual = actual.detach().float().cpu()
+    expected = expected.float()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * max(scale, 1e-12), f"max abs error {err:.3e} > {rtol:.0e} x {scale:.3e}"
+
+
+@pytest.fixture(scope="session")
+def original_model():
+    """The tiny original checkpoint loaded straight into BagelForConditionalGeneration (no files written)."""
+    from transformers_bagel.convert_bagel_to_hf import load_original_model
+
+    model, tokenizer, _ = load_original_model(ORIGINAL_DIR)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory) -> Path:
+    """The tiny original checkpoint converted with the converter, once per session."""
+    from transformers_bagel.convert_bagel_to_hf import convert
+
+    out = tmp_path_factory.mktemp("converted") / "tiny_bagel"
+    convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB")
+    return out
+
+
+@pytest.fixture()
+def no_grad():
+    with torch.no_grad():
+        yield

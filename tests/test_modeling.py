@@ -1,0 +1,317 @@
+"""The MoT model against the original implementation's outputs, and its structural guarantees."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ORIGINAL_DIR, assert_close_rel, load_expected
+from transformers_bagel.configuration_bagel import BagelConfig
+from transformers_bagel.convert_bagel_to_hf import convert_key, load_original_model
+from transformers_bagel.modeling_bagel import BagelForConditionalGeneration, bagel_token_layout
+
+
+ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flex_attention"]
+
+
+@pytest.fixture()
+def static_flex():
+    # CPU inductor fails to build flex_attention kernels once dynamo switches to dynamic shapes (torch 2.13): keep
+    # every shape static in tests.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, cache_size_limit=64):
+        yield
+
+
+def with_attn(model, implementation):
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def mixed_inputs(config, seed=0):
+    """text, a ViT image block (2x3 patches), text, a clean VAE image block (2x2 tokens), text."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = (
+        [401, 30, 31, 402]
+        + [config.start_of_image_token_id] + [config.image_token_id] * 6 + [config.end_of_image_token_id]
+        + [401, 40, 41, 42, 402]
+        + [config.start_of_image_token_id] + [config.latent_token_id] * 4 + [config.end_of_image_token_id]
+        + [401, 50, 51]
+    )
+    patch_dim = config.vision_config.num_channels * config.vision_config.patch_size**2
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(6, patch_dim, generator=generator),
+        "image_grid_hw": torch.tensor([[2, 3]]),
+        "latents": torch.randn(4, config.patch_latent_dim, generator=generator),
+        "latent_grid_hw": torch.tensor([[2, 2]]),
+    }
+
+
+# -- fidelity to the original -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ATTN_IMPLEMENTATIONS)
+def test_text_prefill_logits_match_original(original_model, implementation, static_flex, no_grad):
+    model, _ = original_model
+    _, expected = load_expected("a_text_logits")
+    out = with_attn(model, implementation)(input_ids=expected["input_ids"][None])
+    assert_close_rel(out.logits[0], expected["logits"], 1e-4)
+    layout = bagel_token_layout(expected["input_ids"][None], model.config)
+    assert torch.equal(layout.position_ids[0], expected["position_ids"])
+
+
+def test_greedy_generate_matches_original(original_model, no_grad):
+    model, _ = original_model
+    meta, expected = load_expected("a_text_logits")
+    prompt = torch.cat([expected["input_ids"], torch.tensor([meta["new_token_ids"]["bos_token_id"]])])[None]
+    out = with_attn(model, "sdpa").generate(
+        prompt, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    # The original returns the start token followed by 7 generated tokens; step i's logits pick token i + 1.
+    assert out.sequences[0, prompt.shape[1] - 1 : prompt.shape[1] + 7].tolist() == expected["greedy_token_ids"].tolist()
+    for step, logits in enumerate(out.logits):
+        assert_close_rel(logits[0], expected["greedy_step_logits"][step], 1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_velocity_matches_original(original_model, implementation, no_grad):
+    model, tokenizer = original_model
+    meta, expected = load_expected("c_velocity")
+    with_attn(model, implementation)
+    ids = [meta["new_token_ids"]["bos_token_id"]] if "new_token_ids" in meta else [401]
+    ids = ids + tokenizer.encode(meta["prompt"]) + [402]
+    context = model.model(input_ids=torch.tensor([ids]), use_cache=True)
+    assert context.past_key_values.get_seq_length() == meta["kv_lens"][0]
+    assert context.next_position.tolist() == meta["ropes"]
+    x_t = expected["x_t"][None]
+    grid = (meta["image_hw"][0] // 16, meta["image_hw"][1] // 16)
+    v_cond = model.predict_velocity(x_t, meta["t"], grid, context.past_key_values, context_position=context.next_position)
+    assert_close_rel(v_cond[0], expected["v_cond"], 1e-4)
+    v_uncond = model.predict_velocity(x_t, meta["t"], grid, None, context_position=0)
+    assert_close_rel(v_uncond[0], expected["v_uncond_text"], 1e-4)
+    assert context.past_key_values.get_seq_length() == meta["kv_lens"][0], "a velocity step must not grow the cache"
+
+
+def test_batched_padded_contexts_equal_single_contexts(original_model, no_grad):
+    model, tokenizer = original_model
+    meta, expected = load_expected("c_velocity")
+    with_attn(model, "sdpa")
+    ids = [401] + tokenizer.encode(meta["prompt"]) + [402]
+    short = [401] + tokenizer.encode("a dog") + [402]
+    rows = [ids, [0] * (len(ids) - len(short)) + short, [0] * len(ids)]
+    mask = torch.tensor([[1] * len(ids), [0] * (len(ids) - len(short)) + [1] * len(short), [0] * len(ids)])
+    context = model.model(input_ids=torch.tensor(rows), attention_mask=mask, use_cache=True)
+    assert context.next_position.tolist() == [len(ids), len(short), 0]
+    x_t = expected["x_t"][None].expand(3, -1, -1)
+    batched = model.predict_velocity(
+        x_t, 0.7, (4, 6), context.past_key_values, context_attention_mask=mask, context_position=context.next_position
+    )
+    single_short = model.model(input_ids=torch.tensor([short]), use_cache=True)
+    v_short = model.predict_velocity(
+        x_t[:1], 0.7, (4, 6), single_short.past_key_values, context_position=single_short.next_position
+    )
+    assert (batched[0] - expected["v_cond"]).abs().max() < 1e-5
+    assert (batched[1] - v_short[0]).abs().max() < 1e-5
+    assert (batched[2] - expected["v_uncond_text"]).abs().max() < 1e-5
+
+
+# -- attention structure ------------------------------------------------------------------------------------------------
+
+
+def test_attention_implementations_agree_on_mixed_sequence(original_model, static_flex, no_grad):
+    model, _ = original_model
+    inputs = mixed_inputs(model.config)
+    outputs = {impl: with_attn(model, impl)(**inputs).logits for impl in ATTN_IMPLEMENTATIONS}
+    assert (outputs["eager"] - outputs["sdpa"]).abs().max() < 1e-5
+    assert (outputs["eager"] - outputs["flex_attention"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ATTN_IMPLEMENTATIONS)
+def test_text_causal_and_image_blocks_bidirectional(original_model, implementation, static_flex, no_grad):
+    model, _ = original_model
+    with_attn(model, implementation)
+    config = model.config
+    inputs = mixed_inputs(config)
+    base = model(**inputs).logits[0]
+    vit_start = 4  # index of <|vision_start|> of the ViT block (6 patches at 5..10, <|vision_end|> at 11)
+
+    # Changing the last text token changes nothing before it: text is causal.
+    changed = dict(inputs, input_ids=inputs["input_ids"].clone())
+    changed["input_ids"][0, -1] = 77
+    out = model(**changed).logits[0]
+    assert torch.equal(out[:-1], base[:-1]) or (out[:-1] - base[:-1]).abs().max() < 1e-6
+    assert (out[-1] - base[-1]).abs().max() > 1e-3
+
+    # Changing the last ViT patch changes the first patch and the start token of the same block (bidirectional),
+    # but nothing before the block.
+    pixels = inputs["pixel_values"].clone()
+    pixels[-1] += 1.0
+    out = model(**dict(inputs, pixel_values=pixels)).logits[0]
+    assert (out[:vit_start] - base[:vit_start]).abs().max() < 1e-6
+    assert (out[vit_start] - base[vit_start]).abs().max() > 1e-4
+    assert (out[vit_start + 1] - base[vit_start + 1]).abs().max() > 1e-4
+
+
+def test_position_ids_share_one_position_per_image_block(original_model):
+    model, _ = original_model
+    inputs = mixed_inputs(model.config)
+    layout = bagel_token_layout(inputs["input_ids"], model.config)
+    expected = [0, 1, 2, 3] + [4] * 8 + [5, 6, 7, 8, 9] + [10] * 6 + [11, 12, 13]
+    assert layout.position_ids[0].tolist() == expected
+    assert layout.next_position.tolist() == [14]
+    assert layout.gen_token_mask[0].nonzero().squeeze(1).tolist() == [18, 19, 20, 21]
+    # left padding does not advance positions
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), inputs["input_ids"]], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(inputs["input_ids"])], 1)
+    layout = bagel_token_layout(padded, model.config, mask)
+    assert layout.position_ids[0, 3:].tolist() == expected
+
+
+def test_generation_expert_only_sees_latent_tokens(original_model, no_grad):
+    """Perturbing every *_moe_gen weight changes latent tokens' outputs but leaves a text+ViT sequence untouched."""
+    model, _ = original_model
+    with_attn(model, "sdpa")
+    inputs = mixed_inputs(model.config)
+    text_vit = {k: inputs[k] for k in ("pixel_values", "image_grid_hw")}
+    text_vit["input_ids"] = inputs["input_ids"][:, :16]
+    before_und = model(**text_vit).logits
+    before_mixed = model(**inputs).logits
+    saved = {n: p.clone() for n, p in model.named_parameters() if "moe_gen" in n}
+    try:
+        for name, param in model.named_parameters():
+            if "moe_gen" in name:
+                param.add_(0.05)
+        assert torch.equal(model(**text_vit).logits, before_und)
+        assert (model(**inputs).logits[0, 18:] - before_mixed[0, 18:]).abs().max() > 1e-4
+    finally:
+        for name, param in model.named_parameters():
+            if name in saved:
+                param.copy_(saved[name])
+
+
+# -- conversion and serialisation ---------------------------------------------------------------------------------------
+
+
+def test_every_original_tensor_maps_to_exactly_one_tensor_bit_exact(original_model):
+    model, _ = original_model
+    original = load_file(str(ORIGINAL_DIR / "ema.safetensors"))
+    converted = model.state_dict()
+    mapped = {convert_key(key): key for key in original}
+    assert len(mapped) == len(original) == len(converted) == 111
+    assert set(mapped) == set(converted)
+    for new_key, old_key in mapped.items():
+        assert converted[new_key].dtype == original[old_key].dtype
+        assert torch.equal(converted[new_key], original[old_key]), new_key
+
+
+def test_save_and_reload_gives_identical_outputs(original_model, tmp_path, no_grad):
+    model, _ = original_model
+    with_attn(model, "sdpa")
+    inputs = mixed_inputs(model.config)
+    model.save_pretrained(tmp_path, max_shard_size="500KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1, "expected a sharded checkpoint"
+    reloaded = BagelForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def _copy_original(tmp_path):
+    target = tmp_path / "orig"
+    shutil.copytree(ORIGINAL_DIR, target)
+    for path in target.iterdir():
+        path.chmod(0o644)
+    return target
+
+
+def test_converter_refuses_missing_and_unexpected_tensors(tmp_path):
+    target = _copy_original(tmp_path)
+    tensors = load_file(str(target / "ema.safetensors"))
+    tensors.pop("language_model.model.layers.0.mlp_moe_gen.up_proj.weight")
+    save_file(tensors, str(target / "ema.safetensors"))
+    with pytest.raises(ValueError, match=r"Missing tensors: \['model.language_model.layers.0.mlp_moe_gen.up_proj"):
+        load_original_model(target)
+    tensors = load_file(str(ORIGINAL_DIR / "ema.safetensors"))
+    tensors["vit_model.vision_model.head.probe"] = torch.zeros(1)
+    save_file(tensors, str(target / "ema.safetensors"))
+    with pytest.raises(ValueError, match=r"Unexpected tensors: \['vit_model.vision_model.head.probe'\]"):
+        load_original_model(target)
+    tensors = load_file(str(ORIGINAL_DIR / "ema.safetensors"))
+    tensors["mystery.weight"] = torch.zeros(1)
+    save_file(tensors, str(target / "ema.safetensors"))
+    with pytest.raises(ValueError, match="mystery.weight"):
+        load_original_model(target)
+
+
+def test_converter_refuses_corrupted_checkpoint(tmp_path):
+    target = _copy_original(tmp_path)
+    data = (target / "ema.safetensors").read_bytes()
+    (target / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_original_model(target)
+
+
+def test_converter_refuses_wrong_shapes(tmp_path):
+    target = _copy_original(tmp_path)
+    (target / "llm_config.json").write_text(
+        (ORIGINAL_DIR / "llm_config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 96')
+    )
+    with pytest.raises(ValueError, match="shapes do not match"):
+        load_original_model(target)
+
+
+# -- input validation ---------------------------------------------------------------------------------------------------
+
+
+def test_placeholder_count_must_match_images(original_model, no_grad):
+    model, _ = original_model
+    inputs = mixed_inputs(model.config)
+    with pytest.raises(ValueError, match="6 image placeholder tokens .* but 5 image tokens"):
+        model(**dict(inputs, pixel_values=inputs["pixel_values"][:5], image_grid_hw=torch.tensor([[1, 5]])))
+    with pytest.raises(ValueError, match="image_grid_hw describes"):
+        model(**dict(inputs, image_grid_hw=torch.tensor([[2, 2]])))
+    with pytest.raises(ValueError, match="no `pixel_values`"):
+        model(input_ids=inputs["input_ids"][:, :16])
+    with pytest.raises(ValueError, match="no `latents`"):
+        model(**{k: v for k, v in inputs.items() if k not in ("latents", "latent_grid_hw")})
+
+
+def test_images_too_large_for_position_tables_are_refused(original_model, no_grad):
+    model, _ = original_model
+    config = model.config
+    side = config.max_latent_size + 1
+    ids = [config.start_of_image_token_id] + [config.latent_token_id] * side + [config.end_of_image_token_id]
+    with pytest.raises(ValueError, match=r"does not fit the 16x16 position table"):
+        model(
+            input_ids=torch.tensor([ids]),
+            latents=torch.zeros(side, config.patch_latent_dim),
+            latent_grid_hw=torch.tensor([[1, side]]),
+        )
+
+
+def test_prompt_longer_than_position_limit_is_refused(original_model, no_grad):
+    model, _ = original_model
+    limit = model.config.text_config.max_position_embeddings
+    model.config.text_config.max_position_embeddings = 10
+    try:
+        with pytest.raises(ValueError, match="beyond the model's limit of 10 positions"):
+            model(input_ids=torch.arange(20, 32)[None])
+    finally:
+        model.config.text_config.max_position_embeddings = limit
+
+
+def test_config_refuses_inconsistent_values():
+    with pytest.raises(ValueError, match="BagelConfig.connector_act"):
+        BagelConfig(connector_act="not-an-activation")
+    with pytest.raises(ValueError, match="BagelConfig.vit_max_num_patch_per_side"):
+        BagelConfig(vit_max_num_patch_per_side=64)
+    with pytest.raises(ValueError, match="BagelConfig.latent_token_id"):
+        BagelConfig(latent_token_id=10**7)
+    with pytest.raises(ValueError, match="BagelConfig.latent_token_id=151654 is invalid: must differ from image_token_id"):
+        BagelConfig(image_token_id=151654)
+    with pytest.raises(ValueError, match="BagelConfig.max_latent_size"):
+        BagelConfig(max_latent_size=0)
+    config = BagelConfig()
+    assert config.max_image_size == 1024 and config.patch_latent_dim == 64 and config.latent_downsample == 16
+    assert config.vision_config.num_hidden_layers == 26
