@@ -75,6 +75,38 @@ class ExpertRouting:
         return out.reshape(*lead, *und_out.shape[1:])
 
 
+def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(batch, channels, H, W)` VAE latents -> `(batch, (H/p) * (W/p), p * p * channels)` tokens in BAGEL's
+    `(h, w, p, q, c)` order."""
+    batch, channels, height, width = latents.shape
+    p = patch_size
+    tokens = latents.reshape(batch, channels, height // p, p, width // p, p)
+    return tokens.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+def unpack_latents(tokens: torch.Tensor, grid_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Inverse of [`pack_latents`]: `(batch, h * w, p * p * channels)` -> `(batch, channels, h * p, w * p)`."""
+    batch = tokens.shape[0]
+    (h, w), p = grid_hw, patch_size
+    channels = tokens.shape[-1] // (p * p)
+    latents = tokens.reshape(batch, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return latents.reshape(batch, channels, h * p, w * p)
+
+
+def _with_offload_hook(method):
+    """Lets a method other than `forward` trigger an accelerate offload hook (diffusers' `enable_model_cpu_offload`
+    moves a model to the device only in `forward`)."""
+
+    def wrapper(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
+        return method(self, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = method.__name__, method.__doc__, method
+    return wrapper
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Small modules
 # ----------------------------------------------------------------------------------------------------------------------
@@ -448,6 +480,37 @@ def bagel_token_layout(
     )
 
 
+def packed_sample_mask(
+    layout: TokenLayout, document_ids: torch.LongTensor | None, noised_latent_images: torch.BoolTensor | None
+) -> Callable:
+    """
+    Mask restriction for packed training sequences (combined with the causal mask and bidirectional image blocks):
+    a token sees only tokens of its own sample, and a noised target image block is seen by no token outside it.
+    """
+    block_ids = layout.block_ids
+    noise_block = torch.full_like(block_ids, -1)
+    if noised_latent_images is not None and bool(noised_latent_images.any()):
+        # The k-th latent block (in sequence order) holds the k-th latent image.
+        latent_blocks = torch.unique_consecutive(block_ids[layout.gen_token_mask])
+        if latent_blocks.numel() != noised_latent_images.numel():
+            raise ValueError(
+                f"noised_latent_images has {noised_latent_images.numel()} entries for {latent_blocks.numel()} latent "
+                "image blocks."
+            )
+        noised_blocks = latent_blocks[noised_latent_images.to(latent_blocks.device)]
+        is_noised = torch.isin(block_ids, noised_blocks)
+        noise_block = torch.where(is_noised, block_ids, noise_block)
+    documents = document_ids if document_ids is not None else torch.zeros_like(block_ids)
+
+    def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+        same_sample = documents[batch_idx, q_idx] == documents[batch_idx, kv_idx]
+        kv_noise = noise_block[batch_idx, kv_idx]
+        visible = (kv_noise < 0) | (kv_noise == block_ids[batch_idx, q_idx])
+        return same_sample & visible
+
+    return inner_mask
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Composite model
 # ----------------------------------------------------------------------------------------------------------------------
@@ -570,7 +633,8 @@ class BagelModel(BagelPreTrainedModel):
         latent_timesteps: torch.Tensor | None = None,
         use_cache: bool | None = None,
         update_cache: bool = True,
-        and_mask_function: Callable | None = None,
+        document_ids: torch.LongTensor | None = None,
+        noised_latent_images: torch.BoolTensor | None = None,
         **kwargs,
     ) -> BagelModelOutputWithPast:
         r"""
@@ -586,6 +650,11 @@ class BagelModel(BagelPreTrainedModel):
             Flow time of each latent image; 0 (clean) by default.
         update_cache (`bool`, defaults to `True`):
             When False the new tokens attend to `past_key_values` without being stored in it.
+        document_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Packed training: the sample each token belongs to. Tokens attend only within their sample.
+        noised_latent_images (`torch.BoolTensor` of shape `(num_latent_images,)`, *optional*):
+            Packed training: which latent images are noised targets. Their blocks are invisible to every other token
+            (they only see themselves and what precedes them).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -631,6 +700,12 @@ class BagelModel(BagelPreTrainedModel):
             inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.latent_token_id, features, "latent")
         elif gen_token_mask is not None and bool(gen_token_mask.any()):
             raise ValueError("input_ids contain latent placeholder tokens but no `latents` were given.")
+
+        and_mask_function = None
+        if document_ids is not None or noised_latent_images is not None:
+            if layout is None:
+                raise ValueError("Packed training inputs need `input_ids`.")
+            and_mask_function = packed_sample_mask(layout, document_ids, noised_latent_images)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -699,16 +774,45 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         latent_grid_hw: torch.LongTensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
+        noised_latent_images: torch.BoolTensor | None = None,
+        noise: torch.Tensor | list[torch.Tensor] | None = None,
+        timesteps: torch.Tensor | None = None,
+        ce_weight: float = 1.0,
+        mse_weight: float = 1.0,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> BagelCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
-            Next-token labels for the text cross entropy (`-100` ignored), shifted inside like other causal LMs.
+            Text labels aligned with `input_ids` (`-100` = no loss); the logits at position i predict `labels[i + 1]`,
+            as in every transformers causal LM. The cross entropy is averaged over the labelled tokens.
+        document_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
+            Packed training: sample index of each token (block-diagonal attention).
+        noised_latent_images (`torch.BoolTensor` of shape `(num_latent_images,)`, *optional*):
+            Which latent images are generation targets: they are noised to `x_t = (1 - t) x0 + t noise`, hidden from
+            other tokens, and trained with the flow-matching MSE against `noise - x0`. `latents` then holds the clean
+            `x0` of every latent image.
+        noise (`torch.Tensor` or `list[torch.Tensor]`, *optional*):
+            The noise of each target image, each of shape `(latent_channels, H/8, W/8)` (or already packed
+            `(total_target_tokens, patch_latent_dim)`). Drawn with `torch.randn` when omitted.
+        timesteps (`torch.Tensor` of shape `(num_target_images,)`, *optional*):
+            Flow time t in [0, 1] of each target image, used as given. When omitted, t = sigmoid(randn) shifted by
+            `config.timestep_shift`, as the original training.
+        ce_weight (`float`, defaults to 1.0), mse_weight (`float`, defaults to 1.0):
+            `loss = ce_weight * ce_loss + mse_weight * mse_loss`.
 
-        See [`BagelModel.forward`] for the image arguments.
+        See [`BagelModel.forward`] for the other arguments.
         """
+        training_targets = noised_latent_images is not None and bool(noised_latent_images.any())
+        if training_targets:
+            if latents is None or latent_grid_hw is None:
+                raise ValueError("`noised_latent_images` needs the clean `latents` and their `latent_grid_hw`.")
+            latents, latent_timesteps, target_tokens, velocity_target = self._noise_targets(
+                latents, latent_grid_hw, noised_latent_images, noise, timesteps
+            )
+
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -721,23 +825,96 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             latent_grid_hw=latent_grid_hw,
             latent_timesteps=latent_timesteps,
             use_cache=use_cache,
+            document_ids=document_ids,
+            noised_latent_images=noised_latent_images,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+
+        ce_loss = mse_loss = logits = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            # Only the labelled positions go through the (vocabulary-sized) head.
+            shift_labels = labels[:, 1:]
+            keep = shift_labels != -100
+            if bool(keep.any()):
+                logits_kept = self.lm_head(hidden_states[:, :-1][keep])
+                ce_loss = nn.functional.cross_entropy(
+                    logits_kept.float(), shift_labels[keep].to(logits_kept.device), reduction="sum"
+                ) / keep.sum()
+            else:
+                ce_loss = hidden_states.sum() * 0.0
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if training_targets:
+            latent_hidden = hidden_states[input_ids == self.config.latent_token_id]
+            prediction = self.llm2vae(latent_hidden[target_tokens])
+            mse_loss = (prediction.float() - velocity_target.float()).pow(2).mean()
+
+        loss = None
+        if ce_loss is not None or mse_loss is not None:
+            loss = 0.0
+            if ce_loss is not None:
+                loss = loss + ce_weight * ce_loss
+            if mse_loss is not None:
+                loss = loss + mse_weight * mse_loss
         return BagelCausalLMOutputWithPast(
             loss=loss,
-            ce_loss=loss,
+            ce_loss=ce_loss,
+            mse_loss=mse_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             next_position=outputs.next_position,
         )
+
+    def _noise_targets(self, latents, latent_grid_hw, noised_latent_images, noise, timesteps):
+        """Noises the target images' tokens; returns (x_t tokens, per-image t, target-token mask, velocity target)."""
+        config = self.config
+        device = latents.device
+        lengths = (latent_grid_hw[:, 0] * latent_grid_hw[:, 1]).to(device)
+        is_target = noised_latent_images.to(device)
+        if is_target.numel() != lengths.numel():
+            raise ValueError(
+                f"noised_latent_images has {is_target.numel()} entries for {lengths.numel()} latent images."
+            )
+        num_targets = int(is_target.sum())
+        if timesteps is None:
+            t = torch.sigmoid(torch.randn(num_targets, device=device))
+            shift = config.timestep_shift
+            t = shift * t / (1 + (shift - 1) * t)
+        else:
+            t = torch.as_tensor(timesteps, dtype=torch.float32, device=device).reshape(-1)
+            if t.numel() != num_targets or bool(((t < 0) | (t > 1)).any()):
+                raise ValueError(f"`timesteps` must hold {num_targets} values in [0, 1] (one per target image).")
+        per_image_t = torch.zeros(lengths.numel(), device=device)
+        per_image_t[is_target] = t
+        token_t = per_image_t.repeat_interleave(lengths)
+        target_tokens = is_target.repeat_interleave(lengths)
+        clean_targets = latents[target_tokens].float()
+        if noise is None:
+            packed_noise = torch.randn_like(clean_targets)
+        elif isinstance(noise, torch.Tensor) and noise.dim() == 2:
+            packed_noise = noise.to(device=device, dtype=torch.float32)
+        else:
+            target_grids = latent_grid_hw[is_target.to(latent_grid_hw.device)].tolist()
+            if len(noise) != num_targets:
+                raise ValueError(f"`noise` must hold one tensor per target image ({num_targets}), got {len(noise)}.")
+            packed = []
+            for tensor, (h, w) in zip(noise, target_grids):
+                p = config.latent_patch_size
+                expected = (config.latent_channels, h * p, w * p)
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(f"A target image's noise must have shape {expected}, got {tuple(tensor.shape)}.")
+                packed.append(pack_latents(tensor[None].to(device=device, dtype=torch.float32), p)[0])
+            packed_noise = torch.cat(packed)
+        if packed_noise.shape != clean_targets.shape:
+            raise ValueError(f"`noise` packs to {tuple(packed_noise.shape)}, expected {tuple(clean_targets.shape)}.")
+        t_targets = token_t[target_tokens][:, None]
+        noised = latents.clone()
+        noised[target_tokens] = ((1 - t_targets) * clean_targets + t_targets * packed_noise).to(latents.dtype)
+        return noised, per_image_t, target_tokens, packed_noise - clean_targets
 
     # -- generation -----------------------------------------------------------------------------------------------
 
@@ -756,6 +933,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
     # -- image generation API (used by diffusers_bagel.BagelPipeline) -------------------------------------------------
 
+    @_with_offload_hook
     def predict_velocity(
         self,
         latents: torch.Tensor,
@@ -822,5 +1000,7 @@ __all__ = [
     "BagelModelOutputWithPast",
     "BagelCausalLMOutputWithPast",
     "bagel_token_layout",
+    "pack_latents",
+    "unpack_latents",
     "sincos_2d_position_table",
 ]

@@ -1,0 +1,635 @@
+"""BagelPipeline: text-to-image, image editing and thinking mode with BAGEL's dual classifier-free guidance."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers.cache_utils import DynamicCache
+
+from transformers_bagel.modeling_bagel import BagelForConditionalGeneration, pack_latents, unpack_latents
+from transformers_bagel.processing_bagel import BagelProcessor
+
+from .pipeline_output import BagelPipelineOutput
+from .scheduling_flow_match_euler import FlowMatchEulerScheduler
+
+
+logger = logging.get_logger(__name__)
+
+# The original inferencer's thinking system prompts (inferencer.py).
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here"
+)
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here"
+)
+# Presets of the original app: text-to-image runs `interleave_inference` with its image-guidance default of 1.5 (a
+# no-text context equals the full one there, so it sharpens text guidance); editing uses the app's edit tab.
+TEXT_TO_IMAGE_PRESET = {
+    "cfg_text_scale": 4.0,
+    "cfg_img_scale": 1.5,
+    "cfg_interval": (0.4, 1.0),
+    "cfg_renorm_type": "global",
+}
+EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
+RENORM_TYPES = ("global", "channel", "text_channel")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_bagel import BagelPipeline
+
+        >>> pipe = BagelPipeline.from_pretrained("path/to/converted-bagel", torch_dtype=torch.bfloat16).to("cuda")
+        >>> image = pipe("A photo of a red cat sitting on a wooden table.", generator=torch.manual_seed(0)).images[0]
+        >>> edited = pipe("Make the cat blue.", image=image).images[0]
+        ```
+"""
+
+
+@dataclass
+class _Context:
+    """One prompt's conditioning sequence, as segments: ("text", str) | ("vae", PIL image) | ("vit", PIL image)."""
+
+    segments: list = field(default_factory=list)
+
+    def copy(self) -> "_Context":
+        return _Context(list(self.segments))
+
+
+@dataclass
+class _Contexts:
+    """The three contexts of dual CFG for one prompt (SPEC "Three contexts for dual CFG")."""
+
+    full: _Context
+    no_text: _Context
+    no_image: _Context
+    image_size: tuple[int, int] | None  # (height, width) of the last input image after the VAE resize
+    has_images: bool
+
+
+@dataclass
+class _Guidance:
+    """Prefilled branches of one pipeline call (rows: full contexts, then no-text, then no-image contexts)."""
+
+    cache: object
+    context_mask: torch.Tensor | None
+    positions: torch.Tensor
+    batch_size: int
+    num_branches: int
+    use_text: bool
+    use_image: bool
+    image_reuses_full: bool
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_type: str
+    cfg_renorm_min: float
+    _cond: tuple | None = None
+
+    def cond_inputs(self):
+        """Cache and mask of the full-context rows only, built once, for steps outside `cfg_interval`."""
+        if self._cond is None:
+            if self.num_branches == 1 or self.cache is None:
+                self._cond = (self.cache, self.context_mask)
+            else:
+                n = self.batch_size
+                rows = DynamicCache(ddp_cache_data=[(layer.keys[:n], layer.values[:n]) for layer in self.cache.layers])
+                rows.bagel_next_position = getattr(self.cache, "bagel_next_position", None)
+                self._cond = (rows, self.context_mask[:n] if self.context_mask is not None else None)
+        return self._cond
+
+
+def _is_image(item) -> bool:
+    return isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor))
+
+
+class BagelPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for text-to-image generation and image editing with BAGEL.
+
+    Args:
+        model ([`~transformers_bagel.BagelForConditionalGeneration`]): the BAGEL model.
+        vae ([`AutoencoderKL`]): the FLUX autoencoder.
+        scheduler ([`FlowMatchEulerScheduler`]): BAGEL's shifted Euler schedule and dual-CFG combination.
+        processor ([`~transformers_bagel.BagelProcessor`]): tokenizer and image processor.
+    """
+
+    model_cpu_offload_seq = "model->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        model: BagelForConditionalGeneration,
+        vae: AutoencoderKL,
+        scheduler: FlowMatchEulerScheduler,
+        processor: BagelProcessor,
+    ):
+        super().__init__()
+        self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
+
+    # -- properties -----------------------------------------------------------------------------------------------
+
+    @property
+    def latent_patch_size(self) -> int:
+        return self.model.config.latent_patch_size
+
+    @property
+    def latent_downsample(self) -> int:
+        return self.model.config.latent_downsample
+
+    @property
+    def default_sample_size(self) -> int:
+        """BAGEL's default image side (1024), capped by the model's latent position table."""
+        return min(1024, self.model.config.max_image_size)
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def _normalize_prompts(self, prompt, image) -> list[list]:
+        """Each batch element as an ordered list of items (str or image): `image` items first, then the prompt."""
+        if prompt is None:
+            raise ValueError("`prompt` is required: a string, a list of strings, or a list of interleaved items.")
+        if isinstance(prompt, str):
+            batch = [[prompt]]
+        elif isinstance(prompt, (list, tuple)):
+            if len(prompt) == 0:
+                raise ValueError("`prompt` is an empty list; give at least one prompt.")
+            if all(isinstance(p, str) for p in prompt):
+                batch = [[p] for p in prompt]
+            elif all(isinstance(p, (list, tuple)) for p in prompt):
+                batch = [list(p) for p in prompt]
+            else:
+                batch = [list(prompt)]  # one interleaved sequence, e.g. [img1, img2, "instruction"]
+        else:
+            raise TypeError(f"`prompt` must be a str or a list, got {type(prompt).__name__}.")
+
+        if image is not None:
+            if _is_image(image) or isinstance(image, str):
+                per_prompt = [[image]] * len(batch)
+            elif isinstance(image, (list, tuple)):
+                if len(image) == 0:
+                    raise ValueError("`image` is an empty list.")
+                if all(isinstance(i, (list, tuple)) for i in image):
+                    if len(image) != len(batch):
+                        raise ValueError(f"`image` has {len(image)} image lists for {len(batch)} prompts.")
+                    per_prompt = [list(i) for i in image]
+                else:
+                    per_prompt = [list(image)] * len(batch)
+            else:
+                raise TypeError(
+                    f"`image` must be a PIL image, numpy array, torch tensor, file path or a list of them, "
+                    f"got {type(image).__name__}."
+                )
+            batch = [images + items for images, items in zip(per_prompt, batch)]
+
+        for items in batch:
+            if not items:
+                raise ValueError("An interleaved input is empty.")
+            for item in items:
+                if isinstance(item, str):
+                    if not item.strip() and len(items) == 1:
+                        raise ValueError("A prompt is empty.")
+                elif not _is_image(item):
+                    raise TypeError(
+                        f"Unsupported input item of type {type(item).__name__}: use str for text and PIL images, "
+                        "numpy arrays or torch tensors for images."
+                    )
+        return batch
+
+    def check_inputs(
+        self,
+        height,
+        width,
+        num_inference_steps,
+        timestep_shift,
+        cfg_text_scale,
+        cfg_img_scale,
+        cfg_interval,
+        cfg_renorm_type,
+        cfg_renorm_min,
+        num_images_per_prompt,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
+        stride = self.latent_downsample
+        limit = self.model.config.max_image_size
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if value % stride:
+                raise ValueError(f"`{name}` must be divisible by {stride}, got {value}.")
+            if value > limit:
+                raise ValueError(
+                    f"`{name}`={value} exceeds the model's largest image side {limit} "
+                    f"(max_latent_size {self.model.config.max_latent_size} x {stride})."
+                )
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if not isinstance(timestep_shift, (int, float)) or not timestep_shift > 0:
+            raise ValueError(f"`timestep_shift` must be > 0, got {timestep_shift!r}.")
+        for name, value in (("cfg_text_scale", cfg_text_scale), ("cfg_img_scale", cfg_img_scale)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 1.0:
+                raise ValueError(f"`{name}` must be a number >= 1.0 (1.0 disables that guidance), got {value!r}.")
+        if (
+            not isinstance(cfg_interval, (list, tuple))
+            or len(cfg_interval) != 2
+            or not all(isinstance(v, (int, float)) for v in cfg_interval)
+            or not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0
+        ):
+            raise ValueError(f"`cfg_interval` must be (start, end) with 0 <= start <= end <= 1, got {cfg_interval!r}.")
+        if cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"`cfg_renorm_type` must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}.")
+        if not isinstance(cfg_renorm_min, (int, float)) or not 0.0 <= cfg_renorm_min <= 1.0:
+            raise ValueError(f"`cfg_renorm_min` must be in [0, 1], got {cfg_renorm_min!r}.")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}."
+            )
+
+    # -- contexts -------------------------------------------------------------------------------------------------
+
+    def _load_image(self, item) -> PIL.Image.Image:
+        """Any accepted image type -> RGB PIL image resized by the VAE rule (the original inferencer's first step)."""
+        return self.processor.image_processor.vae_resize(item)
+
+    def build_contexts(self, items: list, think: bool) -> _Contexts:
+        """
+        The three contexts of one prompt, exactly as the original `interleave_inference` builds them: the full
+        context; the text-guidance context (a snapshot taken before each text and after each image, so it keeps the
+        images and drops the last text); the image-guidance context (every text, the thinking prompt included, no
+        images).
+        """
+        full, no_text, no_image = _Context(), _Context(), _Context()
+        if think:
+            full.segments.append(("text", GEN_THINK_SYSTEM_PROMPT))
+            no_image.segments.append(("text", GEN_THINK_SYSTEM_PROMPT))
+        image_size, has_images = None, False
+        for item in items:
+            if isinstance(item, str):
+                no_text = full.copy()
+                full.segments.append(("text", item))
+                no_image.segments.append(("text", item))
+            else:
+                image = self._load_image(item)
+                full.segments.extend([("vae", image), ("vit", image)])
+                image_size = (image.height, image.width)
+                has_images = True
+                no_text = full.copy()
+        return _Contexts(full, no_text, no_image, image_size, has_images)
+
+    def _encode_vae_image(self, image: PIL.Image.Image, generator, sample_posterior: bool) -> torch.Tensor:
+        """Clean conditioning latents of one image: `(h * w, patch_latent_dim)` in the normalised latent space."""
+        pixels = self.processor.image_processor.preprocess_vae([image])["vae_pixel_values"][0]
+        pixels = pixels[None].to(device=self._execution_device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(pixels).latent_dist
+        latent = posterior.sample(generator) if sample_posterior else posterior.mode()
+        latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        return pack_latents(latent, self.latent_patch_size)[0]
+
+    def _tokenize_contexts(self, contexts: list[_Context], generator, sample_posterior: bool) -> dict:
+        """Token ids (left padded), ViT patches and clean latents of several contexts, in one batch."""
+        config = self.model.config
+        tokenizer = self.processor.tokenizer
+        image_processor = self.processor.image_processor
+        rows, vit_images, latents, latent_grids = [], [], [], []
+        vae_cache = {}
+        for context in contexts:
+            ids = []
+            for kind, value in context.segments:
+                if kind == "text":
+                    ids += [config.bos_token_id] + tokenizer.encode(value, add_special_tokens=False)
+                    ids += [config.eos_token_id]
+                elif kind == "vae":
+                    key = id(value)
+                    if key not in vae_cache:
+                        vae_cache[key] = self._encode_vae_image(value, generator, sample_posterior)
+                    tokens = vae_cache[key]
+                    grid = (value.height // self.latent_downsample, value.width // self.latent_downsample)
+                    latents.append(tokens)
+                    latent_grids.append(grid)
+                    ids += [config.start_of_image_token_id] + [config.latent_token_id] * tokens.shape[0]
+                    ids += [config.end_of_image_token_id]
+                else:
+                    vit_images.append(value)
+                    gh, gw = image_processor.num_vit_patches(value.height, value.width)
+                    ids += [config.start_of_image_token_id] + [config.image_token_id] * (gh * gw)
+                    ids += [config.end_of_image_token_id]
+            rows.append(ids)
+
+        device = self._execution_device
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), config.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            if ids:
+                input_ids[i, length - len(ids) :] = torch.tensor(ids)
+                attention_mask[i, length - len(ids) :] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if vit_images:
+            vit = image_processor.preprocess(vit_images, return_tensors="pt")
+            inputs["pixel_values"] = vit["pixel_values"].to(device=device, dtype=self.model.dtype)
+            inputs["image_grid_hw"] = vit["image_grid_hw"].to(device)
+        if latents:
+            inputs["latents"] = torch.cat(latents).to(device=device, dtype=self.model.dtype)
+            inputs["latent_grid_hw"] = torch.tensor(latent_grids, device=device)
+        return inputs
+
+    def _prefill(self, inputs: dict):
+        """Runs the contexts once through the model; returns (cache, context attention mask, next positions)."""
+        if inputs["input_ids"].shape[1] == 0:
+            rows = inputs["input_ids"].shape[0]
+            zeros = torch.zeros(rows, dtype=torch.long, device=inputs["input_ids"].device)
+            return None, None, zeros
+        # logits_to_keep=1: only the cache is wanted, not vocabulary logits over the whole context.
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, inputs["attention_mask"], out.next_position
+
+    # -- thinking ---------------------------------------------------------------------------------------------------
+
+    def _think(self, contexts: list[_Contexts], max_think_tokens, think_do_sample, think_temperature, generator):
+        """Generates the planning text from each full context (the original's `gen_text`) and appends it."""
+        inputs = self._tokenize_contexts([c.full for c in contexts], generator, sample_posterior=False)
+        start = torch.full((inputs["input_ids"].shape[0], 1), self.model.config.bos_token_id, device=inputs["input_ids"].device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], start], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(start)], dim=1)
+        sampling = {"do_sample": think_do_sample}
+        if think_do_sample:
+            sampling.update(temperature=think_temperature, top_k=0, top_p=1.0)
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_think_tokens,
+            eos_token_id=self.model.config.eos_token_id,
+            pad_token_id=self.model.config.pad_token_id,
+            **sampling,
+        )
+        texts = self.processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        eos = self.processor.tokenizer.convert_ids_to_tokens(self.model.config.eos_token_id)
+        pad = self.processor.tokenizer.convert_ids_to_tokens(self.model.config.pad_token_id)
+        thoughts = [text.split(eos)[0].replace(pad, "") for text in texts]
+        for context, thought in zip(contexts, thoughts):
+            context.full.segments.append(("text", thought))
+        return thoughts
+
+    # -- latents ----------------------------------------------------------------------------------------------------
+
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
+        """Initial noise, `(batch, 16, H/8, W/8)` in the normalised latent space, packed into tokens."""
+        channels = self.model.config.latent_channels
+        shape = (batch_size, channels, height // self.model.config.vae_downsample, width // self.model.config.vae_downsample)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=torch.float32)
+        return pack_latents(latents, self.latent_patch_size)
+
+    def _decode(self, tokens: torch.Tensor, grid: tuple[int, int], output_type: str):
+        latents = unpack_latents(tokens, grid, self.latent_patch_size)
+        if output_type == "latent":
+            return latents
+        latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        decoded = self.vae.decode(latents.to(self.vae.dtype)).sample
+        images = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return images.permute(0, 2, 3, 1).cpu().numpy()
+        # uint8 by truncation, as the original's decode_image.
+        pixels = (images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [PIL.Image.fromarray(p) for p in pixels]
+
+    # -- guidance -----------------------------------------------------------------------------------------------
+
+    def prepare_guidance(
+        self,
+        contexts: list[_Contexts],
+        cfg_text_scale: float,
+        cfg_img_scale: float,
+        cfg_interval: tuple[float, float],
+        cfg_renorm_type: str,
+        cfg_renorm_min: float,
+        generator=None,
+        sample_posterior: bool = False,
+    ) -> "_Guidance":
+        """
+        Prefills every context the guidance needs, all prompts and branches in one batched forward: the full context
+        always; the no-text context for text guidance; the no-image context for image guidance (only with text
+        guidance on, as the original). A no-image context identical to the full one (nothing to drop) would give the
+        full branch's velocity exactly, so it is not run again.
+        """
+        batch_size = len(contexts)
+        use_text = cfg_text_scale > 1.0
+        image_reuses_full = all(
+            len(c.no_image.segments) == len(c.full.segments)
+            and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(c.no_image.segments, c.full.segments))
+            for c in contexts
+        )
+        use_image = use_text and cfg_img_scale > 1.0 and not image_reuses_full
+        branch_contexts = [c.full for c in contexts]
+        if use_text:
+            branch_contexts += [c.no_text for c in contexts]
+        if use_image:
+            branch_contexts += [c.no_image for c in contexts]
+        inputs = self._tokenize_contexts(branch_contexts, generator, sample_posterior)
+        cache, context_mask, positions = self._prefill(inputs)
+        num_branches = len(branch_contexts) // batch_size
+        return _Guidance(
+            cache=cache,
+            context_mask=context_mask,
+            positions=positions,
+            batch_size=batch_size,
+            num_branches=num_branches,
+            use_text=use_text,
+            use_image=use_image,
+            image_reuses_full=image_reuses_full,
+            cfg_text_scale=cfg_text_scale,
+            cfg_img_scale=cfg_img_scale,
+            cfg_interval=tuple(cfg_interval),
+            cfg_renorm_type=cfg_renorm_type,
+            cfg_renorm_min=cfg_renorm_min,
+        )
+
+    def guided_velocity(self, x: torch.Tensor, t: float, grid: tuple[int, int], guidance: "_Guidance") -> torch.Tensor:
+        """
+        The velocity of one Euler step: inside `cfg_interval` every branch runs in ONE batched forward and the
+        branches are combined by the scheduler's dual-CFG rule; outside it only the full-context branch runs.
+        `x`: `(batch, h * w, patch_latent_dim)` packed latents at flow time `t`.
+        """
+        g = guidance
+        dtype = self.model.dtype
+        if g.use_text and self.scheduler.cfg_active(t, g.cfg_interval):
+            v = self.model.predict_velocity(
+                x.repeat(g.num_branches, 1, 1).to(dtype), t, grid, g.cache,
+                context_attention_mask=g.context_mask, context_position=g.positions,
+            ).float()  # fmt: skip
+            n = g.batch_size
+            v_cond, v_text = v[:n], v[n : 2 * n]
+            v_image = v[2 * n :] if g.use_image else (v_cond if g.image_reuses_full else None)
+            return self.scheduler.apply_guidance(
+                v_cond, v_uncond_text=v_text, v_uncond_image=v_image, cfg_text_scale=g.cfg_text_scale,
+                cfg_img_scale=g.cfg_img_scale, cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
+            )  # fmt: skip
+        cache, mask = g.cond_inputs()
+        return self.model.predict_velocity(
+            x.to(dtype), t, grid, cache, context_attention_mask=mask, context_position=g.positions[: g.batch_size]
+        ).float()
+
+    # -- call -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timestep_shift: float = 3.0,
+        cfg_text_scale: float | None = None,
+        cfg_img_scale: float | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        cfg_renorm_type: str | None = None,
+        cfg_renorm_min: float = 0.0,
+        think: bool = False,
+        max_think_tokens: int = 1000,
+        think_do_sample: bool = False,
+        think_temperature: float = 0.3,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sample_posterior: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""
+        Generates images from text, edits images, or both, interleaved.
+
+        Args:
+            prompt (`str`, `list[str]`, or a list of interleaved `str` / image items):
+                A prompt, a batch of prompts, one interleaved sequence such as `[img1, img2, "instruction"]`, or a
+                batch of such sequences (a list of lists).
+            image (image, `list` of images, or `list` of lists, *optional*):
+                Input image(s) to edit (PIL, numpy HWC, torch CHW, or a path). They are placed before the prompt.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Output size, multiples of 16. Default: 1024 for text-to-image (capped by the model's largest image),
+                the VAE-resized size of the (last) input image for editing.
+            num_inference_steps (`int`, defaults to 50):
+                Euler steps. The original's `num_timesteps=N` corresponds to `N - 1` steps.
+            timestep_shift (`float`, defaults to 3.0): shift of the schedule `t' = s t / (1 + (s - 1) t)`.
+            cfg_text_scale (`float`, *optional*): text guidance; 4.0 by default.
+            cfg_img_scale (`float`, *optional*): image guidance, only applied when text guidance is on; 2.0 for
+                editing, 1.5 for text-to-image (as the original app runs it).
+            cfg_interval (`tuple[float, float]`, *optional*): guidance is active where `start < t <= end`;
+                (0.4, 1.0) for text-to-image, (0.0, 1.0) for editing.
+            cfg_renorm_type (`str`, *optional*): `"global"` (text-to-image default), `"channel"` or `"text_channel"`
+                (editing default).
+            cfg_renorm_min (`float`, defaults to 0.0): lower clamp of the renormalisation factor.
+            think (`bool`, defaults to `False`): write a plan first (returned in `text`), then draw from it.
+            max_think_tokens (`int`, defaults to 1000), think_do_sample (`bool`), think_temperature (`float`):
+                text generation settings of thinking mode.
+            num_images_per_prompt (`int`, defaults to 1): images per prompt.
+            generator (`torch.Generator`, *optional*): makes the initial noise reproducible.
+            latents (`torch.Tensor` of shape `(batch, 16, H/8, W/8)`, *optional*): initial noise in the normalised
+                latent space, used instead of drawing it.
+            sample_posterior (`bool`, defaults to `False`): sample the VAE posterior of input images instead of taking
+                its mean.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`): return a [`BagelPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, timestep, kwargs)` after
+                every step; may return a dict replacing `latents`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
+
+        Returns:
+            [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), or a tuple.
+        """
+        batch = self._normalize_prompts(prompt, image)
+        editing = any(not isinstance(item, str) for items in batch for item in items)
+        preset = EDIT_PRESET if editing else TEXT_TO_IMAGE_PRESET
+        cfg_text_scale = preset["cfg_text_scale"] if cfg_text_scale is None else cfg_text_scale
+        cfg_img_scale = preset["cfg_img_scale"] if cfg_img_scale is None else cfg_img_scale
+        cfg_interval = preset["cfg_interval"] if cfg_interval is None else cfg_interval
+        cfg_renorm_type = preset["cfg_renorm_type"] if cfg_renorm_type is None else cfg_renorm_type
+        self.check_inputs(
+            height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
+            cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        device = self._execution_device
+
+        contexts = [self.build_contexts(items, think) for items in batch]
+        sizes = set()
+        for ctx in contexts:
+            h = height or (ctx.image_size[0] if ctx.image_size else self.default_sample_size)
+            w = width or (ctx.image_size[1] if ctx.image_size else self.default_sample_size)
+            sizes.add((h, w))
+        if len(sizes) > 1:
+            raise ValueError(
+                f"The prompts of one batch would give images of different sizes {sorted(sizes)}; pass `height` and "
+                "`width`, or call the pipeline once per size."
+            )
+        height, width = sizes.pop()
+        self.check_inputs(
+            height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
+            cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        contexts = [ctx for ctx in contexts for _ in range(num_images_per_prompt)]
+        batch_size = len(contexts)
+        if latents is not None and latents.shape[0] != batch_size:
+            raise ValueError(
+                f"`latents` holds {latents.shape[0]} images but {batch_size} are requested "
+                f"({len(batch)} prompts x num_images_per_prompt={num_images_per_prompt})."
+            )
+        grid = (height // self.latent_downsample, width // self.latent_downsample)
+        x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
+
+        thoughts = None
+        if think:
+            thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
+
+        guidance = self.prepare_guidance(
+            contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
+            sample_posterior,
+        )  # fmt: skip
+        self.scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, timestep in enumerate(self.scheduler.timesteps):
+                v = self.guided_velocity(x, float(self.scheduler.sigmas[i]), grid, guidance)
+                x = self.scheduler.step(v, timestep, x, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    if "latents" in (callback_on_step_end_tensor_inputs or []):
+                        callback_kwargs["latents"] = unpack_latents(x, grid, self.latent_patch_size)
+                    callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
+                    if callback_outputs and "latents" in callback_outputs:
+                        x = pack_latents(callback_outputs["latents"], self.latent_patch_size)
+                progress_bar.update()
+
+        images = self._decode(x, grid, output_type)
+        self.maybe_free_model_hooks()
+        text = thoughts if thoughts is not None else None
+        if not return_dict:
+            return (images, text)
+        return BagelPipelineOutput(images=images, text=text)
+
+
+__all__ = ["BagelPipeline", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT", "TEXT_TO_IMAGE_PRESET", "EDIT_PRESET"]

@@ -1,0 +1,293 @@
+# Copyright 2025 The bagel-hf authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""BAGEL's flow-matching Euler schedule and its dual classifier-free-guidance combination."""
+
+import math
+from numbers import Real
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+# diffusers' loader finds a component's base class by name in the module `model_index.json` points at.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+from diffusers.utils import logging
+
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+__all__ = ["CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
+
+CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+"""The renormalisation rules `FlowMatchEulerScheduler.apply_guidance` accepts."""
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_shift(name: str, value) -> float:
+    if not _is_real(value) or not math.isfinite(value) or not value > 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """
+    BAGEL's Euler sampler for rectified flow, as a [`FlowMatchEulerDiscreteScheduler`] with BAGEL's default schedule.
+
+    For `N` inference steps the sigmas are `t = linspace(1, 0, N + 1)[:-1]`, shifted to `t' = s t / (1 + (s - 1) t)`,
+    followed by a terminal sigma of 0, and `timesteps = sigmas[:-1] * num_train_timesteps`. BAGEL's model predicts
+    the velocity `v = noise - data`, so [`~FlowMatchEulerDiscreteScheduler.step`] computes
+    `x_next = x + (sigma_next - sigma) * v`, which is BAGEL's `x - v * dt`. (BAGEL's own `num_timesteps=N` argument
+    gives `N - 1` Euler steps; here `num_inference_steps` is the number of steps.)
+
+    The scheduler also carries BAGEL's guidance rules: [`~FlowMatchEulerScheduler.cfg_active`] (the guidance interval)
+    and [`~FlowMatchEulerScheduler.apply_guidance`] (text and image classifier-free guidance with renormalisation).
+
+    Everything else, including the configuration, is the parent's: the config is a `FlowMatchEulerDiscreteScheduler`
+    config whose `shift` (BAGEL's `timestep_shift`) defaults to 3.0, so the two classes load each other's configs
+    with [`~ConfigMixin.from_config`], and passing `sigmas=`, `timesteps=` or `mu=` to `set_timesteps` behaves as in
+    the parent.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000):
+            Scale between sigmas in `[0, 1]` and the timesteps handed to the model (`timesteps = sigmas * 1000`).
+        shift (`float`, defaults to 3.0):
+            BAGEL's `timestep_shift` `s`, used unless `set_timesteps` gets its own `timestep_shift`.
+        **kwargs:
+            The remaining [`FlowMatchEulerDiscreteScheduler`] options (`use_dynamic_shifting`, `use_karras_sigmas`,
+            `stochastic_sampling`, ...). Their defaults reproduce BAGEL.
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 3.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: Literal["exponential", "linear"] = "exponential",
+        stochastic_sampling: bool = False,
+    ):
+        if not _is_positive_int(num_train_timesteps):
+            raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
+        _check_shift("shift", shift)
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift,
+            max_shift=max_shift,
+            base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len,
+            invert_sigmas=invert_sigmas,
+            shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            time_shift_type=time_shift_type,
+            stochastic_sampling=stochastic_sampling,
+        )
+        # `from_config` drops keys listed in `_use_default_values` and takes the loading class's default instead.
+        # Our `shift` default (3.0) differs from the parent's (1.0), so it must always travel with the config.
+        used_defaults = self.config.get("_use_default_values")
+        if used_defaults and "shift" in used_defaults:
+            self.register_to_config(_use_default_values=[key for key in used_defaults if key != "shift"])
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        *,
+        timestep_shift: float | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ):
+        """
+        Sets BAGEL's shifted schedule for `num_inference_steps` Euler steps (to be run before inference).
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                The number of Euler steps (model evaluations). Required unless `sigmas` or `timesteps` is given.
+            device (`str` or `torch.device`, *optional*):
+                The device the timesteps and sigmas are moved to. If `None`, they stay on the CPU.
+            timestep_shift (`float`, *optional*):
+                The shift `s` of `t' = s t / (1 + (s - 1) t)` for this schedule only. Defaults to the scheduler's
+                shift (`config.shift`, or the value given to `set_shift`).
+            sigmas (`list[float]`, *optional*):
+                Custom unshifted sigmas, one per step, as in [`FlowMatchEulerDiscreteScheduler.set_timesteps`].
+            mu (`float`, *optional*):
+                Resolution-dependent shift, only with `use_dynamic_shifting=True` (as in the parent).
+            timesteps (`list[float]`, *optional*):
+                Custom timesteps, as in [`FlowMatchEulerDiscreteScheduler.set_timesteps`].
+        """
+        if timestep_shift is not None:
+            timestep_shift = _check_shift("timestep_shift", timestep_shift)
+            if self.config.use_dynamic_shifting:
+                raise ValueError(
+                    "`timestep_shift` cannot be combined with `use_dynamic_shifting=True`; the shift then comes "
+                    "from `mu`."
+                )
+        if num_inference_steps is not None and not _is_positive_int(num_inference_steps):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        if sigmas is None and timesteps is None:
+            if num_inference_steps is None:
+                raise ValueError("Pass `num_inference_steps` (or custom `sigmas` / `timesteps`).")
+            # BAGEL's unshifted grid: 1, (N-1)/N, ..., 1/N (the terminal 0 is appended by the parent).
+            sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
+
+        saved_shift = self._shift
+        if timestep_shift is not None:
+            self._shift = timestep_shift
+        try:
+            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        finally:
+            self._shift = saved_shift
+
+    @staticmethod
+    def cfg_active(sigma: float | torch.Tensor, cfg_interval: tuple[float, float] | list[float]) -> bool:
+        """
+        Whether guidance applies at this step: BAGEL guides iff `cfg_interval[0] < sigma <= cfg_interval[1]`.
+
+        Args:
+            sigma (`float` or `torch.Tensor`):
+                The flow time of the current step in `[0, 1]` (`scheduler.sigmas[i]`, 1 = pure noise), not the
+                timestep scaled by `num_train_timesteps`.
+            cfg_interval (`tuple[float, float]`):
+                `(low, high)`; the lower end is excluded, the upper end included.
+
+        Returns:
+            `bool`: `True` when the guidance scales apply, `False` when they are all 1 for this step.
+        """
+        if len(cfg_interval) != 2:
+            raise ValueError(f"`cfg_interval` must be a pair (low, high), got {cfg_interval!r}.")
+        if isinstance(sigma, torch.Tensor):
+            if sigma.numel() != 1:
+                raise ValueError(f"`sigma` must be a scalar, got a tensor of shape {tuple(sigma.shape)}.")
+            sigma = sigma.item()
+        low, high = (float(bound) for bound in cfg_interval)
+        return bool(low < float(sigma) <= high)
+
+    @staticmethod
+    def apply_guidance(
+        v_cond: torch.Tensor,
+        v_uncond_text: torch.Tensor | None = None,
+        v_uncond_image: torch.Tensor | None = None,
+        cfg_text_scale: float = 1.0,
+        cfg_img_scale: float = 1.0,
+        cfg_renorm_type: str = "global",
+        cfg_renorm_min: float = 0.0,
+    ) -> torch.Tensor:
+        """
+        Combines BAGEL's velocity predictions with text and image classifier-free guidance.
+
+        With `v` = `v_cond`, `v_t` = `v_uncond_text`, `v_i` = `v_uncond_image`, `s_t` = `cfg_text_scale`,
+        `s_i` = `cfg_img_scale` and `r(a, b) = clamp(||a|| / (||b|| + 1e-8), cfg_renorm_min, 1)`:
+
+        - `"text_channel"`: `u = v_t + s_t (v - v_t)`, `u = u * r(v, u)` per token, then
+          `v_i + s_i (u - v_i)` if `s_i > 1`. The renorm comes before the image guidance and not after it.
+        - `"global"` / `"channel"`: `u = v_t + s_t (v - v_t)`, then `u = v_i + s_i (u - v_i)` if `s_i > 1`, then
+          `u * r(v, u)`. `"channel"` takes norms per token; `"global"` takes one norm per image (over tokens and
+          channels of each batch element, which is BAGEL's whole-tensor norm for a single image).
+
+        Image guidance is only applied together with text guidance: if `cfg_text_scale <= 1`, `v_cond` is returned
+        unchanged whatever `cfg_img_scale` is.
+
+        Args:
+            v_cond (`torch.Tensor`):
+                Velocity with the full context, `(batch, num_tokens, channels)` or unbatched `(num_tokens, channels)`.
+            v_uncond_text (`torch.Tensor`, *optional*):
+                Velocity without the text condition (BAGEL's `cfg_text` context), same shape. Required if
+                `cfg_text_scale > 1`.
+            v_uncond_image (`torch.Tensor`, *optional*):
+                Velocity without the image condition (BAGEL's `cfg_img` context), same shape. Required if both
+                scales are > 1.
+            cfg_text_scale (`float`, defaults to 1.0):
+                Text guidance scale; `<= 1` disables all guidance.
+            cfg_img_scale (`float`, defaults to 1.0):
+                Image guidance scale; `<= 1` disables image guidance.
+            cfg_renorm_type (`str`, defaults to `"global"`):
+                One of `"global"`, `"channel"`, `"text_channel"`.
+            cfg_renorm_min (`float`, defaults to 0.0):
+                Lower clamp of the renormalisation factor (the upper clamp is 1).
+
+        Returns:
+            `torch.Tensor`: the guided velocity, shaped like `v_cond`.
+        """
+        if cfg_renorm_type not in CFG_RENORM_TYPES:
+            raise ValueError(f"`cfg_renorm_type` must be one of {list(CFG_RENORM_TYPES)}, got {cfg_renorm_type!r}.")
+        for name, value in (
+            ("cfg_text_scale", cfg_text_scale),
+            ("cfg_img_scale", cfg_img_scale),
+            ("cfg_renorm_min", cfg_renorm_min),
+        ):
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        if v_cond.ndim not in (2, 3):
+            raise ValueError(
+                f"`v_cond` must be (batch, num_tokens, channels) or (num_tokens, channels), got {tuple(v_cond.shape)}."
+            )
+        if cfg_text_scale <= 1.0:
+            return v_cond
+
+        use_image = cfg_img_scale > 1.0
+        branches = {"v_uncond_text": v_uncond_text}
+        if use_image:
+            branches["v_uncond_image"] = v_uncond_image
+        for name, branch in branches.items():
+            if branch is None:
+                raise ValueError(
+                    f"`{name}` is required with cfg_text_scale={cfg_text_scale}, cfg_img_scale={cfg_img_scale}."
+                )
+            if branch.shape != v_cond.shape:
+                raise ValueError(f"`{name}` has shape {tuple(branch.shape)}, but `v_cond` has {tuple(v_cond.shape)}.")
+
+        # Norm dims: per token (last dim), or per image (all but the batch dim; everything if unbatched).
+        per_token = (-1,)
+        per_image = (-2, -1)
+
+        def renorm(reference: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            norm_ref = torch.linalg.vector_norm(reference, dim=dims, keepdim=True)
+            norm_guided = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+            scale = (norm_ref / (norm_guided + 1e-8)).clamp(min=cfg_renorm_min, max=1.0)
+            return guided * scale
+
+        guided = v_uncond_text + cfg_text_scale * (v_cond - v_uncond_text)
+        if cfg_renorm_type == "text_channel":
+            guided = renorm(v_cond, guided, per_token)
+            if use_image:
+                guided = v_uncond_image + cfg_img_scale * (guided - v_uncond_image)
+            return guided
+
+        if use_image:
+            guided = v_uncond_image + cfg_img_scale * (guided - v_uncond_image)
+        return renorm(v_cond, guided, per_token if cfg_renorm_type == "channel" else per_image)

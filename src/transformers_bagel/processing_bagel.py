@@ -1,0 +1,206 @@
+"""Processor for BAGEL: tokenizer plus image processor, interleaved text and images."""
+
+from __future__ import annotations
+
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["BagelProcessor", "BAGEL_CHAT_TEMPLATE"]
+
+
+# BAGEL has no roles and no system template (SPEC section 3): every text is `<|im_start|>text<|im_end|>`, every image
+# a vision block, and generation starts from `<|im_start|>`. Roles are accepted and ignored so that standard
+# `messages` work; a plain-string content is one text.
+BAGEL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}"
+    "{{ '<|im_start|>' + message['content'] + '<|im_end|>' }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ '<|im_start|>' + part['text'] + '<|im_end|>' }}"
+    "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+)
+
+_REQUIRED_TOKENS = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "image_start_token": "<|vision_start|>",
+    "image_end_token": "<|vision_end|>",
+    "image_token": "<|image_pad|>",
+    "latent_token": "<|vision_pad|>",
+}
+
+
+class BagelProcessor(ProcessorMixin):
+    r"""
+    Constructs a BAGEL processor from a Qwen2 tokenizer and a [`BagelImageProcessor`].
+
+    Text may contain image placeholders: `<|image_pad|>` for an image seen by the ViT (understanding) and
+    `<|vision_pad|>` for an image seen by the VAE (generation, editing), each normally wrapped in
+    `<|vision_start|>...<|vision_end|>` as the chat template writes it. Each placeholder is expanded to the number of
+    tokens of its image; images are consumed in order. Batches are left padded.
+
+    Args:
+        image_processor ([`BagelImageProcessor`]): the image processor.
+        tokenizer ([`PreTrainedTokenizerBase`]): a tokenizer holding BAGEL's special tokens.
+        chat_template (`str`, *optional*): defaults to BAGEL's role-less template.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs):
+        if chat_template is None:
+            chat_template = BAGEL_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.token_ids = self._special_token_ids(tokenizer)
+        for name, token in _REQUIRED_TOKENS.items():
+            setattr(self, name, token)
+        self.image_token_id = self.token_ids["image_token"]
+        self.latent_token_id = self.token_ids["latent_token"]
+
+    @staticmethod
+    def _special_token_ids(tokenizer) -> dict[str, int]:
+        ids, missing = {}, []
+        for name, token in _REQUIRED_TOKENS.items():
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                missing.append(token)
+            else:
+                ids[name] = token_id
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks BAGEL's special tokens {missing}; add them with "
+                "`tokenizer.add_special_tokens({'additional_special_tokens': [...]})` and resize the embeddings."
+            )
+        return ids
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid_hw", "vae_pixel_values", "latent_grid_hw"]
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images=None,
+        vae_images=None,
+        return_tensors: str | None = "pt",
+        padding_side: str = "left",
+        add_special_tokens: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Tokenizes `text` and expands its image placeholders.
+
+        Args:
+            text (`str` or `list[str]`): prompts, for example from [`~BagelProcessor.apply_chat_template`].
+            images: images for the `<|image_pad|>` placeholders (ViT), flat in order or one list per prompt.
+            vae_images: images for the `<|vision_pad|>` placeholders (VAE), flat in order or one list per prompt.
+            return_tensors (`str`, defaults to `"pt"`): only `"pt"` (or `None` for lists) is supported.
+            padding_side (`str`, defaults to `"left"`): side on which shorter prompts are padded.
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask`, and for ViT images `pixel_values` and
+            `image_grid_hw`, for VAE images `vae_pixel_values` (list of `(3, H, W)`) and `latent_grid_hw`.
+        """
+        for key in ("videos", "audio"):
+            if kwargs.pop(key, None) is not None:
+                raise ValueError(f"BAGEL does not take {key}.")
+        ignored = {key for key in kwargs if key not in ("padding", "truncation", "return_attention_mask")}
+        if ignored:
+            logger.warning_once(f"BagelProcessor ignores the arguments {sorted(ignored)}.")
+        if text is None:
+            raise ValueError("BagelProcessor needs `text`; use `image_processor` directly for images alone.")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("`text` must be a string or a non-empty list of strings.")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"BagelProcessor supports return_tensors='pt' or None, got {return_tensors!r}.")
+
+        vit_images = _flatten_images(images)
+        vae_list = _flatten_images(vae_images)
+        rows = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        self._check_counts(rows, self.image_token_id, vit_images, "images", self.image_token)
+        self._check_counts(rows, self.latent_token_id, vae_list, "vae_images", self.latent_token)
+
+        data = {}
+        vit_counts, vae_counts = [], []
+        if vit_images:
+            vit = self.image_processor.preprocess(vit_images, return_tensors="pt")
+            data.update(vit)
+            vit_counts = (vit["image_grid_hw"][:, 0] * vit["image_grid_hw"][:, 1]).tolist()
+        if vae_list:
+            vae = self.image_processor.preprocess_vae(vae_list)
+            data["vae_pixel_values"] = vae["vae_pixel_values"]
+            stride = self.image_processor.vae_stride
+            grids = vae["vae_image_sizes"] // stride
+            data["latent_grid_hw"] = grids
+            vae_counts = (grids[:, 0] * grids[:, 1]).tolist()
+
+        vit_iter, vae_iter = iter(vit_counts), iter(vae_counts)
+        expanded = []
+        for row in rows:
+            out = []
+            for token in row:
+                if token == self.image_token_id:
+                    out += [token] * next(vit_iter)
+                elif token == self.latent_token_id:
+                    out += [token] * next(vae_iter)
+                else:
+                    out.append(token)
+            expanded.append(out)
+
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(r) for r in expanded)
+        input_ids, attention_mask = [], []
+        for row in expanded:
+            pad = length - len(row)
+            ids = [pad_id] * pad + row if padding_side == "left" else row + [pad_id] * pad
+            mask = [0] * pad + [1] * len(row) if padding_side == "left" else [1] * len(row) + [0] * pad
+            input_ids.append(ids)
+            attention_mask.append(mask)
+        if return_tensors == "pt":
+            input_ids = torch.tensor(input_ids, dtype=torch.long)
+            attention_mask = torch.tensor(attention_mask, dtype=torch.long)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
+        return BatchFeature(data=data)
+
+    @staticmethod
+    def _check_counts(rows, token_id, images, argument, token):
+        placeholders = sum(row.count(token_id) for row in rows)
+        if placeholders != len(images):
+            raise ValueError(
+                f"The text has {placeholders} {token} placeholder(s) but {len(images)} image(s) were passed as "
+                f"`{argument}`; give exactly one image per placeholder."
+            )
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwards to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def _flatten_images(images) -> list:
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    flat = []
+    for item in images:
+        if isinstance(item, (list, tuple)):
+            flat.extend(i for i in item if i is not None)
+        elif item is not None:
+            flat.append(item)
+    return flat
