@@ -7,6 +7,7 @@ Convert a BAGEL checkpoint in the original release layout (`ByteDance-Seed/BAGEL
     OUT/vae/         diffusers AutoencoderKL (FLUX autoencoder)
     OUT/scheduler/   FlowMatchEulerScheduler
     OUT/processor/   BagelProcessor (tokenizer, image processor, chat template)
+    OUT/README.md    Hub model card (from the package's model_card.md)
 
 Usage:
 
@@ -269,9 +270,28 @@ def convert(
     vae.save_pretrained(output_dir / "vae")
     FlowMatchEulerScheduler().save_pretrained(output_dir / "scheduler")
     processor.save_pretrained(output_dir / "processor")
-    _write_model_index(output_dir)
+    write_model_card(output_dir)
+    _write_model_index(output_dir)  # last: its presence marks a complete conversion
     logger.info(f"Converted {input_dir} into {output_dir}")
     return output_dir
+
+
+def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None) -> Path:
+    """
+    Writes the Hub model card (`README.md`, from the `model_card.md` template shipped with this package) into a
+    converted folder. `model_id` is the name the usage snippets load from: the Hub repo id when pushing, the folder
+    name by default. Returns the card's path.
+    """
+    from importlib.resources import files
+
+    output_dir = Path(output_dir)
+    model_id = model_id or output_dir.name
+    if not isinstance(model_id, str) or not model_id.strip() or any(c.isspace() for c in model_id):
+        raise ValueError(f"`model_id` must be a repo id or folder name without spaces, got {model_id!r}.")
+    template = files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
+    path = output_dir / "README.md"
+    path.write_text(template.replace("{{ model_id }}", model_id), encoding="utf-8")
+    return path
 
 
 def _write_model_index(output_dir: Path):
@@ -304,8 +324,10 @@ def _parse_shard_size(value: str) -> str:
     return value
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input_dir", required=True, help="Folder of the original release (ema.safetensors, ...).")
     parser.add_argument("--output_dir", required=True, help="Where to write the converted folder.")
     parser.add_argument("--dtype", type=_parse_dtype, default=torch.float32, help="float32 (default), bfloat16, float16.")
@@ -325,4 +347,12 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["convert", "convert_key", "convert_state_dict", "load_original_model", "build_config", "main"]
+__all__ = [
+    "convert",
+    "convert_key",
+    "convert_state_dict",
+    "load_original_model",
+    "build_config",
+    "write_model_card",
+    "main",
+]

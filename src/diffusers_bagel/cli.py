@@ -1,0 +1,441 @@
+"""
+The `bagel` command: convert an original BAGEL release, generate and edit images, chat about images (streamed), and
+push a converted folder to the Hugging Face Hub.
+
+    bagel convert  --input_dir BAGEL-7B-MoT --output_dir bagel-7b-hf
+    bagel generate --checkpoint bagel-7b-hf --prompt "A red cat on a wooden table" --output cat.png
+    bagel edit     --checkpoint bagel-7b-hf --image cat.png --prompt "Make the cat blue" --output blue.png
+    bagel chat     --checkpoint bagel-7b-hf --image cat.png --prompt "What is in this image?"
+    bagel push     --folder bagel-7b-hf --repo_id your-name/bagel-7b-hf
+
+`bagel SUBCOMMAND --help` lists every flag of a subcommand with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from diffusers.utils import logging
+
+from .pipeline_bagel import EDIT_PRESET, RENORM_TYPES, TEXT_TO_IMAGE_PRESET, VLM_THINK_SYSTEM_PROMPT
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["main", "build_parser", "load_pipeline", "build_messages", "answer"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- library helpers shared by the CLI, the examples and the app -------------------------------------------------------
+
+
+def load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
+    """
+    Loads a converted BAGEL folder into a [`BagelPipeline`].
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): a folder written by `bagel convert` (holds `model_index.json`).
+        device (`str`, *optional*): `"cuda"`, `"cpu"`, ...; default: CUDA when available, else CPU.
+        dtype (`str`, defaults to `"auto"`): `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`, `"bfloat16"`
+            or `"float16"`.
+    """
+    from .pipeline_bagel import BagelPipeline
+
+    folder = Path(checkpoint)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"{str(folder)!r} is not a converted BAGEL folder (no model_index.json); convert the original release "
+            "with `bagel convert --input_dir ORIGINAL --output_dir CONVERTED` first."
+        )
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    else:
+        torch_dtype = DTYPES[dtype]
+    pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype)
+    return pipe.to(device)
+
+
+def build_messages(question: str, images=(), history=(), think: bool = False) -> list[dict]:
+    """
+    Chat messages for an understanding turn: BAGEL's reasoning system prompt first when `think` is set (as the
+    original inferencer puts it), then the earlier `(question, answer)` pairs of `history`, then `question`. The
+    `images` go before the first question of the conversation.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("The question is empty; ask something about the image(s).")
+    messages = [{"role": "system", "content": VLM_THINK_SYSTEM_PROMPT}] if think else []
+    for index, (text, reply) in enumerate([*history, (question, None)]):
+        content = [{"type": "image", "image": image} for image in images] if index == 0 else []
+        content.append({"type": "text", "text": text})
+        messages.append({"role": "user", "content": content})
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+    return messages
+
+
+def answer(
+    pipe,
+    messages: list[dict],
+    max_new_tokens: int = 512,
+    do_sample: bool = False,
+    temperature: float = 0.3,
+    streamer=None,
+) -> str:
+    """
+    Answers chat `messages` (see [`build_messages`]) with the pipeline's model and processor; greedy by default. The
+    text is streamed to `streamer` (a transformers streamer) as it is generated. Returns the decoded answer.
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"`temperature` must be a finite number > 0 when sampling, got {temperature!r}.")
+    inputs = pipe.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(pipe.model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(pipe.model.dtype)
+    # Sampling as the original: softmax(logits / T) over the whole vocabulary (no top-k / top-p filtering).
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
+    with torch.no_grad():
+        output = pipe.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            streamer=streamer,
+            **sampling,
+        )
+    return pipe.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+
+
+# -- argument types ----------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _finite_float(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise argparse.ArgumentTypeError(f"expected a number <= {high}, got {value}")
+    return value
+
+
+def _scale(text: str) -> float:
+    return _finite_float(text, low=1.0)
+
+
+def _unit(text: str) -> float:
+    return _finite_float(text, low=0.0, high=1.0)
+
+
+def _positive_float(text: str) -> float:
+    return _finite_float(text, low=0.0, low_open=True)
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return path
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a seed >= 0, got {value}")
+    return value
+
+
+# -- parser --------------------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows `(default: ...)` only where there is a default worth showing (not for required flags, None or switches)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, []) or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_model_flags(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", required=True, type=Path, help="Converted BAGEL folder (from `bagel convert`).")
+    group.add_argument("--device", default=None, help="Device to run on (default: cuda when available, else cpu).")
+    group.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES], help="Weights dtype; auto = bfloat16 on CUDA, else float32."
+    )
+
+
+def _add_image_flags(parser, preset: dict, size_default: str):
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--height", type=_positive_int, default=None, help=f"Output height, a multiple of 16 (default: {size_default})."
+    )
+    group.add_argument("--width", type=_positive_int, default=None, help="Output width (same rules as --height).")
+    group.add_argument(
+        "--num_inference_steps", "--steps", type=_positive_int, default=50,
+        help="Euler steps (the original's num_timesteps minus one).",
+    )  # fmt: skip
+    group.add_argument("--timestep_shift", type=_positive_float, default=3.0, help="Schedule shift s in st/(1+(s-1)t).")
+    group.add_argument(
+        "--cfg_text_scale", type=_scale, default=preset["cfg_text_scale"], help="Text guidance scale (1 disables it)."
+    )
+    group.add_argument(
+        "--cfg_img_scale", type=_scale, default=preset["cfg_img_scale"],
+        help="Image guidance scale (1 disables it; only applied while text guidance is on).",
+    )  # fmt: skip
+    group.add_argument(
+        "--cfg_interval", type=_unit, nargs=2, metavar=("START", "END"), default=list(preset["cfg_interval"]),
+        help="Guidance is applied at flow times START < t <= END (t runs from 1, noise, to 0, image).",
+    )  # fmt: skip
+    group.add_argument(
+        "--cfg_renorm_type", choices=RENORM_TYPES, default=preset["cfg_renorm_type"],
+        help="How the guided velocity is renormalised to the conditional one's norm.",
+    )  # fmt: skip
+    group.add_argument(
+        "--cfg_renorm_min", type=_unit, default=0.0, help="Lower clamp of the renormalisation factor (1 disables it)."
+    )
+    group.add_argument("--seed", type=_seed, default=0, help="Seed of the initial noise (and of thinking's sampling).")
+    group.add_argument("--num_images", type=_positive_int, default=1, help="Images per prompt.")
+    group.add_argument(
+        "--sample_posterior", action="store_true", help="Sample the VAE posterior of input images instead of its mean."
+    )
+    think = parser.add_argument_group("thinking")
+    think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")
+    think.add_argument("--max_think_tokens", type=_positive_int, default=1000, help="Longest plan, in tokens.")
+    think.add_argument("--think_do_sample", action="store_true", help="Sample the plan instead of greedy decoding.")
+    think.add_argument("--think_temperature", type=_positive_float, default=0.3, help="Sampling temperature of the plan.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `bagel` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="bagel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    commands.add_parser(
+        "convert", add_help=False,
+        help="Convert an original BAGEL release folder into the transformers/diffusers layout (`bagel convert -h`).",
+    )  # fmt: skip
+
+    generate = commands.add_parser(
+        "generate", formatter_class=_HelpFormatter, help="Text-to-image.",
+        description="Generate images from a text prompt and write them as PNG files.",
+    )  # fmt: skip
+    _add_model_flags(generate)
+    generate.add_argument("--prompt", required=True, help="What to draw.")
+    generate.add_argument(
+        "--output", type=Path, default=Path("bagel_generate.png"),
+        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
+    )  # fmt: skip
+    _add_image_flags(generate, TEXT_TO_IMAGE_PRESET, "1024, capped by the model's largest image side")
+
+    edit = commands.add_parser(
+        "edit", formatter_class=_HelpFormatter, help="Edit images by an instruction.",
+        description="Edit one image (or combine several) following an instruction, and write the result as PNG.",
+    )  # fmt: skip
+    _add_model_flags(edit)
+    edit.add_argument(
+        "--image", type=_existing_file, action="append", required=True,
+        help="Input image file; repeat the flag for several images (they come before the prompt, in order).",
+    )  # fmt: skip
+    edit.add_argument("--prompt", required=True, help="The editing instruction.")
+    edit.add_argument(
+        "--output", type=Path, default=Path("bagel_edit.png"),
+        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
+    )  # fmt: skip
+    _add_image_flags(edit, EDIT_PRESET, "the last input image's size after BAGEL's VAE resize")
+
+    chat = commands.add_parser(
+        "chat", formatter_class=_HelpFormatter, help="Ask about images; the answer is streamed.",
+        description="Image understanding. With --prompt, answers once; without it, reads one question per line\n"
+                    "from standard input and keeps the conversation (an empty line or end of input stops).",
+    )  # fmt: skip
+    _add_model_flags(chat)
+    chat.add_argument(
+        "--image", type=_existing_file, action="append", default=[],
+        help="Image file to ask about; repeat the flag for several images.",
+    )  # fmt: skip
+    chat.add_argument("--prompt", default=None, help="The question; omit it to chat on standard input.")
+    chat.add_argument("--think", action="store_true", help="Let BAGEL reason inside <think> tags before answering.")
+    chat.add_argument("--max_new_tokens", type=_positive_int, default=512, help="Longest answer, in tokens.")
+    chat.add_argument("--do_sample", action="store_true", help="Sample the answer instead of greedy decoding.")
+    chat.add_argument("--temperature", type=_positive_float, default=0.3, help="Sampling temperature.")
+    chat.add_argument("--seed", type=_seed, default=0, help="Seed for sampling.")
+
+    push = commands.add_parser(
+        "push", formatter_class=_HelpFormatter, help="Upload a converted folder to the Hugging Face Hub.",
+        description="Create (if needed) a Hub model repository and upload a converted folder to it. The folder's "
+                    "README.md model card is rewritten so its usage snippets name the repository. Needs a token "
+                    "(`hf auth login` or --token).",
+    )  # fmt: skip
+    push.add_argument("--folder", required=True, type=Path, help="Converted BAGEL folder (from `bagel convert`).")
+    push.add_argument("--repo_id", required=True, help="Target repository, e.g. your-name/bagel-7b-hf.")
+    push.add_argument("--private", action="store_true", help="Create the repository as private.")
+    push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
+    push.add_argument("--commit_message", default="Upload BAGEL converted with bagel-hf", help="Commit message.")
+    return parser
+
+
+# -- subcommands ---------------------------------------------------------------------------------------------------------
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if output.suffix.lower() != ".png":
+        raise ValueError(f"--output must be a .png path, got {str(output)!r}.")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+
+
+def _run_image(args, images=None):
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    paths = _output_paths(args.output, args.num_images)
+    output = pipe(
+        args.prompt,
+        image=images,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.num_inference_steps,
+        timestep_shift=args.timestep_shift,
+        cfg_text_scale=args.cfg_text_scale,
+        cfg_img_scale=args.cfg_img_scale,
+        cfg_interval=tuple(args.cfg_interval),
+        cfg_renorm_type=args.cfg_renorm_type,
+        cfg_renorm_min=args.cfg_renorm_min,
+        think=args.think,
+        max_think_tokens=args.max_think_tokens,
+        think_do_sample=args.think_do_sample,
+        think_temperature=args.think_temperature,
+        num_images_per_prompt=args.num_images,
+        generator=torch.Generator().manual_seed(args.seed),
+        sample_posterior=args.sample_posterior,
+    )
+    if output.text:
+        print(f"thinking: {output.text[0]}")
+    for image, path in zip(output.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"wrote {path} ({image.width}x{image.height})")
+
+
+def _run_edit(args):
+    import PIL.Image
+
+    images = []
+    for path in args.image:
+        try:
+            with PIL.Image.open(path) as opened:
+                opened.load()
+                images.append(opened.copy())
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise ValueError(f"--image {str(path)!r} is not a readable image: {error}") from error
+    _run_image(args, images=images)
+
+
+def _run_chat(args, stdin=None, stdout=None):
+    import PIL.Image
+    from transformers import TextStreamer
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    images = []
+    for path in args.image:
+        try:
+            with PIL.Image.open(path) as opened:
+                opened.load()
+                images.append(opened.copy())
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise ValueError(f"--image {str(path)!r} is not a readable image: {error}") from error
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(args.seed)
+
+    def turn(question, history):
+        messages = build_messages(question, images, history, think=args.think)
+        return answer(pipe, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer=streamer)
+
+    if args.prompt is not None:
+        turn(args.prompt, [])
+        return
+    history = []
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or not line.strip():
+            break
+        question = line.strip()
+        history.append((question, turn(question, history)))
+
+
+def _run_push(args):
+    from huggingface_hub import HfApi
+
+    from transformers_bagel.convert_bagel_to_hf import write_model_card
+
+    folder = args.folder
+    if not (folder / "model_index.json").is_file() or not (folder / "model" / "config.json").is_file():
+        raise ValueError(
+            f"{str(folder)!r} is not a converted BAGEL folder (needs model_index.json and model/config.json)."
+        )
+    if args.repo_id.count("/") != 1 or any(not part for part in args.repo_id.split("/")):
+        raise ValueError(f"--repo_id must look like owner/name, got {args.repo_id!r}.")
+    write_model_card(folder, model_id=args.repo_id)
+    api = HfApi(token=args.token)
+    url = api.create_repo(args.repo_id, private=args.private, repo_type="model", exist_ok=True)
+    api.upload_folder(
+        folder_path=str(folder), repo_id=args.repo_id, repo_type="model", commit_message=args.commit_message
+    )
+    print(f"uploaded {folder} to {url}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `bagel` command. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["convert"]:
+        # The converter owns its flags; one parser, one --help, no copy of them here.
+        from transformers_bagel.convert_bagel_to_hf import main as convert_main
+
+        try:
+            convert_main(argv[1:], prog="bagel convert")
+        except (ValueError, FileNotFoundError) as error:
+            parser.exit(2, f"bagel convert: error: {error}\n")
+        return 0
+    args = parser.parse_args(argv)
+    runners = {"generate": _run_image, "edit": _run_edit, "chat": _run_chat, "push": _run_push}
+    try:
+        runners[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.exit(2, f"bagel {args.command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
