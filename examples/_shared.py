@@ -1,0 +1,50 @@
+"""Helpers shared by the per-task examples: the tiny default checkpoint, a drawn demo picture and common flags."""
+
+import argparse
+from pathlib import Path
+
+import PIL.Image
+import PIL.ImageDraw
+
+from quickstart import ROOT, default_checkpoint
+
+
+__all__ = ["ROOT", "base_parser", "checkpoint_from", "demo_image", "load_image"]
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every example takes: --checkpoint, --output_dir, --steps, --seed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="Converted BAGEL folder (default: the tiny test model, converted once into outputs/tiny-bagel).",
+    )  # fmt: skip
+    parser.add_argument("--output_dir", type=Path, default=ROOT / "outputs" / "examples", help="Where files go.")
+    parser.add_argument("--steps", type=int, default=50, help="Euler steps of image generation.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise.")
+    return parser
+
+
+def checkpoint_from(args) -> Path:
+    """The --checkpoint folder, or the tiny model converted on first use (as examples/quickstart.py does)."""
+    return args.checkpoint or default_checkpoint(ROOT / "outputs")
+
+
+def demo_image(width: int = 160, height: int = 120) -> PIL.Image.Image:
+    """A small drawn scene (sky, sun, hill, house) so the examples need no image file."""
+    image = PIL.Image.new("RGB", (width, height), (120, 180, 235))
+    draw = PIL.ImageDraw.Draw(image)
+    draw.ellipse((width * 0.70, height * 0.10, width * 0.88, height * 0.34), fill=(250, 210, 60))
+    draw.rectangle((0, height * 0.65, width, height), fill=(70, 150, 60))
+    draw.rectangle((width * 0.20, height * 0.42, width * 0.45, height * 0.70), fill=(190, 60, 50))
+    draw.polygon([(width * 0.17, height * 0.44), (width * 0.325, height * 0.25), (width * 0.48, height * 0.44)], fill=(90, 50, 40))
+    return image
+
+
+def load_image(path) -> PIL.Image.Image:
+    """The image at `path` (any mode; the processor converts it), or the drawn demo scene when `path` is None."""
+    if path is None:
+        return demo_image()
+    with PIL.Image.open(path) as opened:
+        opened.load()
+        return opened.copy()
