@@ -96,15 +96,18 @@ class _Guidance:
     _cond: tuple | None = None
 
     def cond_inputs(self):
-        """Cache and mask of the full-context rows only, built once, for steps outside `cfg_interval`."""
+        """Cache, mask and positions of the full-context rows only, for steps outside `cfg_interval`. Built once, so
+        every step passes the same objects and `predict_velocity` reuses the step-invariant inputs it keeps with the
+        cache."""
         if self._cond is None:
             if self.num_branches == 1 or self.cache is None:
-                self._cond = (self.cache, self.context_mask)
+                self._cond = (self.cache, self.context_mask, self.positions[: self.batch_size])
             else:
                 n = self.batch_size
                 rows = DynamicCache(ddp_cache_data=[(layer.keys[:n], layer.values[:n]) for layer in self.cache.layers])
                 rows.bagel_next_position = getattr(self.cache, "bagel_next_position", None)
-                self._cond = (rows, self.context_mask[:n] if self.context_mask is not None else None)
+                mask = self.context_mask[:n] if self.context_mask is not None else None
+                self._cond = (rows, mask, self.positions[:n])
         return self._cond
 
 
@@ -487,9 +490,9 @@ class BagelPipeline(DiffusionPipeline):
                 v_cond, v_uncond_text=v_text, v_uncond_image=v_image, cfg_text_scale=g.cfg_text_scale,
                 cfg_img_scale=g.cfg_img_scale, cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
             )  # fmt: skip
-        cache, mask = g.cond_inputs()
+        cache, mask, positions = g.cond_inputs()
         return self.model.predict_velocity(
-            x.to(dtype), t, grid, cache, context_attention_mask=mask, context_position=g.positions[: g.batch_size]
+            x.to(dtype), t, grid, cache, context_attention_mask=mask, context_position=positions
         ).float()
 
     # -- call -------------------------------------------------------------------------------------------------------
@@ -611,9 +614,11 @@ class BagelPipeline(DiffusionPipeline):
         )  # fmt: skip
         self.scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
         self._num_timesteps = len(self.scheduler.timesteps)
+        # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
+        sigmas = self.scheduler.sigmas.tolist()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, timestep in enumerate(self.scheduler.timesteps):
-                v = self.guided_velocity(x, float(self.scheduler.sigmas[i]), grid, guidance)
+                v = self.guided_velocity(x, sigmas[i], grid, guidance)
                 x = self.scheduler.step(v, timestep, x, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}

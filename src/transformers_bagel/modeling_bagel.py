@@ -75,6 +75,46 @@ class ExpertRouting:
         return out.reshape(*lead, *und_out.shape[1:])
 
 
+class _LatentBlockRouting(ExpertRouting):
+    """
+    Routing of a denoising block, every row `[<|vision_start|>, h * w latent tokens, <|vision_end|>]`: the generation
+    expert runs on the whole block and the understanding expert overwrites the first and last token. Plain slices
+    instead of the mixed path's gather / scatter copies (and no index tensors built on the host); the generation
+    expert's outputs for the two boundary tokens (2 of h * w + 2) are computed and discarded.
+    """
+
+    def __init__(self):
+        self.und_index = self.gen_index = None
+        self.kind = "latent_block"
+
+    def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
+        out = gen(hidden_states)
+        ends = slice(None, None, hidden_states.shape[1] - 1)  # positions 0 and -1 of dimension 1
+        out[:, ends] = und(hidden_states[:, ends]).to(out.dtype)
+        return out
+
+
+@dataclass
+class _VelocityPlan:
+    """What [`BagelForConditionalGeneration.predict_velocity`] needs besides `x_t` and `t`; the same at every
+    denoising step of one image, so it is built once and kept with the cache it was built for."""
+
+    context_attention_mask: torch.Tensor | None
+    context_position: torch.Tensor | int
+    attention_mask: object
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    boundary_embeds: torch.Tensor
+    latent_position_embeds: torch.Tensor
+    routing: ExpertRouting
+
+    def matches(self, context_attention_mask, context_position) -> bool:
+        if self.context_attention_mask is not context_attention_mask:
+            return False
+        if isinstance(context_position, torch.Tensor) or isinstance(self.context_position, torch.Tensor):
+            return self.context_position is context_position
+        return self.context_position == context_position
+
+
 def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`(batch, channels, H, W)` VAE latents -> `(batch, (H/p) * (W/p), p * p * channels)` tokens in BAGEL's
     `(h, w, p, q, c)` order."""
@@ -960,36 +1000,109 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
         Returns:
             `torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`.
+
+        Everything but `latents` and `timestep` is the same at every denoising step of one image: the attention mask
+        of the block against the cached contexts, the RoPE tables, the boundary-token and 2-D position embeddings and
+        the expert routing are built on the first call for a cache and kept with that cache (rebuilt when the cache
+        length, `context_attention_mask` or `context_position` objects change), so a step runs the decoder layers and
+        nothing else: no mask rebuilding and no host synchronisation.
         """
+        if latents.dim() != 3:
+            raise ValueError(f"`latents` must be (batch, h * w, patch_latent_dim), got shape {tuple(latents.shape)}.")
         batch, num_tokens = latents.shape[:2]
         height, width = latent_grid_hw
         if height * width != num_tokens:
             raise ValueError(f"latents hold {num_tokens} tokens but the grid {height}x{width} needs {height * width}.")
         device = latents.device
+        plan = self._velocity_plan(batch, (height, width), past_key_values, context_attention_mask, context_position, device)
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
+        else:
+            # torch.full passes the value to the kernel: no blocking host-to-device copy (torch.tensor would make one).
+            timestep = torch.full((batch,), float(timestep), device=device)
+        model, text_model = self.model, self.model.language_model
+        # vae2llm(x) + time_embedder(t) + latent_pos_embed(ids), as BagelModel.get_latent_embeddings, with the time
+        # embedding computed once per row instead of once per token.
+        latent_embeds = (
+            model.vae2llm(latents.to(model.vae2llm.weight.dtype))
+            + model.time_embedder(timestep)[:, None]
+            + plan.latent_position_embeds
+        )
+        start, end = plan.boundary_embeds.expand(batch, -1, -1).split(1, dim=1)
+        hidden = torch.cat([start, latent_embeds.to(start.dtype), end], dim=1)
+        for decoder_layer in text_model.layers[: text_model.config.num_hidden_layers]:
+            hidden = decoder_layer(
+                hidden,
+                plan.routing,
+                attention_mask=plan.attention_mask,
+                position_embeddings=plan.position_embeddings,
+                past_key_values=past_key_values,
+                update_cache=False,
+            )
+        return self.llm2vae(text_model.norm_moe_gen(hidden[:, 1:-1]))
+
+    def _velocity_plan(self, batch, grid_hw, past_key_values, context_attention_mask, context_position, device):
+        """The step-invariant inputs of `predict_velocity` (see there), cached on `past_key_values`."""
+        text_model = self.model.language_model
+        dtype = text_model.embed_tokens.weight.dtype
+        context_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        key = (batch, grid_hw, device, dtype, text_model.config._attn_implementation, context_len)
+        plans = None
+        if past_key_values is not None:
+            plans = past_key_values.__dict__.setdefault("_bagel_velocity_plans", {})
+            plan = plans.get(key)
+            if plan is not None and plan.matches(context_attention_mask, context_position):
+                return plan
+
         config = self.config
-        row = torch.full((num_tokens + 2,), config.latent_token_id, dtype=torch.long, device=device)
-        row[0], row[-1] = config.start_of_image_token_id, config.end_of_image_token_id
-        input_ids = row.expand(batch, -1)
-        position = torch.as_tensor(context_position, device=device).reshape(-1, 1).expand(batch, num_tokens + 2)
+        length = grid_hw[0] * grid_hw[1] + 2
+        position = torch.as_tensor(context_position, device=device).reshape(-1, 1).expand(batch, length)
+        limit = config.text_config.max_position_embeddings
+        if int(position.max()) >= limit:
+            raise ValueError(
+                f"The sequence reaches position {int(position.max())}, beyond the model's limit of {limit} positions "
+                "(text_config.max_position_embeddings); shorten the prompt."
+            )
         attention_mask = None
         if context_attention_mask is not None:
             attention_mask = torch.cat(
-                [context_attention_mask.to(device), context_attention_mask.new_ones(batch, num_tokens + 2)], dim=1
+                [context_attention_mask.to(device), context_attention_mask.new_ones(batch, length)], dim=1
             )
-        timestep = torch.as_tensor(timestep, device=device, dtype=torch.float32).reshape(-1).expand(batch)
-        grid = torch.tensor([[height, width]], device=device).expand(batch, 2)
-        hidden = self.model(
-            input_ids=input_ids,
+        # The block is one bidirectional image block after the (causal) cached contexts: the same mask as
+        # BagelTextModel builds for it, made once.
+        block_ids = torch.ones((batch, length), dtype=torch.long, device=device)
+        if context_len:
+            block_ids = torch.cat([block_ids.new_full((batch, context_len), -1), block_ids], dim=1)
+        shape_only = torch.empty((batch, length, 1), dtype=dtype, device=device)
+        mask = create_causal_mask(
+            config=text_model.config,
+            inputs_embeds=shape_only,
             attention_mask=attention_mask,
-            position_ids=position,
             past_key_values=past_key_values,
-            latents=latents.reshape(batch * num_tokens, -1),
-            latent_grid_hw=grid,
-            latent_timesteps=timestep,
-            use_cache=past_key_values is not None,
-            update_cache=False,
-        ).last_hidden_state
-        return self.llm2vae(hidden[:, 1:-1])
+            position_ids=None,
+            block_sequence_ids=block_ids,
+        )
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] == length:
+            # Every query token of the block sees the same keys: keep one query row, broadcast by the attention
+            # kernels (sdpa, eager), instead of a (batch, 1, length, context + length) mask.
+            row = mask[:, :, :1]
+            if bool((mask == row).all()):
+                mask = row.contiguous()
+        grid = torch.tensor([list(grid_hw)], device=device)
+        position_ids = flattened_grid_position_ids(grid, config.max_latent_size, config.interpolate_pos, device)
+        boundary = torch.tensor([[config.start_of_image_token_id, config.end_of_image_token_id]], device=device)
+        plan = _VelocityPlan(
+            context_attention_mask=context_attention_mask,
+            context_position=context_position,
+            attention_mask=mask,
+            position_embeddings=text_model.rotary_emb(shape_only, position),
+            boundary_embeds=text_model.embed_tokens(boundary),
+            latent_position_embeds=self.model.latent_pos_embed(position_ids).to(self.model.vae2llm.weight.dtype),
+            routing=_LatentBlockRouting(),
+        )
+        if plans is not None:
+            plans[key] = plan
+        return plan
 
 
 __all__ = [
