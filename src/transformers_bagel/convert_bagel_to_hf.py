@@ -195,6 +195,9 @@ def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch
     not match the model exactly (missing or unexpected keys, wrong shapes). Returns `(model, tokenizer, vae_params)`.
     """
     input_dir = Path(input_dir)
+    for name in ("llm_config.json", "vit_config.json", "ema.safetensors"):  # before the tokenizer's own, vaguer error
+        if not (input_dir / name).is_file():
+            raise FileNotFoundError(f"{input_dir} has no {name}: not a BAGEL release folder.")
     tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
     config, vae_params = build_config(input_dir, tokenizer)
     original = _read_safetensors(input_dir / "ema.safetensors")

@@ -1,0 +1,255 @@
+"""The `bagel` command: installed entry point, help for every flag, each subcommand against the pipeline's own output,
+the converted folder's exact file list and model card, `push` (with the Hub calls replaced), and actionable errors."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
+from diffusers_bagel import BagelPipeline
+from diffusers_bagel.cli import answer, build_messages, build_parser, main
+
+
+@pytest.fixture(scope="module")
+def pipe(converted_dir):
+    pipeline = BagelPipeline.from_pretrained(converted_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    y, x = np.mgrid[0:40, 0:50]
+    pixels = np.stack([x * 5, y * 6, 250 - x * 5], axis=-1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("cli-input") / "input.png"
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+def _run(argv, capsys):
+    """Runs `bagel ARGV` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- entry point and help ---------------------------------------------------------------------------------------------
+
+
+def test_console_script_is_installed_and_lists_subcommands():
+    script = Path(sys.executable).parent / "bagel"
+    assert script.is_file(), "the `bagel` console script is missing: reinstall the package (pip install -e .)"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120, check=True)
+    for command in ("convert", "generate", "edit", "chat", "push"):
+        assert f"    {command} " in result.stdout, result.stdout
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name in ("generate", "edit", "chat", "push"):
+        code, out, _ = _run([name, "--help"], capsys)
+        assert code == 0
+        help_text = " ".join(out.split())
+        for action in subparsers[name]._actions:
+            assert action.help, f"bagel {name} {action.option_strings} has no help text"
+            for option in action.option_strings:
+                assert option in out, f"{option} missing from `bagel {name} --help`"
+            if action.option_strings and not action.required and action.default not in (None, [], False, True, "==SUPPRESS=="):
+                shown = " ".join(str(action.default).split())
+                assert f"(default: {shown})" in help_text, f"default of {action.option_strings} not shown"
+    code, out, _ = _run(["convert", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: bagel convert") and "--vae_max_image_size" in out
+
+
+def test_generate_help_shows_the_text_to_image_preset_and_edit_the_edit_preset(capsys):
+    _, generate, _ = _run(["generate", "--help"], capsys)
+    _, edit, _ = _run(["edit", "--help"], capsys)
+    generate, edit = " ".join(generate.split()), " ".join(edit.split())
+    assert "(default: 1.5)" in generate and "(default: global)" in generate and "(default: [0.4, 1.0])" in generate
+    assert "(default: 2.0)" in edit and "(default: text_channel)" in edit and "(default: [0.0, 1.0])" in edit
+
+
+# -- convert: the folder a user gets ----------------------------------------------------------------------------------
+
+
+def test_convert_writes_exactly_the_expected_files_and_a_valid_model_card(tmp_path, capsys):
+    out_dir = tmp_path / "bagel-tiny-hf"
+    sizes = [item for name, value in TINY_IMAGE_SIZES.items() for item in (f"--{name}", value)]
+    code, out, _ = _run(
+        ["convert", "--input_dir", ORIGINAL_DIR, "--output_dir", out_dir, "--max_shard_size", "1MB", *sizes], capsys
+    )
+    assert code == 0 and str(out_dir) in out
+    files = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+    shards = sorted(f for f in files if f.startswith("model/model-"))
+    assert len(shards) > 1, "the 1MB shard size should split the tiny model"
+    assert shards == [f"model/model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert files == {
+        "README.md",
+        "model_index.json",
+        "model/config.json",
+        "model/generation_config.json",
+        "model/model.safetensors.index.json",
+        *shards,
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "processor/chat_template.jinja",
+        "processor/processor_config.json",
+        "processor/tokenizer.json",
+        "processor/tokenizer_config.json",
+    }
+
+    card = huggingface_hub.ModelCard.load(out_dir / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "any-to-any"
+    assert card.data.library_name == "diffusers"
+    assert card.data.base_model == "ByteDance-Seed/BAGEL-7B-MoT"
+    assert {"bagel", "text-to-image", "image-to-image", "image-text-to-text"} <= set(card.data.tags)
+    assert "{{" not in card.text and 'from_pretrained("bagel-tiny-hf"' in card.text
+    assert "arXiv:2505.14683" in card.text and "@article{deng2025bagel" in card.text
+    for published in ("2388", "85.0", "55.3", "67.2", "0.82", "0.52", "0.88", "7.36", "6.83", "6.52"):
+        assert f"| {published} |" in card.text, published
+
+
+# -- generate / edit / chat against the pipeline -------------------------------------------------------------------------
+
+
+def test_generate_passes_every_sampling_flag_to_the_pipeline(converted_dir, pipe, tmp_path, capsys):
+    output = tmp_path / "out" / "gen.png"
+    code, out, err = _run(
+        ["generate", "--checkpoint", converted_dir, "--prompt", "A red cat.", "--output", output,
+         "--height", 32, "--width", 48, "--steps", 2, "--timestep_shift", 2.0, "--cfg_text_scale", 2.5,
+         "--cfg_img_scale", 1.2, "--cfg_interval", 0.2, 0.9, "--cfg_renorm_type", "channel", "--cfg_renorm_min", 0.1,
+         "--seed", 5, "--num_images", 2],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    expected = pipe(
+        "A red cat.", height=32, width=48, num_inference_steps=2, timestep_shift=2.0, cfg_text_scale=2.5,
+        cfg_img_scale=1.2, cfg_interval=(0.2, 0.9), cfg_renorm_type="channel", cfg_renorm_min=0.1,
+        num_images_per_prompt=2, generator=torch.Generator().manual_seed(5),
+    ).images  # fmt: skip
+    paths = [tmp_path / "out" / "gen_0.png", tmp_path / "out" / "gen_1.png"]
+    assert out.splitlines() == [f"wrote {p} (48x32)" for p in paths]
+    for path, image in zip(paths, expected):
+        assert np.array_equal(np.asarray(PIL.Image.open(path)), np.asarray(image))
+    assert not np.array_equal(np.asarray(expected[0]), np.asarray(expected[1]))
+
+
+def test_edit_with_thinking_prints_the_plan_and_matches_the_pipeline(converted_dir, pipe, picture, tmp_path, capsys):
+    output = tmp_path / "edit.png"
+    code, out, err = _run(
+        ["edit", "--checkpoint", converted_dir, "--image", picture, "--prompt", "Make it green.", "--output", output,
+         "--steps", 2, "--seed", 3, "--think", "--max_think_tokens", 16],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    expected = pipe(
+        "Make it green.", image=PIL.Image.open(picture), num_inference_steps=2, think=True, max_think_tokens=16,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    edited = expected.images[0]
+    assert out == f"thinking: {expected.text[0]}\nwrote {output} ({edited.width}x{edited.height})\n"
+    width, height = pipe.processor.image_processor.get_resize_size(50, 40, "vae")
+    assert PIL.Image.open(output).size == (width, height) == edited.size
+    assert np.array_equal(np.asarray(PIL.Image.open(output)), np.asarray(edited))
+
+
+def test_chat_streams_the_answer_of_the_model(converted_dir, pipe, picture, capsys):
+    question = "What colours are in this picture?"
+    code, out, err = _run(
+        ["chat", "--checkpoint", converted_dir, "--image", picture, "--prompt", question, "--max_new_tokens", 24],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    expected = answer(pipe, build_messages(question, [PIL.Image.open(picture)]), 24)
+    assert expected and out == expected + "\n"
+
+
+def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe it.\nAnd the left side?\n\n"))
+    code, out, err = _run(["chat", "--checkpoint", converted_dir, "--image", picture, "--max_new_tokens", 12], capsys)
+    assert code == 0, err
+    image = PIL.Image.open(picture)
+    first = answer(pipe, build_messages("Describe it.", [image]), 12)
+    second = answer(pipe, build_messages("And the left side?", [image], [("Describe it.", first)]), 12)
+    alone = answer(pipe, build_messages("And the left side?", [image]), 12)
+    assert second != alone, "the follow-up should depend on the conversation"
+    assert out == f"> {first}\n> {second}\n> "
+
+
+def test_build_messages_orders_thinking_history_images_and_question():
+    image = PIL.Image.new("RGB", (8, 8))
+    messages = build_messages("Why?", [image], [("What?", "A cat.")], think=True)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"].startswith("You should first think about the reasoning process")
+    assert messages[1]["content"] == [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]
+    assert messages[3]["content"] == [{"type": "text", "text": "Why?"}]
+    with pytest.raises(ValueError, match="question is empty"):
+        build_messages("  ", [image])
+
+
+# -- push, without touching the network ----------------------------------------------------------------------------------
+
+
+def test_push_rewrites_the_card_for_the_repo_and_uploads_the_folder(converted_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "to-push"
+    shutil.copytree(converted_dir, folder)
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: calls.append(("create", a, k)) or
+                        "https://hub.example/me/bagel-tiny")  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", (), k)))
+    code, out, err = _run(["push", "--folder", folder, "--repo_id", "me/bagel-tiny", "--private"], capsys)
+    assert code == 0, err
+    assert calls[0] == ("create", ("me/bagel-tiny",), {"private": True, "repo_type": "model", "exist_ok": True})
+    assert calls[1][0] == "upload" and calls[1][2]["folder_path"] == str(folder)
+    assert calls[1][2]["repo_id"] == "me/bagel-tiny"
+    assert 'BagelPipeline.from_pretrained("me/bagel-tiny"' in (folder / "README.md").read_text()
+    assert out == "uploaded " + str(folder) + " to https://hub.example/me/bagel-tiny\n"
+
+
+# -- errors a user can act on --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--checkpoint", "{empty}", "--prompt", "x"], "is not a converted BAGEL folder"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--height", "40", "--steps", "1"], "divisible by 16"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--width", "4096", "--steps", "1"], "largest image"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "   ", "--steps", "1"], "prompt is empty"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--output", "x.jpg"], "must be a .png path"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_text_scale", "0.5"], "expected a number >= 1.0"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_interval", "0.5", "nan"], "finite number"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--steps", "0"], "expected a positive integer"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_renorm_type", "local"], "invalid choice"),
+        (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{empty}/none.png"], "no such file"),
+        (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "is not a readable image"),
+        (["chat", "--checkpoint", "{ckpt}", "--prompt", "", "--max_new_tokens", "2"], "question is empty"),
+        (["push", "--folder", "{empty}", "--repo_id", "me/x"], "is not a converted BAGEL folder"),
+        (["push", "--folder", "{ckpt}", "--repo_id", "no-owner"], "must look like owner/name"),
+        (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}/out"], "not a BAGEL release folder"),
+        (["paint"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(argv, message, converted_dir, tmp_path, capsys):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    fill = {"{empty}": str(tmp_path), "{ckpt}": str(converted_dir), "{text}": str(text_file)}
+    argv = [fill.get(a, a).replace("{empty}", str(tmp_path)) for a in argv]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert message in err, err
