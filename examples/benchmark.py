@@ -622,6 +622,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Build the configuration on the meta device, print parameters and FLOPs/token, exit.")
     parser.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and noise.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's own choice, usually one per core).")
     args = parser.parse_args(argv)
 
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -646,6 +648,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "decode_tokens", "warmup_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}.")
     if args.compare_steps < 0:
         parser.error(f"--compare_steps must be >= 0, got {args.compare_steps}.")
     return args
@@ -653,6 +657,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     config = build_config(args.config, tokenizer)
@@ -675,6 +681,10 @@ def main(argv=None):
             args.json.write_text(json.dumps(report, indent=2))
         return report
 
+    if args.attn == "flex_attention" and args.device.type == "cpu":
+        # CPU inductor cannot build flex_attention kernels for dynamic shapes (torch 2.13): compile every shape.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     clock, memory = Clock(args.device), Memory(args.device)
     peak, peak_source = device_peak_tflops(args.device, args.dtype, args.peak_tflops)
     device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
