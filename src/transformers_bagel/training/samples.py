@@ -1,31 +1,61 @@
 """
-Training samples for BAGEL.
+Training samples for BAGEL and builders that make them from `datasets` rows.
 
-A sample is a plain dict (JSON-friendly apart from images) holding an ordered list of segments, the original's
-"sequence plan":
+A sample is a plain dict holding an ordered list of segments (the original's "sequence plan"):
 
-    {"segments": [
+```python
+{
+    "segments": [
         {"type": "text", "text": "a red cat", "loss": False, "enable_cfg": True},
-        {"type": "vit_image", "image": <PIL.Image | path | array>, "enable_cfg": True},
-        {"type": "vae_image", "image": ..., "loss": False, "enable_cfg": True},   # clean conditioning image
-        {"type": "vae_image", "image": ..., "loss": True},                        # generation target (noised)
-     ],
-     "row": 12}                                                                   # optional, named in errors
+        {"type": "vit_image", "image": image, "enable_cfg": True},                 # understanding (SigLIP) image
+        {"type": "vae_image", "image": image, "loss": False, "enable_cfg": True},  # clean VAE image (condition)
+        {"type": "vae_image", "image": image, "loss": True},                       # generation target (noised)
+    ],
+    "row": 12,  # optional: where the sample came from; named in every error and keys the condition dropout
+}
+```
 
-- `text`: `<|im_start|>` + tokens + `<|im_end|>`. With `loss=True` every token after `<|im_start|>` (the end token
-  included) is a next-token target.
-- `vit_image`: an understanding image (SigLIP patches).
-- `vae_image`: a VAE latent image; `loss=True` makes it a flow-matching target: noised, hidden from every other
-  token, and it does not advance the position counter.
-- `enable_cfg`: the segment may be dropped by the collator's condition dropout (classifier-free guidance training).
-- A `vae_image` may carry `"latents"` (a `(16, H/8, W/8)` tensor or nested list) instead of, or besides, `"image"`:
-  the latent cache (see [`cache_vae_latents`]).
+- `text`: packed as `<|im_start|>` + tokens + `<|im_end|>`, causal, one position per token. With `loss=True` every
+  token after `<|im_start|>` is a next-token target, `<|im_end|>` included (it is the end label).
+- `vit_image`: an understanding image (NaViT patches). One bidirectional block at one position.
+- `vae_image` with `loss=False`: a clean VAE-latent image (editing source), a bidirectional block at one position,
+  encoded at flow time 0.
+- `vae_image` with `loss=True`: a flow-matching target. It is noised, no other token can see it, and it does not
+  advance the position counter (SPEC.md section 6).
+- `enable_cfg`: the collator drops the segment with the text / ViT / VAE condition-dropout probability, for
+  classifier-free guidance training (a dropped image still advances the position counter, a dropped text does not, as
+  in the original).
+- An image may be a PIL image, a path, bytes, a `datasets.Image` value (`{"bytes": ..., "path": ...}`), a numpy array
+  or a `(3, H, W)` tensor in [0, 1]. A `vae_image` may instead carry `"vae_moments"`: the VAE posterior's mean and
+  log-variance, `(2 * latent_channels, H / 8, W / 8)`, from the latent cache ([`cache_vae_latents`]), or fixed
+  `"latents"`: an already normalised clean latent `(latent_channels, H / 8, W / 8)` (synthetic data, tests).
 
-Builders for the three task kinds of the original (`text_to_image_sample`, `edit_sample`, `understanding_sample`)
-produce exactly the original datasets' sequence plans; `samples_from_rows` turns `datasets` rows into samples.
+Builders for the three task kinds of the original data sets produce their sequence plans:
+
+| builder | segments |
+|---|---|
+| [`text_to_image_sample`] | prompt (droppable), target image |
+| [`edit_sample`] | per source image: clean VAE block (droppable) + ViT block (droppable); instruction (droppable); target image |
+| [`understanding_sample`] | ViT image(s), question, answer (CE loss); nothing droppable |
+
+General interleaved sequences are written directly in the format above (`task="interleaved"` reads them from a
+`segments` column).
+
+[`samples_from_rows`] and [`BagelSampleDataset`] turn `datasets` rows into samples: parquet files with image bytes,
+JSON lines with image paths relative to an image folder (`image_dir=`), or the `imagefolder` builder (`image` plus
+`text` / metadata columns; rename with `columns=`):
+
+```python
+from datasets import load_dataset
+from transformers_bagel.training import BagelSampleDataset
+
+rows = load_dataset("json", data_files="train.jsonl", split="train")          # {"prompt": ..., "image": "cats/1.png"}
+train_dataset = BagelSampleDataset(rows, task="text_to_image", image_dir="images/")
+```
 """
 
-from collections.abc import Callable, Iterable
+import io
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,39 +68,80 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SEGMENT_TYPES = ("text", "vit_image", "vae_image")
+TASKS = ("text_to_image", "edit", "understanding", "interleaved")
+# Column names each task reads by default; `columns=` renames them.
+DEFAULT_COLUMNS = {
+    "prompt": "prompt",
+    "image": "image",
+    "source": "source",
+    "instruction": "instruction",
+    "target": "target",
+    "question": "question",
+    "answer": "answer",
+    "segments": "segments",
+}
+MOMENTS_SUFFIX = "_vae_moments"
+
+
+def _where(row) -> str:
+    return f" (row {row})" if row is not None else ""
+
+
+# -- segments and samples --------------------------------------------------------------------------------------------
 
 
 def text_segment(text: str, loss: bool = False, enable_cfg: bool = False) -> dict:
+    """A text segment; `loss=True` trains next-token prediction on it."""
     return {"type": "text", "text": text, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
 
 
 def vit_segment(image, enable_cfg: bool = False) -> dict:
+    """An understanding image (SigLIP NaViT patches)."""
     return {"type": "vit_image", "image": image, "enable_cfg": bool(enable_cfg)}
 
 
-def vae_segment(image, loss: bool = False, enable_cfg: bool = False) -> dict:
-    return {"type": "vae_image", "image": image, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
+def vae_segment(image=None, loss: bool = False, enable_cfg: bool = False, vae_moments=None, latents=None) -> dict:
+    """A VAE-latent image: a clean condition (`loss=False`) or a flow-matching target (`loss=True`), given as an
+    image, as cached posterior moments or as a fixed normalised latent."""
+    segment = {"type": "vae_image", "image": image, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
+    if vae_moments is not None:
+        segment["vae_moments"] = vae_moments
+    if latents is not None:
+        segment["latents"] = latents
+    return segment
 
 
-def text_to_image_sample(prompt: str, image, row=None) -> dict:
-    """Prompt (droppable for CFG) then the target image, as the original `t2i_dataset`."""
-    return {"segments": [text_segment(prompt, enable_cfg=True), vae_segment(image, loss=True)], "row": row}
+def text_to_image_sample(prompt: str, image, row=None, vae_moments=None) -> dict:
+    """The prompt (droppable for CFG) then the target image, as the original `t2i` data set."""
+    return {
+        "segments": [text_segment(prompt, enable_cfg=True), vae_segment(image, loss=True, vae_moments=vae_moments)],
+        "row": row,
+    }
 
 
-def edit_sample(source_images, instruction: str, target_image, row=None) -> dict:
-    """Each source image as a clean VAE block and a ViT block (both droppable), the instruction (droppable), then the
-    target image, as the original `edit_dataset` with one edit step."""
-    if not isinstance(source_images, (list, tuple)):
-        source_images = [source_images]
+def edit_sample(source_images, instruction: str, target_image, row=None, source_moments=None, target_moments=None) -> dict:
+    """Each source image as a clean VAE block then a ViT block (both droppable), the instruction (droppable), then the
+    target image: the original `edit` data set's plan for one editing step."""
+    sources = list(source_images) if isinstance(source_images, (list, tuple)) else [source_images]
+    if source_moments is None:
+        moments = [None] * len(sources)
+    else:
+        moments = list(source_moments) if isinstance(source_moments, (list, tuple)) else [source_moments]
+    if len(moments) != len(sources):
+        raise ValueError(f"Got {len(moments)} cached latents for {len(sources)} source images{_where(row)}.")
     segments = []
-    for image in source_images:
-        segments += [vae_segment(image, enable_cfg=True), vit_segment(image, enable_cfg=True)]
-    segments += [text_segment(instruction, enable_cfg=True), vae_segment(target_image, loss=True)]
+    for image, moment in zip(sources, moments):
+        segments += [vae_segment(image, enable_cfg=True, vae_moments=moment), vit_segment(image, enable_cfg=True)]
+    segments += [
+        text_segment(instruction, enable_cfg=True),
+        vae_segment(target_image, loss=True, vae_moments=target_moments),
+    ]
     return {"segments": segments, "row": row}
 
 
 def understanding_sample(images, question: str, answer: str, row=None) -> dict:
-    """ViT images, the question, then the answer with a text loss, as the original `vlm_dataset` (no dropout)."""
+    """ViT image(s), the question, then the answer with a text loss, as the original `vlm` data set (no dropout).
+    `images` may be one image, a list, or None for a text-only sample."""
     if images is None:
         images = []
     elif not isinstance(images, (list, tuple)):
@@ -80,10 +151,16 @@ def understanding_sample(images, question: str, answer: str, row=None) -> dict:
     return {"segments": segments, "row": row}
 
 
+# -- images ----------------------------------------------------------------------------------------------------------
+
+
 def load_image(image, row=None, base_dir: str | Path | None = None) -> PIL.Image.Image:
-    """Opens an image given as PIL, path, bytes, `{"bytes"|"path": ...}` (datasets' Image feature) or array; errors
-    name the row."""
-    where = f" (row {row})" if row is not None else ""
+    """
+    Opens and decodes one image given as PIL, path, bytes, a `datasets.Image` value (`{"bytes"|"path": ...}`), a
+    numpy array (HWC uint8) or a tensor (CHW, values in [0, 1]). Relative paths are resolved against `base_dir`.
+    A missing file or data that does not decode raises `ValueError` naming `row`.
+    """
+    where = _where(row)
     if image is None:
         raise ValueError(f"Missing image{where}.")
     try:
@@ -91,9 +168,9 @@ def load_image(image, row=None, base_dir: str | Path | None = None) -> PIL.Image
             return image
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
+            if image is None:
+                raise ValueError(f"Missing image: the image value has neither bytes nor a path{where}.")
         if isinstance(image, (bytes, bytearray)):
-            import io
-
             return _decoded(PIL.Image.open(io.BytesIO(image)))
         if isinstance(image, (str, Path)):
             path = Path(image)
@@ -105,105 +182,215 @@ def load_image(image, row=None, base_dir: str | Path | None = None) -> PIL.Image
         if isinstance(image, np.ndarray):
             return PIL.Image.fromarray(image)
         if isinstance(image, torch.Tensor):
-            array = image.detach().cpu().numpy()
+            array = image.detach().cpu().float().numpy()
             if array.ndim == 3 and array.shape[0] in (1, 3, 4):
                 array = array.transpose(1, 2, 0)
-            if array.dtype != np.uint8:
-                array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-            return PIL.Image.fromarray(array.squeeze())
+            return PIL.Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8).squeeze())
     except ValueError:
         raise
-    except Exception as error:  # PIL raises many types for undecodable data
-        raise ValueError(f"Image failed to decode{where}: {error}") from error
-    raise TypeError(f"Unsupported image type {type(image).__name__}{where}.")
+    except Exception as error:  # PIL raises many exception types for undecodable data
+        raise ValueError(f"Image failed to decode{where}: {type(error).__name__}: {error}") from error
+    raise TypeError(
+        f"Unsupported image type {type(image).__name__}{where}; expected a PIL image, a path, bytes, a datasets Image "
+        "value, a numpy array or a tensor."
+    )
 
 
 def _decoded(image: PIL.Image.Image) -> PIL.Image.Image:
-    image.load()  # decode now, so a broken file fails here and not deep inside the collator
+    image.load()  # decode now, so a broken file fails here with its row and not deep inside a training step
     return image
 
 
 def validate_sample(sample: dict) -> dict:
-    """Checks a sample's structure; errors name the row."""
-    row = sample.get("row")
-    where = f" (row {row})" if row is not None else ""
+    """Checks a sample's structure and returns it; errors name the sample's row."""
+    if not isinstance(sample, dict):
+        raise TypeError(f"A sample must be a dict with a 'segments' list, got {type(sample).__name__}.")
+    where = _where(sample.get("row"))
     segments = sample.get("segments")
     if not isinstance(segments, list) or not segments:
         raise ValueError(f"A sample needs a non-empty 'segments' list{where}.")
     for index, segment in enumerate(segments):
+        if not isinstance(segment, dict):
+            raise TypeError(f"Segment {index} must be a dict, got {type(segment).__name__}{where}.")
         kind = segment.get("type")
         if kind not in SEGMENT_TYPES:
             raise ValueError(f"Segment {index} has type {kind!r}; expected one of {SEGMENT_TYPES}{where}.")
         if kind == "text" and not isinstance(segment.get("text"), str):
             raise ValueError(f"Text segment {index} needs a 'text' string{where}.")
-        if kind != "text" and segment.get("image") is None and segment.get("latents") is None:
-            raise ValueError(f"Missing image in segment {index} ({kind}){where}.")
+        if kind == "vit_image" and segment.get("image") is None:
+            raise ValueError(f"Missing image in segment {index} (vit_image){where}.")
+        if kind == "vae_image" and all(segment.get(key) is None for key in ("image", "vae_moments", "latents")):
+            raise ValueError(f"Missing image in segment {index} (vae_image){where}.")
         if kind == "vit_image" and segment.get("loss"):
             raise ValueError(f"A vit_image segment cannot carry a loss (segment {index}){where}.")
+    if not any(segment.get("loss") for segment in segments):
+        logger.warning_once(f"A sample has no segment with a loss{where}: it only adds compute.")
     return sample
 
 
-def samples_from_rows(
-    rows: Iterable[dict],
-    task: str,
-    columns: dict[str, str] | None = None,
-    image_dir: str | Path | None = None,
-) -> Iterable[dict]:
+# -- datasets rows -> samples ----------------------------------------------------------------------------------------
+
+
+def row_to_sample(row: dict, task: str, index=None, columns: dict | None = None, image_dir=None) -> dict:
     """
-    Turns `datasets` rows (parquet, JSON lines with image paths, `imagefolder`) into samples.
+    Turns one `datasets` row into a validated sample.
 
     Args:
-        rows: an iterable of dicts, e.g. a `datasets.Dataset`.
-        task: `"text_to_image"` (columns `prompt`, `image`), `"edit"` (`source`, `instruction`, `target`; `source`
-            may be a list), `"understanding"` (`image`, `question`, `answer`; `image` may be a list or absent), or
+        row (`dict`): the row.
+        task (`str`): `"text_to_image"` (columns `prompt`, `image`), `"edit"` (`source` (one image or a list),
+            `instruction`, `target`), `"understanding"` (`image` (optional, one or a list), `question`, `answer`) or
             `"interleaved"` (a `segments` column already in the sample format).
-        columns: renames, e.g. `{"prompt": "text"}` to read the prompt from a `text` column.
-        image_dir: base folder for relative image paths.
+        index: the row's index, named in errors.
+        columns (`dict`, *optional*): renames, e.g. `{"prompt": "text"}` reads the prompt from a `text` column.
+        image_dir (`str` or `Path`, *optional*): base folder of relative image paths.
+
+    Cached VAE latents ([`cache_vae_latents`]) are picked up from `<column>_vae_moments` columns.
     """
-    names = {"prompt": "prompt", "image": "image", "source": "source", "instruction": "instruction",
-             "target": "target", "question": "question", "answer": "answer", "segments": "segments"}  # fmt: skip
-    names.update(columns or {})
-    builders: dict[str, Callable] = {
-        "text_to_image": lambda r, i: text_to_image_sample(r[names["prompt"]], _img(r, names["image"], i, image_dir), i),
-        "edit": lambda r, i: edit_sample(
-            _img(r, names["source"], i, image_dir), r[names["instruction"]], _img(r, names["target"], i, image_dir), i
-        ),
-        "understanding": lambda r, i: understanding_sample(
-            _img(r, names["image"], i, image_dir, optional=True), r[names["question"]], r[names["answer"]], i
-        ),
-        "interleaved": lambda r, i: {"segments": r[names["segments"]], "row": i},
-    }
-    if task not in builders:
-        raise ValueError(f"Unknown task {task!r}; expected one of {sorted(builders)}.")
-    for index, row in enumerate(rows):
-        missing = [c for c in _required_columns(task, names) if c not in row]
-        if missing:
-            raise ValueError(f"Row {index} lacks the column(s) {missing} needed for {task!r} samples.")
-        yield validate_sample(builders[task](row, index))
-
-
-def _required_columns(task, names):
-    return {
-        "text_to_image": [names["prompt"], names["image"]],
-        "edit": [names["source"], names["instruction"], names["target"]],
-        "understanding": [names["question"], names["answer"]],
-        "interleaved": [names["segments"]],
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
+    if unknown:
+        raise ValueError(f"Unknown column role(s) {sorted(unknown)} in `columns`; the roles are {sorted(DEFAULT_COLUMNS)}.")
+    names = {**DEFAULT_COLUMNS, **(columns or {})}
+    required = {
+        "text_to_image": ["prompt", "image"],
+        "edit": ["source", "instruction", "target"],
+        "understanding": ["question", "answer"],
+        "interleaved": ["segments"],
     }[task]
+    missing = [names[role] for role in required if names[role] not in row]
+    if missing:
+        raise ValueError(f"Row {index} lacks the column(s) {missing} needed for {task!r} samples; it has {sorted(row)}.")
+
+    def image(role, optional=False):
+        value = row.get(names[role])
+        if value is None:
+            if optional:
+                return None
+            raise ValueError(f"Missing image in column {names[role]!r} (row {index}).")
+        if isinstance(value, (list, tuple)):
+            return [load_image(v, index, image_dir) for v in value]
+        return load_image(value, index, image_dir)
+
+    def moments(role):
+        return row.get(names[role] + MOMENTS_SUFFIX)
+
+    if task == "text_to_image":
+        sample = text_to_image_sample(row[names["prompt"]], image("image"), index, vae_moments=moments("image"))
+    elif task == "edit":
+        sample = edit_sample(
+            image("source"), row[names["instruction"]], image("target"), index, moments("source"), moments("target")
+        )
+    elif task == "understanding":
+        sample = understanding_sample(image("image", optional=True), row[names["question"]], row[names["answer"]], index)
+    else:
+        segments = row[names["segments"]]
+        if not isinstance(segments, list):
+            raise ValueError(f"Column {names['segments']!r} must hold a list of segments (row {index}).")
+        sample = {"segments": [_load_segment(dict(s), index, image_dir) for s in segments], "row": index}
+    return validate_sample(sample)
 
 
-def _img(row, column, index, image_dir, optional=False):
-    value = row.get(column)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"Missing image in column {column!r} (row {index}).")
-    if isinstance(value, (list, tuple)):
-        return [load_image(v, index, image_dir) for v in value]
-    return load_image(value, index, image_dir)
+def _load_segment(segment: dict, index, image_dir) -> dict:
+    if segment.get("type") in ("vit_image", "vae_image") and segment.get("image") is not None:
+        segment["image"] = load_image(segment["image"], index, image_dir)
+    return segment
+
+
+def samples_from_rows(
+    rows: Iterable[dict], task: str, columns: dict[str, str] | None = None, image_dir: str | Path | None = None
+) -> Iterator[dict]:
+    """Lazily turns an iterable of rows (a `datasets.Dataset`, a list of dicts) into samples; see [`row_to_sample`]."""
+    for index, row in enumerate(rows):
+        yield row_to_sample(row, task, index, columns, image_dir)
+
+
+class BagelSampleDataset(torch.utils.data.Dataset):
+    """
+    Map-style dataset of samples built lazily from rows (images are decoded when a sample is read), ready for
+    `Trainer(train_dataset=..., data_collator=BagelDataCollator(...))`.
+
+    Args:
+        rows: a `datasets.Dataset` or any indexable sequence of dicts.
+        task, columns, image_dir: see [`row_to_sample`].
+    """
+
+    def __init__(self, rows, task: str, columns: dict[str, str] | None = None, image_dir: str | Path | None = None):
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        self.rows = rows
+        self.task = task
+        self.columns = columns
+        self.image_dir = image_dir
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return row_to_sample(self.rows[index], self.task, index, self.columns, self.image_dir)
+
+
+# -- latent cache ----------------------------------------------------------------------------------------------------
+
+
+def cache_vae_latents(
+    dataset,
+    vae,
+    image_processor,
+    image_columns: Iterable[str] = ("image",),
+    image_dir: str | Path | None = None,
+    batch_size: int = 8,
+    **map_kwargs,
+):
+    """
+    Encodes the images of `image_columns` with the frozen VAE ahead of time, as a `datasets.Dataset.map` step: each
+    column `c` gets a companion `c_vae_moments` holding the VAE posterior's mean and log-variance
+    (`(2 * latent_channels, H / 8, W / 8)` per image, or a list for list columns). Samples built from the result
+    carry the moments, and the training step draws the latent from them (a fresh posterior sample per step, as the
+    original; `BagelTrainer(sample_posterior=False)` takes the mean), so the VAE never runs during training.
+
+    Args:
+        dataset (`datasets.Dataset`): the rows.
+        vae (`AutoencoderKL`): the FLUX autoencoder.
+        image_processor ([`BagelImageProcessor`]): resizes images with the VAE rule first.
+        image_columns: the columns whose images are VAE inputs (for edits: `("source", "target")`).
+        image_dir: base folder of relative image paths.
+        batch_size (`int`): rows per map batch.
+        **map_kwargs: forwarded to `Dataset.map` (e.g. `cache_file_name=`).
+
+    Returns:
+        The mapped `datasets.Dataset`.
+    """
+    image_columns = list(image_columns)
+    missing = [column for column in image_columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"The dataset has no column(s) {missing}; it has {dataset.column_names}.")
+    parameter = next(vae.parameters())
+
+    @torch.no_grad()
+    def encode(image, index):
+        pixels = image_processor.preprocess_vae(load_image(image, index, image_dir))["vae_pixel_values"][0]
+        moments = vae.encode(pixels[None].to(device=parameter.device, dtype=parameter.dtype)).latent_dist.parameters
+        return moments[0].float().cpu().numpy()
+
+    def encode_batch(batch, indices):
+        out = {}
+        for column in image_columns:
+            values = []
+            for value, index in zip(batch[column], indices):
+                if isinstance(value, (list, tuple)):
+                    values.append([encode(v, index) for v in value])
+                else:
+                    values.append(encode(value, index))
+            out[column + MOMENTS_SUFFIX] = values
+        return out
+
+    return dataset.map(encode_batch, batched=True, batch_size=batch_size, with_indices=True, **map_kwargs)
 
 
 __all__ = [
     "SEGMENT_TYPES",
+    "TASKS",
     "text_segment",
     "vit_segment",
     "vae_segment",
@@ -212,5 +399,8 @@ __all__ = [
     "understanding_sample",
     "load_image",
     "validate_sample",
+    "row_to_sample",
     "samples_from_rows",
+    "BagelSampleDataset",
+    "cache_vae_latents",
 ]

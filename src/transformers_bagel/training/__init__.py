@@ -1,0 +1,72 @@
+"""
+Training BAGEL with the Hugging Face Trainer.
+
+- `samples`: the sample format (ordered text / ViT image / VAE image segments with loss flags) and builders from
+  `datasets` rows (text-to-image, editing, understanding, interleaved), plus the VAE latent cache.
+- `collator`: [`BagelDataCollator`] packs samples into one padding-free sequence as the original (block-diagonal
+  samples, causal text, bidirectional clean images, hidden noised targets, condition dropout);
+  [`BagelPackedDataset`] groups samples under a token budget.
+- `trainer`: [`BagelTrainer`], [`bagel_training_arguments`] (the original's optimiser defaults), [`freeze_modules`],
+  [`bagel_fsdp_config`].
+- `callbacks`: [`BagelEMACallback`] (EMA of the weights, saved with checkpoints).
+- `lora`: LoRA on the generation experts with peft.
+- `fsdp`: FSDP2 sharding and sharded checkpoints without the Trainer.
+
+The loss itself (`ce_loss`, `mse_loss`) is computed by `BagelForConditionalGeneration.forward`. A full example:
+`examples/train.py`.
+"""
+
+from .callbacks import EMA_WEIGHTS_NAME, BagelEMACallback, load_ema_weights
+from .collator import IGNORE_INDEX, BagelDataCollator, BagelPackedDataset, pad_images
+from .fsdp import apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
+from .lora import GEN_EXPERT_TARGET_MODULES, bagel_lora_config, get_bagel_lora_model, load_bagel_lora
+from .samples import (
+    BagelSampleDataset,
+    cache_vae_latents,
+    edit_sample,
+    load_image,
+    row_to_sample,
+    samples_from_rows,
+    text_segment,
+    text_to_image_sample,
+    understanding_sample,
+    vae_segment,
+    validate_sample,
+    vit_segment,
+)
+from .trainer import BagelTrainer, bagel_fsdp_config, bagel_training_arguments, freeze_modules, latents_from_vae_inputs
+
+
+__all__ = [
+    "BagelDataCollator",
+    "BagelPackedDataset",
+    "BagelSampleDataset",
+    "BagelTrainer",
+    "BagelEMACallback",
+    "EMA_WEIGHTS_NAME",
+    "GEN_EXPERT_TARGET_MODULES",
+    "IGNORE_INDEX",
+    "apply_fsdp2",
+    "bagel_fsdp_config",
+    "bagel_lora_config",
+    "bagel_training_arguments",
+    "cache_vae_latents",
+    "edit_sample",
+    "freeze_modules",
+    "get_bagel_lora_model",
+    "latents_from_vae_inputs",
+    "load_bagel_lora",
+    "load_ema_weights",
+    "load_image",
+    "load_sharded_checkpoint",
+    "pad_images",
+    "row_to_sample",
+    "samples_from_rows",
+    "save_sharded_checkpoint",
+    "text_segment",
+    "text_to_image_sample",
+    "understanding_sample",
+    "vae_segment",
+    "validate_sample",
+    "vit_segment",
+]

@@ -1,0 +1,118 @@
+"""
+LoRA on BAGEL's generation experts with peft.
+
+The adapters go on the `*_moe_gen` linears of every decoder layer (`{q,k,v,o}_proj_moe_gen`,
+`mlp_moe_gen.{gate,up,down}_proj`) and, optionally, on `vae2llm` / `llm2vae`. Understanding tokens never pass through
+these modules, so the model's text and understanding outputs are exactly those of the base model.
+
+Training:
+
+```python
+from transformers_bagel.training import bagel_lora_config, get_bagel_lora_model
+
+model = get_bagel_lora_model(model, bagel_lora_config(r=16))   # a peft.PeftModel; train it with BagelTrainer
+model.save_pretrained("my-lora")                                # adapter_config.json + adapter_model.safetensors
+```
+
+Inference, into the model or a pipeline (in place: the pipeline keeps calling the same model object):
+
+```python
+model = BagelForConditionalGeneration.from_pretrained("BAGEL/model")
+model.load_adapter("my-lora")                        # transformers' PEFT integration; or
+load_bagel_lora(model, "my-lora")                    # returns the peft.PeftModel wrapping `model`
+
+pipe = BagelPipeline.from_pretrained("BAGEL")
+load_bagel_lora(pipe, "my-lora")                     # = PeftModel.from_pretrained(pipe.model, "my-lora")
+load_bagel_lora(pipe, "my-lora", merge=True)         # folds the adapter into pipe.model's weights
+```
+"""
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+# A full-match regex over module names (peft's rule for a string `target_modules`): only generation-expert linears.
+GEN_EXPERT_TARGET_MODULES = (
+    r".*language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj_moe_gen|mlp_moe_gen\.(gate|up|down)_proj)"
+)
+LATENT_PROJECTION_TARGET_MODULES = r".*\b(vae2llm|llm2vae)"
+
+
+def bagel_lora_config(
+    r: int = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    include_latent_projections: bool = False,
+    **kwargs,
+) -> LoraConfig:
+    """
+    A `peft.LoraConfig` targeting the generation experts only.
+
+    Args:
+        r (`int`, defaults to 16): LoRA rank.
+        lora_alpha (`int`, *optional*): scaling numerator; defaults to `r`.
+        lora_dropout (`float`, defaults to 0.0): dropout on the LoRA input.
+        include_latent_projections (`bool`, defaults to `False`): also adapt `vae2llm` and `llm2vae`.
+        **kwargs: any other `LoraConfig` field (e.g. `use_rslora=True`, `init_lora_weights="gaussian"`).
+    """
+    if "target_modules" in kwargs:
+        raise ValueError("bagel_lora_config chooses `target_modules` itself; build a peft.LoraConfig for other targets.")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"The LoRA rank must be a positive integer, got {r!r}.")
+    target = GEN_EXPERT_TARGET_MODULES
+    if include_latent_projections:
+        target = f"(?:{GEN_EXPERT_TARGET_MODULES})|(?:{LATENT_PROJECTION_TARGET_MODULES})"
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha if lora_alpha is not None else r, lora_dropout=lora_dropout, target_modules=target, **kwargs
+    )
+
+
+def get_bagel_lora_model(model, config: LoraConfig | None = None, **config_kwargs) -> PeftModel:
+    """Wraps `model` in a `peft.PeftModel` with LoRA on the generation experts (config from [`bagel_lora_config`]
+    unless given); only the adapter weights are trainable."""
+    if config is None:
+        config = bagel_lora_config(**config_kwargs)
+    elif config_kwargs:
+        raise ValueError("Pass either a LoraConfig or keyword arguments for bagel_lora_config, not both.")
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info(f"LoRA on the generation experts: {trainable:,} trainable parameters.")
+    return peft_model
+
+
+def load_bagel_lora(target, adapter_path: str, adapter_name: str = "default", merge: bool = False, **kwargs):
+    """
+    Loads a saved adapter into a [`BagelForConditionalGeneration`] or into a `BagelPipeline`'s model, in place.
+
+    Args:
+        target: the model, or a pipeline with a `.model`.
+        adapter_path (`str`): folder written by `PeftModel.save_pretrained` (or a `Trainer` checkpoint of a LoRA run).
+        adapter_name (`str`, defaults to `"default"`).
+        merge (`bool`, defaults to `False`): fold the adapter into the base weights (`merge_and_unload`): no LoRA
+            modules remain and inference runs at the base model's speed.
+        **kwargs: forwarded to `PeftModel.from_pretrained`.
+
+    Returns:
+        The `peft.PeftModel` (unmerged) or the merged model. A pipeline's `.model` is the model object in both cases.
+    """
+    is_pipeline = not hasattr(target, "predict_velocity") and hasattr(target, "model")
+    model = target.model if is_pipeline else target
+    peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, **kwargs)
+    peft_model.eval()
+    if not merge:
+        return peft_model
+    merged = peft_model.merge_and_unload()
+    if is_pipeline:
+        target.model = merged
+    return merged
+
+
+__all__ = [
+    "GEN_EXPERT_TARGET_MODULES",
+    "LATENT_PROJECTION_TARGET_MODULES",
+    "bagel_lora_config",
+    "get_bagel_lora_model",
+    "load_bagel_lora",
+]
