@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 
-from .pipeline_bagel import EDIT_PRESET, RENORM_TYPES, TEXT_TO_IMAGE_PRESET, VLM_THINK_SYSTEM_PROMPT
+from .pipeline_bagel import (
+    EDIT_PRESET,
+    MAX_GUIDANCE_SCALE,
+    MAX_TIMESTEP_SHIFT,
+    MIN_TIMESTEP_SHIFT,
+    RENORM_TYPES,
+    TEXT_TO_IMAGE_PRESET,
+    VLM_THINK_SYSTEM_PROMPT,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -143,7 +151,11 @@ def _finite_float(text: str, low: float | None = None, high: float | None = None
 
 
 def _scale(text: str) -> float:
-    return _finite_float(text, low=1.0)
+    return _finite_float(text, low=1.0, high=MAX_GUIDANCE_SCALE)
+
+
+def _shift(text: str) -> float:
+    return _finite_float(text, low=MIN_TIMESTEP_SHIFT, high=MAX_TIMESTEP_SHIFT)
 
 
 def _unit(text: str) -> float:
@@ -202,7 +214,7 @@ def _add_image_flags(parser, preset: dict, size_default: str):
         "--num_inference_steps", "--steps", type=_positive_int, default=50,
         help="Euler steps (the original's num_timesteps minus one).",
     )  # fmt: skip
-    group.add_argument("--timestep_shift", type=_positive_float, default=3.0, help="Schedule shift s in st/(1+(s-1)t).")
+    group.add_argument("--timestep_shift", type=_shift, default=3.0, help="Schedule shift s in st/(1+(s-1)t).")
     group.add_argument(
         "--cfg_text_scale", type=_scale, default=preset["cfg_text_scale"], help="Text guidance scale (1 disables it)."
     )

@@ -40,6 +40,8 @@ TEXT_TO_IMAGE_PRESET = {
 }
 EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
 RENORM_TYPES = ("global", "channel", "text_channel")
+MAX_GUIDANCE_SCALE = 1000.0
+MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 EXAMPLE_DOC_STRING = """
@@ -221,6 +223,10 @@ class BagelPipeline(DiffusionPipeline):
         num_images_per_prompt,
         output_type,
         callback_on_step_end_tensor_inputs,
+        think=False,
+        max_think_tokens=1000,
+        think_do_sample=False,
+        think_temperature=0.3,
     ):
         stride = self.latent_downsample
         limit = self.model.config.max_image_size
@@ -238,11 +244,24 @@ class BagelPipeline(DiffusionPipeline):
                 )
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
-        if not isinstance(timestep_shift, (int, float)) or not timestep_shift > 0:
-            raise ValueError(f"`timestep_shift` must be > 0, got {timestep_shift!r}.")
+        # Bounds far beyond any useful setting, and tight enough that float32 guidance and the shifted schedule cannot
+        # overflow or cancel into NaN images (found by tests/test_hypothesis.py: scales and shifts near 3e38, shifts
+        # near 1e-276).
+        if (
+            not isinstance(timestep_shift, (int, float))
+            or isinstance(timestep_shift, bool)
+            or not MIN_TIMESTEP_SHIFT <= timestep_shift <= MAX_TIMESTEP_SHIFT
+        ):
+            raise ValueError(
+                f"`timestep_shift` must be a number in [{MIN_TIMESTEP_SHIFT}, {MAX_TIMESTEP_SHIFT}], "
+                f"got {timestep_shift!r}."
+            )
         for name, value in (("cfg_text_scale", cfg_text_scale), ("cfg_img_scale", cfg_img_scale)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value < 1.0:
-                raise ValueError(f"`{name}` must be a number >= 1.0 (1.0 disables that guidance), got {value!r}.")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 1.0 <= value <= MAX_GUIDANCE_SCALE:
+                raise ValueError(
+                    f"`{name}` must be a number in [1.0, {MAX_GUIDANCE_SCALE}] (1.0 disables that guidance), "
+                    f"got {value!r}."
+                )
         if (
             not isinstance(cfg_interval, (list, tuple))
             or len(cfg_interval) != 2
@@ -258,6 +277,13 @@ class BagelPipeline(DiffusionPipeline):
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if think:
+            if not isinstance(max_think_tokens, int) or isinstance(max_think_tokens, bool) or max_think_tokens < 1:
+                raise ValueError(f"`max_think_tokens` must be a positive integer, got {max_think_tokens!r}.")
+            if think_do_sample and (
+                not isinstance(think_temperature, (int, float)) or not 0 < think_temperature < float("inf")
+            ):
+                raise ValueError(f"`think_temperature` must be a finite number > 0, got {think_temperature!r}.")
         if callback_on_step_end_tensor_inputs is not None and not all(
             k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
         ):
@@ -575,6 +601,7 @@ class BagelPipeline(DiffusionPipeline):
         self.check_inputs(
             height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+            think, max_think_tokens, think_do_sample, think_temperature,
         )  # fmt: skip
         device = self._execution_device
 
@@ -593,6 +620,7 @@ class BagelPipeline(DiffusionPipeline):
         self.check_inputs(
             height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+            think, max_think_tokens, think_do_sample, think_temperature,
         )  # fmt: skip
         contexts = [ctx for ctx in contexts for _ in range(num_images_per_prompt)]
         batch_size = len(contexts)

@@ -61,7 +61,10 @@ def to_rgb_image(image) -> PIL.Image.Image:
     if image.width < 1 or image.height < 1:
         raise ValueError(f"Image has an empty size {image.size}.")
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image)
+        if not np.isfinite(values).all():  # as for arrays: NaN / inf pixels would turn into an arbitrary image
+            raise ValueError(f"Image of mode {image.mode} contains NaN or infinite values; pixels must be finite.")
+        values = values.astype(np.float64)
         span = values.max() - values.min()
         values = (values - values.min()) / span if span > 0 else np.zeros_like(values)
         image = PIL.Image.fromarray((values * 255).round().astype(np.uint8), mode="L")

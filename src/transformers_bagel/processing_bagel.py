@@ -118,9 +118,9 @@ class BagelProcessor(ProcessorMixin):
             logger.warning_once(f"BagelProcessor ignores the arguments {sorted(ignored)}.")
         if text is None:
             raise ValueError("BagelProcessor needs `text`; use `image_processor` directly for images alone.")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("`text` must be a string or a non-empty list of strings.")
+            raise TypeError(f"`text` must be a string or a non-empty list of strings, got {type(text).__name__}.")
         if padding_side not in ("left", "right"):
             raise ValueError(f"`padding_side` must be 'left' or 'right', got {padding_side!r}.")
         if return_tensors not in ("pt", None):
