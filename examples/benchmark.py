@@ -160,12 +160,18 @@ def count_model(model: BagelForConditionalGeneration) -> FlopModel:
         attn = layer.self_attn
         und_linear += _linear_params([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj])
         und_linear += _linear_params([layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj])
-        gen_linear += _linear_params([attn.q_proj_moe_gen, attn.k_proj_moe_gen, attn.v_proj_moe_gen, attn.o_proj_moe_gen])
-        gen_linear += _linear_params([layer.mlp_moe_gen.gate_proj, layer.mlp_moe_gen.up_proj, layer.mlp_moe_gen.down_proj])
+        gen_mlp = layer.mlp_moe_gen
+        gen_attn = [attn.q_proj_moe_gen, attn.k_proj_moe_gen, attn.v_proj_moe_gen, attn.o_proj_moe_gen]
+        gen_linear += _linear_params(gen_attn)
+        gen_linear += _linear_params([gen_mlp.gate_proj, gen_mlp.up_proj, gen_mlp.down_proj])
     text = model.config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     vision = model.config.vision_config
-    vit_linear = sum(m.numel() for n, m in model.model.vision_model.named_parameters() if n.endswith("weight") and m.dim() == 2 and "position" not in n)
+    vit_linear = sum(
+        p.numel()
+        for n, p in model.model.vision_model.named_parameters()
+        if n.endswith("weight") and p.dim() == 2 and "position" not in n
+    )
     connector = _linear_params([model.model.connector.fc1, model.model.connector.fc2])
     latent_io = _linear_params([model.model.vae2llm, model.llm2vae])
 
@@ -173,8 +179,9 @@ def count_model(model: BagelForConditionalGeneration) -> FlopModel:
         return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
 
     layers_all = numel("model.language_model.layers.")
-    gen_all = sum(p.numel() for n, p in lm.layers.named_parameters() if "_moe_gen" in n) + lm.norm_moe_gen.weight.numel()
-    und_all = layers_all - sum(p.numel() for n, p in lm.layers.named_parameters() if "_moe_gen" in n) + lm.norm.weight.numel()
+    gen_layers = sum(p.numel() for n, p in lm.layers.named_parameters() if "_moe_gen" in n)
+    gen_all = gen_layers + lm.norm_moe_gen.weight.numel()
+    und_all = layers_all - gen_layers + lm.norm.weight.numel()
     embeddings = lm.embed_tokens.weight.numel() + model.lm_head.weight.numel()
     params = {
         "total": sum(p.numel() for p in model.parameters()),
@@ -301,7 +308,8 @@ class GuidanceRecorder:
 def branches_per_step(pipe: BagelPipeline, guidance, steps: int, shift: float) -> list[int]:
     scheduler = FlowMatchEulerScheduler()
     scheduler.set_timesteps(steps, timestep_shift=shift)
-    active = [guidance.use_text and scheduler.cfg_active(s, guidance.cfg_interval) for s in scheduler.sigmas[:-1].tolist()]
+    sigmas = scheduler.sigmas[:-1].tolist()
+    active = [guidance.use_text and scheduler.cfg_active(s, guidance.cfg_interval) for s in sigmas]
     return [guidance.num_branches if a else 1 for a in active]
 
 
@@ -389,7 +397,8 @@ def run_understanding(pipe, args, flops: FlopModel, clock: Clock, memory: Memory
     inputs = {k: v.to(clock.device) for k, v in inputs.items()}
     model = pipe.model
     new_tokens = args.decode_tokens
-    generate = {"do_sample": False, "pad_token_id": model.config.pad_token_id, "eos_token_id": model.config.eos_token_id}
+    generate = {"do_sample": False, "pad_token_id": model.config.pad_token_id}
+    generate["eos_token_id"] = model.config.eos_token_id  # min_new_tokens keeps it from ending the answer early
     model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **generate)  # warm-up
 
     memory.reset()
@@ -458,7 +467,9 @@ class SequentialPath:
         block[0], block[-1] = config.start_of_image_token_id, config.end_of_image_token_id
         input_ids = torch.cat([inputs["input_ids"][0], block])[None]
         context_latents = inputs.get("latents")
-        latents = x[0].to(model.dtype) if context_latents is None else torch.cat([context_latents, x[0].to(model.dtype)])
+        latents = x[0].to(model.dtype)
+        if context_latents is not None:
+            latents = torch.cat([context_latents, latents])
         grids = torch.tensor([list(grid)], device=device)
         if context_latents is not None:
             grids = torch.cat([inputs["latent_grid_hw"], grids])
@@ -480,7 +491,10 @@ class SequentialPath:
         if not (g.use_text and self.pipe.scheduler.cfg_active(t, g.cfg_interval)):
             return self._velocity(self.inputs[0], x, t, grid)
         v_cond, v_text = self._velocity(self.inputs[0], x, t, grid), self._velocity(self.inputs[1], x, t, grid)
-        v_image = self._velocity(self.inputs[2], x, t, grid) if g.use_image else (v_cond if g.image_reuses_full else None)
+        if g.use_image:
+            v_image = self._velocity(self.inputs[2], x, t, grid)
+        else:
+            v_image = v_cond if g.image_reuses_full else None
         return self.pipe.scheduler.apply_guidance(
             v_cond, v_uncond_text=v_text, v_uncond_image=v_image, cfg_text_scale=g.cfg_text_scale,
             cfg_img_scale=g.cfg_img_scale, cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
@@ -495,8 +509,8 @@ def run_comparison(pipe, task: str, args, clock: Clock) -> dict:
     contexts = pipe.build_contexts(items, think=False)
     guidance = pipe.prepare_guidance([contexts], cfg_renorm_min=0.0, **preset)
     grid = (height // pipe.latent_downsample, width // pipe.latent_downsample)
-    noise = torch.randn(1, grid[0] * grid[1], pipe.model.config.patch_latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    noise = noise.to(clock.device)
+    shape = (1, grid[0] * grid[1], pipe.model.config.patch_latent_dim)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(clock.device)
     scheduler = FlowMatchEulerScheduler()
     scheduler.set_timesteps(args.steps, timestep_shift=3.0)
     sigmas = scheduler.sigmas.tolist()
@@ -606,7 +620,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=6,
                         help="Steps of the untimed warm-up call before each timed generation (default: 6, enough "
                              "to run both the CFG and the conditional-only step shapes).")
-    parser.add_argument("--decode_tokens", type=int, default=64, help="Tokens decoded in the understanding task.")
+    parser.add_argument("--decode_tokens", type=int, default=64, help="Tokens decoded in the understanding task (default: 64).")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"Comma-separated tasks to time, from {','.join(TASKS)} (default: all).")
     parser.add_argument("--compare_steps", type=int, default=4,
@@ -687,7 +701,10 @@ def main(argv=None):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     clock, memory = Clock(args.device), Memory(args.device)
     peak, peak_source = device_peak_tflops(args.device, args.dtype, args.peak_tflops)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if args.device.type == "cuda":
+        device_name = torch.cuda.get_device_name(args.device)
+    else:
+        device_name = f"CPU ({torch.get_num_threads()} threads)"
     print(f"\ndevice: {device_name}; dtype {str(args.dtype).replace('torch.', '')}; attention {args.attn}; "
           f"peak {peak:.4g} TFLOP/s ({peak_source}); compile {'on' if args.compile else 'off'}")
 
@@ -724,7 +741,8 @@ def main(argv=None):
         ],
     )
     if comparisons:
-        print("\n## Denoising step: optimised (batched CFG, cached contexts) vs sequential (no cache, branch by branch)")
+        print("\n## Denoising step: optimised (batched CFG, cached contexts) vs sequential (no cache, one branch "
+              "after another)")
         print("s/step: best of the timed steps, the two paths alternating step by step (CFG on in every one)")
         print_table(
             ["task", "CFG branches", "steps timed", "sequential s/step", "optimised s/step", "speed-up",

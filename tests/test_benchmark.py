@@ -3,6 +3,7 @@ configuration built on the meta device has BAGEL-7B-MoT's size. No timing is ass
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,15 @@ def test_7b_configuration_has_the_published_size(tmp_path):
     assert math.isclose(figures["gflop_per_latent_token"] * 1e9, expected, rel_tol=1e-9)
     assert 12.9 < figures["gflop_per_latent_token"] < 13.2  # "about 13 GFLOP per latent token per branch"
     assert "GFLOP per latent token per CFG branch" in stdout
+
+
+def test_help_documents_every_flag():
+    usage = _run("--help")
+    options = usage[usage.index("options:") :]
+    flags = re.findall(r"^  (--\w+)", options, flags=re.MULTILINE)
+    assert {"--config", "--device", "--dtype", "--attn", "--height", "--width", "--steps", "--tasks",
+            "--compare_steps", "--compile", "--meta_only", "--json"} <= set(flags)  # fmt: skip
+    for flag in flags:
+        # every flag is followed by its description (on its own line or the next)
+        text = options.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert len(re.sub(r"^[ A-Z_{},0-9a-z-]*\n", "", text).strip()) > 10, flag
