@@ -356,34 +356,28 @@ def _run_image(args, images=None):
         print(f"wrote {path} ({image.width}x{image.height})")
 
 
-def _run_edit(args):
+def _open_images(paths) -> list:
     import PIL.Image
 
     images = []
-    for path in args.image:
+    for path in paths:
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 images.append(opened.copy())
         except (OSError, PIL.UnidentifiedImageError) as error:
             raise ValueError(f"--image {str(path)!r} is not a readable image: {error}") from error
-    _run_image(args, images=images)
+    return images
 
 
-def _run_chat(args, stdin=None, stdout=None):
-    import PIL.Image
+def _run_edit(args):
+    _run_image(args, images=_open_images(args.image))
+
+
+def _run_chat(args):
     from transformers import TextStreamer
 
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    images = []
-    for path in args.image:
-        try:
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                images.append(opened.copy())
-        except (OSError, PIL.UnidentifiedImageError) as error:
-            raise ValueError(f"--image {str(path)!r} is not a readable image: {error}") from error
+    images = _open_images(args.image)
     pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
     streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
@@ -397,9 +391,9 @@ def _run_chat(args, stdin=None, stdout=None):
         return
     history = []
     while True:
-        stdout.write("> ")
-        stdout.flush()
-        line = stdin.readline()
+        sys.stdout.write("> ")
+        sys.stdout.flush()
+        line = sys.stdin.readline()
         if not line or not line.strip():
             break
         question = line.strip()
