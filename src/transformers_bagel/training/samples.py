@@ -55,7 +55,7 @@ train_dataset = BagelSampleDataset(rows, task="text_to_image", image_dir="images
 """
 
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -275,12 +275,15 @@ def row_to_sample(row: dict, task: str, index=None, columns: dict | None = None,
     def moments(role):
         return row.get(names[role] + MOMENTS_SUFFIX)
 
+    # With cached latents a target image is not decoded at all; edit sources still feed the ViT.
     if task == "text_to_image":
-        sample = text_to_image_sample(row[names["prompt"]], image("image"), index, vae_moments=moments("image"))
+        cached = moments("image")
+        target = image("image") if cached is None else None
+        sample = text_to_image_sample(row[names["prompt"]], target, index, vae_moments=cached)
     elif task == "edit":
-        sample = edit_sample(
-            image("source"), row[names["instruction"]], image("target"), index, moments("source"), moments("target")
-        )
+        cached = moments("target")
+        target = image("target") if cached is None else None
+        sample = edit_sample(image("source"), row[names["instruction"]], target, index, moments("source"), cached)
     elif task == "understanding":
         sample = understanding_sample(image("image", optional=True), row[names["question"]], row[names["answer"]], index)
     else:
@@ -327,7 +330,11 @@ class BagelSampleDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return row_to_sample(self.rows[index], self.task, index, self.columns, self.image_dir)
+        try:
+            row = self.rows[index]
+        except Exception as error:  # e.g. a `datasets.Image` column whose bytes do not decode
+            raise ValueError(f"Row {index} could not be read (image failed to decode?): {type(error).__name__}: {error}") from error
+        return row_to_sample(row, self.task, index, self.columns, self.image_dir)
 
 
 # -- latent cache ----------------------------------------------------------------------------------------------------

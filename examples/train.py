@@ -1,0 +1,247 @@
+"""
+Fine-tune BAGEL with the Hugging Face Trainer: full fine-tuning or LoRA on the generation experts (--lora), on
+text-to-image, editing, understanding or interleaved data read with `datasets`.
+
+    python examples/train.py --checkpoint CONVERTED_DIR --data train.jsonl --image_dir images/ --task text_to_image \\
+        --output_dir runs/t2i --max_steps 10000 --bf16 --gradient_checkpointing
+
+Data: a JSON lines / JSON / CSV / parquet file, or a folder for the `imagefolder` builder (images plus a
+metadata.jsonl). Columns per task (rename with --columns role=column):
+  text_to_image  prompt, image                    edit           source (one or a list), instruction, target
+  understanding  image (optional), question, answer   interleaved  segments (the sample format)
+Images are paths (relative to --image_dir), bytes, or datasets Image values. Without --data a small drawn synthetic
+text-to-image set is used; without --checkpoint the tiny random-weight test model (converted on first use).
+
+Multi-GPU with FSDP2 (decoder and ViT layers sharded, as the original):
+
+    accelerate launch --num_processes 8 examples/train.py --checkpoint BAGEL-7B-MoT-hf --data train.parquet \\
+        --task edit --fsdp --bf16 --gradient_checkpointing --max_tokens 16384 --output_dir runs/edit
+    torchrun --nproc_per_node 8 examples/train.py ... --fsdp --bf16        # the same with torchrun
+
+(--fsdp sets `fsdp="full_shard auto_wrap"` with `bagel_fsdp_config()`; accelerate applies FSDP on GPUs only. Resume
+with --resume_from_checkpoint (a checkpoint folder, or "last").) A LoRA run saves a standard PEFT adapter in
+OUTPUT_DIR/final; load it with `transformers_bagel.training.load_bagel_lora(pipe, path)` or
+`PeftModel.from_pretrained(model, path)`. A full run saves the model there (and EMA weights in checkpoints).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("text_to_image", "edit", "understanding", "interleaved")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    # model and data
+    add("--checkpoint", type=Path, default=None, help="Converted BAGEL folder (model/, processor/, vae/). Default: tiny test model.")
+    add("--data", default=None, help="Data file (.jsonl/.json/.csv/.parquet) or imagefolder directory. Default: synthetic.")
+    add("--task", choices=TASKS, default="text_to_image", help="How rows become samples.")
+    add("--image_dir", type=Path, default=None, help="Base folder of relative image paths in the data.")
+    add("--columns", nargs="*", default=[], metavar="ROLE=COLUMN", help="Column renames, e.g. prompt=caption.")
+    add("--output_dir", type=Path, default=ROOT / "outputs" / "train", help="Checkpoints and the final model go here.")
+    # what trains
+    add("--lora", action="store_true", help="Train LoRA adapters on the generation experts only (else full fine-tune).")
+    add("--lora_rank", type=int, default=16, help="LoRA rank.")
+    add("--lora_alpha", type=int, default=None, help="LoRA alpha (default: the rank).")
+    add("--lora_latent_projections", action="store_true", help="Also put LoRA on vae2llm and llm2vae.")
+    add("--freeze_vit", action="store_true", help="Freeze the SigLIP encoder (full fine-tune).")
+    add("--freeze_und", action="store_true", help="Freeze the understanding expert (full fine-tune).")
+    add("--freeze_llm", action="store_true", help="Freeze the whole language model (full fine-tune).")
+    # optimisation (the original's defaults)
+    add("--max_steps", type=int, default=1000, help="Optimiser steps.")
+    add("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    add("--warmup_steps", type=int, default=2000, help="Linear warm-up steps.")
+    add("--lr_scheduler", choices=("constant", "cosine"), default="constant", help="Schedule after warm-up.")
+    add("--min_lr", type=float, default=1e-7, help="Final learning rate of the cosine schedule.")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
+    add("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    add("--ema", type=float, default=0.9999, help="EMA decay saved with checkpoints (0 disables).")
+    add("--ce_weight", type=float, default=1.0, help="Weight of the text cross-entropy.")
+    add("--mse_weight", type=float, default=1.0, help="Weight of the flow-matching MSE.")
+    add("--timestep_shift", type=float, default=None, help="Training timestep shift (default: the model config's).")
+    # packing and data augmentation
+    add("--max_tokens", type=int, default=16384, help="Token budget of one packed batch.")
+    add("--text_dropout", type=float, default=0.1, help="Text condition dropout (CFG training).")
+    add("--vit_dropout", type=float, default=0.3, help="ViT condition dropout.")
+    add("--vae_dropout", type=float, default=0.3, help="Clean VAE image condition dropout.")
+    add("--cache_latents", action="store_true", help="Encode images with the VAE once, before training (datasets.map).")
+    add("--vae_mean", action="store_true", help="Use the VAE posterior mean instead of a sample.")
+    # scale-out and bookkeeping
+    add("--bf16", action="store_true", help="bf16 mixed precision.")
+    add("--gradient_checkpointing", action="store_true", help="Activation checkpointing of the decoder layers.")
+    add("--fsdp", action="store_true", help="FSDP2 over the decoder and ViT layers (multi-GPU launches).")
+    add("--use_cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
+    add("--save_steps", type=int, default=500, help="Checkpoint every N steps.")
+    add("--logging_steps", type=int, default=10, help="Log every N steps.")
+    add("--resume_from_checkpoint", default=None, help='Checkpoint folder to resume from, or "last".')
+    add("--seed", type=int, default=0, help="Seed of initialisation, sampling order and condition dropout.")
+    return parser
+
+
+def synthetic_rows(count: int = 16):
+    """Drawn coloured shapes with matching captions: a small text-to-image set that needs no files."""
+    import datasets
+    import PIL.Image
+    import PIL.ImageDraw
+
+    colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
+    rows = {"prompt": [], "image": []}
+    for index in range(count):
+        name, color = list(colors.items())[index % len(colors)]
+        shape = "circle" if index % 2 else "square"
+        image = PIL.Image.new("RGB", (64, 64), (255, 255, 255))
+        draw = PIL.ImageDraw.Draw(image)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((12, 12, 52, 52), fill=color)
+        rows["prompt"].append(f"a {name} {shape}")
+        rows["image"].append(image)
+    return datasets.Dataset.from_dict(rows, features=datasets.Features(
+        {"prompt": datasets.Value("string"), "image": datasets.Image()}))  # fmt: skip
+
+
+def load_rows(data: str):
+    import datasets
+
+    path = Path(data)
+    if path.is_dir():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    if builder is None:
+        raise SystemExit(f"--data {data}: expected a .jsonl/.json/.csv/.parquet file or an imagefolder directory.")
+    return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def parse_columns(pairs) -> dict:
+    columns = {}
+    for pair in pairs:
+        role, sep, column = pair.partition("=")
+        if not sep or not role or not column:
+            raise SystemExit(f"--columns takes ROLE=COLUMN pairs, got {pair!r}.")
+        columns[role] = column
+    return columns
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from diffusers import AutoencoderKL
+
+    from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
+    from transformers_bagel.training import (
+        BagelDataCollator,
+        BagelEMACallback,
+        BagelPackedDataset,
+        BagelSampleDataset,
+        BagelTrainer,
+        bagel_fsdp_config,
+        bagel_training_arguments,
+        cache_vae_latents,
+        freeze_modules,
+        get_bagel_lora_model,
+    )
+
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quickstart import default_checkpoint
+
+        checkpoint = default_checkpoint(ROOT / "outputs")
+    torch.manual_seed(args.seed)
+    model = BagelForConditionalGeneration.from_pretrained(checkpoint / "model", dtype=torch.float32)
+    processor = BagelProcessor.from_pretrained(checkpoint / "processor")
+    vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
+    if args.timestep_shift is not None:
+        model.config.timestep_shift = args.timestep_shift
+
+    rows = synthetic_rows() if args.data is None else load_rows(args.data)
+    columns = parse_columns(args.columns)
+    if args.cache_latents:
+        names = {"text_to_image": ["image"], "edit": ["source", "target"]}.get(args.task)
+        if names is None:
+            raise SystemExit("--cache_latents applies to text_to_image and edit data.")
+        rows = cache_vae_latents(rows, vae, processor.image_processor, [columns.get(n, n) for n in names], args.image_dir)
+    collator = BagelDataCollator(
+        processor,
+        model.config,
+        max_tokens=args.max_tokens,
+        text_cond_dropout_prob=args.text_dropout,
+        vit_cond_dropout_prob=args.vit_dropout,
+        vae_cond_dropout_prob=args.vae_dropout,
+        seed=args.seed,
+    )
+    train_dataset = BagelPackedDataset(BagelSampleDataset(rows, args.task, columns, args.image_dir), collator)
+    print(f"{len(rows)} rows -> {len(train_dataset)} packed batches of <= {args.max_tokens} tokens")
+
+    if args.lora:
+        if args.freeze_vit or args.freeze_und or args.freeze_llm:
+            raise SystemExit("--freeze_* apply to full fine-tuning; --lora trains the adapters only.")
+        model = get_bagel_lora_model(
+            model, r=args.lora_rank, lora_alpha=args.lora_alpha, include_latent_projections=args.lora_latent_projections
+        )
+    else:
+        freeze_modules(model, freeze_vit=args.freeze_vit, freeze_und=args.freeze_und, freeze_llm=args.freeze_llm)
+
+    extra = {}
+    if args.lr_scheduler == "cosine":
+        extra = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": args.min_lr}}
+    if args.fsdp:
+        extra.update(fsdp="full_shard auto_wrap", fsdp_config=bagel_fsdp_config(args.gradient_checkpointing))
+    training_args = bagel_training_arguments(
+        str(args.output_dir),
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing and not args.fsdp,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+        dataloader_num_workers=0,
+        **extra,
+    )
+    callbacks = [BagelEMACallback(args.ema)] if args.ema > 0 else []
+    trainer = BagelTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collator,
+        vae=vae,
+        sample_posterior=not args.vae_mean,
+        ce_weight=args.ce_weight,
+        mse_weight=args.mse_weight,
+        callbacks=callbacks,
+    )
+    resume = args.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    final = args.output_dir / "final"
+    if args.lora:
+        trainer.save_model(str(final))  # a standard PEFT adapter
+    else:
+        trainer.save_model(str(final / "model"))  # the converted layout: loads with BagelPipeline.from_pretrained
+    if trainer.is_world_process_zero():
+        if not args.lora:
+            processor.save_pretrained(final / "processor")
+            vae.save_pretrained(final / "vae")
+            for name in ("scheduler", "model_index.json"):
+                source = checkpoint / name
+                if source.is_dir():
+                    shutil.copytree(source, final / name, dirs_exist_ok=True)
+                elif source.is_file():
+                    shutil.copy(source, final / name)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "losses": losses}
+        (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"trained {trainer.state.global_step} steps, final loss {losses[-1] if losses else float('nan'):.4f}")
+        print(f"{'LoRA adapter' if args.lora else 'model'}: {final}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""BagelTrainer end to end on a very small model: a few hundred steps make the loss fall, a resumed run continues the
+same curve (losses and EMA), the EMA callback follows its recursion and is saved with checkpoints, gradient
+accumulation divides per micro-batch, freezing options, and examples/train.py as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from transformers_bagel import BagelConfig, BagelForConditionalGeneration, BagelProcessor
+from transformers_bagel.training import (
+    BagelDataCollator,
+    BagelEMACallback,
+    BagelTrainer,
+    bagel_training_arguments,
+    freeze_modules,
+    load_ema_weights,
+    text_to_image_sample,
+    understanding_sample,
+)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor(converted_dir):
+    return BagelProcessor.from_pretrained(converted_dir / "processor")
+
+
+@pytest.fixture(scope="module")
+def small_config(converted_dir):
+    """The tiny checkpoint's tokens and tables with an even smaller network (one layer, width 32)."""
+    base = BagelConfig.from_pretrained(converted_dir / "model")
+    text = base.text_config.to_dict()
+    text.pop("layer_types", None)
+    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=16)  # fmt: skip
+    vision = base.vision_config.to_dict()
+    vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1)
+    tokens = {name: getattr(base, name) for name in ("bos_token_id", "eos_token_id", "start_of_image_token_id",
+              "end_of_image_token_id", "image_token_id", "latent_token_id", "pad_token_id")}  # fmt: skip
+    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **tokens)
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    model = BagelForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _dataset():
+    """Four text-to-image samples whose latent depends on the prompt, and four question-answer samples."""
+    colors = ["red", "green", "blue", "white"]
+    samples = []
+    for i, color in enumerate(colors):
+        latent = torch.full((16, 4, 4), float(i) - 1.5)
+        latent[i::4] *= -1.0
+        sample = text_to_image_sample(f"a {color} square", None, row=i)
+        sample["segments"][1]["image"], sample["segments"][1]["latents"] = None, latent
+        samples.append(sample)
+        samples.append(understanding_sample(None, f"the colour of {i}?", f"it is {color}", row=4 + i))
+    return samples
+
+
+class _LossAndParams(TrainerCallback):
+    """Records the trainable parameters after every optimiser step (before the EMA callback's update)."""
+
+    def __init__(self):
+        self.params = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def _trainer(model, processor, output_dir, max_steps, callbacks=(), **overrides):
+    args = bagel_training_arguments(
+        str(output_dir), max_steps=max_steps, learning_rate=2e-3, warmup_steps=10, logging_steps=1, save_steps=100,
+        per_device_train_batch_size=4, seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, **overrides,
+    )  # fmt: skip
+    collator = BagelDataCollator(processor, model.config, text_cond_dropout_prob=0.1, seed=0)
+    return BagelTrainer(model=model, args=args, train_dataset=_dataset(), data_collator=collator,
+                        callbacks=list(callbacks))  # fmt: skip
+
+
+def _losses(trainer):
+    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_loss_falls_resume_continues_and_ema_is_saved(small_config, processor, tmp_path):
+    recorder, ema = _LossAndParams(), BagelEMACallback(decay=0.9)
+    first = _trainer(_model(small_config), processor, tmp_path / "a", 200, callbacks=[recorder, ema])
+    initial = {n: p.detach().clone() for n, p in first.model.named_parameters() if p.requires_grad}
+    first.train()
+    log = _losses(first)
+    assert set(log) == set(range(1, 201))
+
+    def mean(key, steps):
+        return sum(log[s][key] for s in steps) / len(steps)
+
+    first10, last10 = range(1, 11), range(191, 201)
+    assert mean("loss", last10) < 0.5 * mean("loss", first10), (mean("loss", first10), mean("loss", last10))
+    assert mean("ce_loss", last10) < 0.1 * mean("ce_loss", first10)
+    assert mean("mse_loss", last10) < 0.7 * mean("mse_loss", first10)
+    assert all("ce_loss" in log[s] and "mse_loss" in log[s] for s in (1, 200))
+    # loss = ce + mse as logged
+    assert abs(log[200]["loss"] - log[200]["ce_loss"] - log[200]["mse_loss"]) < 1e-4
+
+    # EMA: ema_0 = initial weights, ema_k = d * ema_{k-1} + (1 - d) * w_k, saved in each checkpoint folder
+    expected = {n: p.clone() for n, p in initial.items()}
+    for step, params in enumerate(recorder.params, start=1):
+        for name in expected:
+            expected[name] = 0.9 * expected[name] + 0.1 * params[name]
+        if step == 100:
+            saved = load_file(str(tmp_path / "a" / "checkpoint-100" / "ema.safetensors"))
+            assert set(saved) == set(expected)
+            for name in expected:
+                torch.testing.assert_close(saved[name], expected[name], rtol=1e-5, atol=1e-6)
+    final_ema = load_file(str(tmp_path / "a" / "checkpoint-200" / "ema.safetensors"))
+
+    # a run resumed from step 100 continues the same curve, and its EMA too
+    resumed = _trainer(_model(small_config, seed=1), processor, tmp_path / "b", 200, callbacks=[BagelEMACallback(0.9)])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-100"))
+    log_b = {step: entry for step, entry in _losses(resumed).items() if step > 100}  # 1-100: the restored history
+    assert set(log_b) == set(range(101, 201))
+    for step in range(101, 201):
+        assert abs(log_b[step]["loss"] - log[step]["loss"]) <= 1e-5 * max(1.0, log[step]["loss"]), step
+    resumed_ema = load_file(str(tmp_path / "b" / "checkpoint-200" / "ema.safetensors"))
+    for name, value in final_ema.items():
+        torch.testing.assert_close(resumed_ema[name], value, rtol=1e-5, atol=1e-6)
+
+    # the averaged weights load back into a model by name
+    fresh = _model(small_config, seed=2)
+    assert sorted(load_ema_weights(fresh, str(tmp_path / "a" / "checkpoint-200"))) == sorted(final_ema)
+    torch.testing.assert_close(fresh.lm_head.weight, final_ema["lm_head.weight"])
+
+
+def test_gradient_accumulation_divides_each_micro_batch(small_config, processor, tmp_path):
+    """Like the original (`loss / gradient_accumulation_steps`), not a token-weighted mean over micro-batches."""
+    model = _model(small_config)
+    trainer = _trainer(model, processor, tmp_path, 2, gradient_accumulation_steps=4)
+    batch = trainer.data_collator(_dataset()[:3])
+    torch.manual_seed(0)
+    full = trainer.compute_loss(model, dict(batch)).item()
+    torch.manual_seed(0)
+    trainer.current_gradient_accumulation_steps = 4
+    step = trainer.training_step(model, dict(batch)).item()
+    assert abs(step - full / 4) < 1e-6 * full
+    assert trainer.model_accepts_loss_kwargs is False
+
+
+def test_freeze_options(small_config):
+    model = _model(small_config)
+    frozen = freeze_modules(model, freeze_vit=True)
+    assert frozen and all(".vision_model." in name for name in frozen)
+    assert not model.model.latent_pos_embed.pos_embed.requires_grad
+    model = _model(small_config)
+    frozen = set(freeze_modules(model, freeze_und=True))
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in frozen
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in frozen
+    assert "model.language_model.norm.weight" in frozen
+    assert not any("moe_gen" in name for name in frozen)
+    model = _model(small_config)
+    frozen = set(freeze_modules(model, freeze_llm=True))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" in frozen and "model.language_model.layers.0.mlp_moe_gen.up_proj.weight" in frozen
+    assert trainable == {n for n, _ in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))
+                         and not n.endswith("pos_embed.pos_embed")}  # fmt: skip
+
+
+def test_trainer_refuses_dropped_columns(small_config, processor, tmp_path):
+    model = _model(small_config)
+    args = bagel_training_arguments(str(tmp_path), remove_unused_columns=True, use_cpu=True)
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        BagelTrainer(model=model, args=args, train_dataset=_dataset(),
+                     data_collator=BagelDataCollator(processor, model.config))  # fmt: skip
+
+
+def _example_main():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from train import build_parser, main
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    return build_parser, main
+
+
+def _example_flags(converted_dir, out):
+    return ["--checkpoint", str(converted_dir), "--output_dir", str(out), "--max_steps", "3", "--warmup_steps", "0",
+            "--save_steps", "2", "--logging_steps", "1", "--max_tokens", "200", "--use_cpu"]  # fmt: skip
+
+
+def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path):
+    """examples/train.py on the tiny checkpoint and its synthetic data, as a user runs it; the result loads as a
+    pipeline, with the frozen ViT unchanged and the generation expert trained."""
+    out = tmp_path / "full"
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), *_example_flags(converted_dir, out), "--freeze_vit"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3
+    assert (out / "checkpoint-2" / "ema.safetensors").is_file()
+    from diffusers_bagel import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained(out / "final")
+    original = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
+    changed = pipe.model.model.language_model.layers[0].mlp_moe_gen.up_proj.weight
+    assert not torch.equal(changed, original.model.language_model.layers[0].mlp_moe_gen.up_proj.weight)
+    vit = original.model.vision_model.state_dict()
+    assert all(torch.equal(v, vit[k]) for k, v in pipe.model.model.vision_model.state_dict().items())
+
+
+def test_train_example_lora_with_latent_cache(converted_dir, tmp_path):
+    """The --lora path (in process, to spare a second interpreter start): a standard adapter comes out."""
+    _, main = _example_main()
+    out = tmp_path / "lora"
+    main([*_example_flags(converted_dir, out), "--lora", "--lora_rank", "4", "--cache_latents", "--vae_mean"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 3
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "final" / "adapter_model.safetensors").is_file()
+    assert not (out / "final" / "model.safetensors").exists()
+    ema = load_file(str(out / "checkpoint-2" / "ema.safetensors"))
+    assert ema and all("lora_" in name for name in ema)  # only the adapters train
+
+
+def test_train_example_help_names_every_flag():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0
+    build_parser, _ = _example_main()
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
+            assert action.option_strings[0] in result.stdout
+    assert "accelerate launch" in result.stdout and "torchrun" in result.stdout
