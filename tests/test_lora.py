@@ -1,0 +1,164 @@
+"""LoRA on the generation experts: only `*_moe_gen` linears get adapters, training changes nothing else (the
+understanding path's logits stay bit-identical), the saved adapter is a standard PEFT folder that reproduces the
+trained outputs in a fresh model, through transformers' `load_adapter` and in a BagelPipeline, and merges."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+from diffusers_bagel import BagelPipeline
+from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
+from transformers_bagel.training import (
+    BagelDataCollator,
+    BagelTrainer,
+    bagel_lora_config,
+    bagel_training_arguments,
+    edit_sample,
+    get_bagel_lora_model,
+    load_bagel_lora,
+    text_to_image_sample,
+    understanding_sample,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _image(width, height, seed):
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _latent(seed, height=4, width=4):
+    return torch.randn(16, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def _samples():
+    samples = []
+    for i in range(4):
+        t2i = text_to_image_sample(f"picture {i}", None, row=i)
+        t2i["segments"][1]["image"], t2i["segments"][1]["latents"] = None, _latent(i)
+        samples.append(t2i)
+    edit = edit_sample(_image(32, 32, 9), "edit it", None, row=4)
+    edit["segments"][0]["latents"] = _latent(10)
+    edit["segments"][-1]["image"], edit["segments"][-1]["latents"] = None, _latent(11)
+    samples.append(edit)
+    samples.append(understanding_sample(_image(42, 28, 12), "what is shown?", "noise", row=5))
+    return samples
+
+
+def _load(converted_dir):
+    model = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(converted_dir, tmp_path_factory):
+    """A LoRA run of a few steps, with the probes taken before and after."""
+    processor = BagelProcessor.from_pretrained(converted_dir / "processor")
+    model = _load(converted_dir)
+    collator = BagelDataCollator(processor, model.config, text_cond_dropout_prob=0.0, vit_cond_dropout_prob=0.0,
+                                 vae_cond_dropout_prob=0.0)  # fmt: skip
+    probes = _probes(model, collator)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    peft_model = get_bagel_lora_model(model, r=4)
+    out = tmp_path_factory.mktemp("lora")
+    args = bagel_training_arguments(str(out / "run"), max_steps=8, learning_rate=1e-2, warmup_steps=0,
+                                    per_device_train_batch_size=3, use_cpu=True, save_strategy="no",
+                                    disable_tqdm=True, logging_steps=1)  # fmt: skip
+    BagelTrainer(model=peft_model, args=args, train_dataset=_samples(), data_collator=collator).train()
+    peft_model.eval()
+    after = _probes(peft_model, collator)
+    peft_model.save_pretrained(out / "adapter")
+    return {"peft_model": peft_model, "collator": collator, "before": probes, "after": after,
+            "base_state": base_state, "adapter": out / "adapter"}  # fmt: skip
+
+
+@torch.no_grad()
+def _probes(model, collator):
+    """Understanding logits (ViT image + text, and text only), the generation loss at fixed noise and time, and a
+    raw velocity prediction without context."""
+    und = collator([understanding_sample(_image(42, 28, 12), "what is shown?", "noise"),
+                    understanding_sample(None, "plain text", "only")])  # fmt: skip
+    und.pop("labels")
+    gen = collator(_samples()[:2])
+    noise = [torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (20, 21)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    x_t = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(3))
+    return {
+        "und_logits": model(**und, use_cache=False, logits_to_keep=0).logits,
+        "mse": model(**gen, noise=noise, timesteps=torch.tensor([0.4, 0.7])).mse_loss,
+        "velocity": base.predict_velocity(x_t, 0.5, (2, 2), None),
+    }
+
+
+def test_adapters_sit_on_generation_experts_only(trained):
+    lora_modules = [name for name, module in trained["peft_model"].named_modules() if isinstance(module, LoraLayer)]
+    assert len(lora_modules) == 2 * 7  # two layers x (q, k, v, o, gate, up, down)
+    assert all("_moe_gen" in name for name in lora_modules)
+    extended = bagel_lora_config(r=2, include_latent_projections=True)
+    import re
+
+    names = ["model.vae2llm", "llm2vae", "model.language_model.layers.0.self_attn.q_proj_moe_gen",
+             "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj",
+             "model.vision_model.encoder.layers.0.mlp.fc1"]  # fmt: skip
+    matched = [n for n in names if re.fullmatch(extended.target_modules, n)]
+    assert matched == names[:3]
+    with pytest.raises(ValueError, match="target_modules"):
+        bagel_lora_config(target_modules=["q_proj"])
+
+
+def test_training_changes_only_the_adapters(trained):
+    base = trained["peft_model"].get_base_model()
+    state = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    assert set(state) == set(trained["base_state"])
+    assert all(torch.equal(state[k], v) for k, v in trained["base_state"].items())
+    # the understanding path is bit-identical; the generation path moved
+    assert torch.equal(trained["before"]["und_logits"], trained["after"]["und_logits"])
+    assert trained["after"]["mse"] < trained["before"]["mse"]
+    assert not torch.allclose(trained["before"]["velocity"], trained["after"]["velocity"])
+
+
+def test_saved_adapter_reloads_into_a_fresh_model(trained, converted_dir):
+    saved = load_file(str(trained["adapter"] / "adapter_model.safetensors"))
+    assert saved and all("_moe_gen" in key and "lora_" in key for key in saved)
+    assert (trained["adapter"] / "adapter_config.json").is_file()
+
+    reloaded = load_bagel_lora(_load(converted_dir), str(trained["adapter"]))
+    probes = _probes(reloaded, trained["collator"])
+    for key in ("und_logits", "mse", "velocity"):
+        torch.testing.assert_close(probes[key], trained["after"][key], rtol=0, atol=0)
+
+    # transformers' own PEFT integration, in place
+    model = _load(converted_dir)
+    model.load_adapter(str(trained["adapter"]))
+    torch.testing.assert_close(_probes(model, trained["collator"])["velocity"], trained["after"]["velocity"])
+
+
+def test_adapter_in_the_pipeline_and_merged(trained, converted_dir):
+    pipe = BagelPipeline.from_pretrained(converted_dir)
+    pipe.model.set_attn_implementation("sdpa")
+    model = pipe.model
+    load_bagel_lora(pipe, str(trained["adapter"]))
+    assert pipe.model is model  # in place: the pipeline calls the same object
+    torch.testing.assert_close(_probes(pipe.model, trained["collator"])["velocity"], trained["after"]["velocity"])
+    image = pipe("picture 1", height=32, width=32, num_inference_steps=3, output_type="np").images
+    assert np.isfinite(image).all()
+
+    merged_pipe = BagelPipeline.from_pretrained(converted_dir)
+    merged_pipe.model.set_attn_implementation("sdpa")
+    merged = load_bagel_lora(merged_pipe, str(trained["adapter"]), merge=True)
+    assert merged_pipe.model is merged
+    assert not any(isinstance(module, LoraLayer) for module in merged.modules())
+    probes = _probes(merged, trained["collator"])
+    torch.testing.assert_close(probes["velocity"], trained["after"]["velocity"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probes["und_logits"], trained["before"]["und_logits"], rtol=0, atol=0)
