@@ -75,7 +75,8 @@ def load_sharded_checkpoint(model: torch.nn.Module, checkpoint_dir: str):
     (no process group needed), or a sharded one on every rank (any world size: the checkpoint is resharded).
     """
     state_dict = get_model_state_dict(model)
-    dcp.load(state_dict, checkpoint_id=str(checkpoint_dir))
+    single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    dcp.load(state_dict, checkpoint_id=str(checkpoint_dir), no_dist=single)
     set_model_state_dict(model, state_dict)
     return model
 
