@@ -18,7 +18,7 @@ Multi-GPU with FSDP2 (decoder and ViT layers sharded, as the original):
         --task edit --fsdp --bf16 --gradient_checkpointing --max_tokens 16384 --output_dir runs/edit
     torchrun --nproc_per_node 8 examples/train.py ... --fsdp --bf16        # the same with torchrun
 
-(--fsdp sets `fsdp="full_shard auto_wrap"` with `bagel_fsdp_config()`; accelerate applies FSDP on GPUs only. Resume
+(--fsdp sets `fsdp=True` with `fsdp_config=bagel_fsdp_config()`; accelerate applies FSDP on GPUs only. Resume
 with --resume_from_checkpoint (a checkpoint folder, or "last").) A LoRA run saves a standard PEFT adapter in
 OUTPUT_DIR/final; load it with `transformers_bagel.training.load_bagel_lora(pipe, path)` or
 `PeftModel.from_pretrained(model, path)`. A full run saves the model there (and EMA weights in checkpoints).
@@ -191,7 +191,7 @@ def main(argv=None):
     if args.lr_scheduler == "cosine":
         extra = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": args.min_lr}}
     if args.fsdp:
-        extra.update(fsdp="full_shard auto_wrap", fsdp_config=bagel_fsdp_config(args.gradient_checkpointing))
+        extra.update(fsdp=True, fsdp_config=bagel_fsdp_config(args.gradient_checkpointing))
     training_args = bagel_training_arguments(
         str(args.output_dir),
         max_steps=args.max_steps,

@@ -1,6 +1,6 @@
 """FSDP2 on CPU (gloo, two processes): parameters really sharded as DTensors over the decoder / ViT layer units,
 data-parallel training lowers the loss, and a sharded checkpoint reloads into an unsharded model with identical
-weights. (accelerate's Trainer applies FSDP on accelerators only, see HF_NOTES pitfall 3, so this uses raw FSDP2.)"""
+weights, and the EMA callback averages sharded parameters. (accelerate's Trainer applies FSDP on accelerators only, see HF_NOTES pitfall 3, so this uses raw FSDP2.)"""
 
 import os
 import socket
@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from transformers_bagel import BagelConfig, BagelForConditionalGeneration, BagelProcessor
 from transformers_bagel.training import (
     BagelDataCollator,
+    BagelEMACallback,
     apply_fsdp2,
     freeze_modules,
     load_sharded_checkpoint,
@@ -84,6 +85,9 @@ def _worker(rank, port, converted_dir, out_dir):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.95),
                                       eps=1e-15)  # fmt: skip
         model.train()
+        ema = BagelEMACallback(decay=0.5)  # the averages stay sharded like the parameters
+        ema.on_train_begin(None, None, None, model=model)
+        expected_ema = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         losses = []
         for step in range(STEPS):
             torch.manual_seed(100 + step + 1000 * rank)
@@ -91,11 +95,19 @@ def _worker(rank, port, converted_dir, out_dir):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            ema.on_step_end(None, None, None)
+            for name, param in model.named_parameters():
+                if name in expected_ema:
+                    expected_ema[name] = 0.5 * expected_ema[name] + 0.5 * param.full_tensor().detach()
             mean = loss.detach().clone()
             dist.all_reduce(mean)
             losses.append(mean.item() / WORLD)
         save_sharded_checkpoint(model, out_dir / "sharded")
         full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+        gathered_ema = ema.state_dict()
+        assert isinstance(ema.shadow[0], DTensor) and set(gathered_ema) == set(expected_ema)
+        for name, value in expected_ema.items():
+            torch.testing.assert_close(gathered_ema[name], value, rtol=1e-6, atol=1e-7)
         if rank == 0:
             torch.save({"losses": losses, "full": full}, out_dir / "result.pt")
         dist.barrier()

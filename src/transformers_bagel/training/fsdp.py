@@ -3,7 +3,7 @@ FSDP2 for BAGEL without the Trainer: shard a model with `torch.distributed.fsdp.
 layer and per SigLIP encoder layer (the classes in `_no_split_modules`, as the original wraps them), and save / load
 sharded checkpoints with `torch.distributed.checkpoint`.
 
-With the Trainer on GPUs, use `TrainingArguments(fsdp="full_shard auto_wrap", fsdp_config=bagel_fsdp_config())`
+With the Trainer on GPUs, use `TrainingArguments(fsdp=True, fsdp_config=bagel_fsdp_config())`
 instead. accelerate applies FSDP only on accelerators (on CPU it silently falls back to DDP), so CPU runs and tests
 shard with [`apply_fsdp2`]:
 
