@@ -3,7 +3,7 @@ Fine-tune BAGEL with the Hugging Face Trainer: full fine-tuning or LoRA on the g
 text-to-image, editing, understanding or interleaved data read with `datasets`.
 
     python examples/train.py --checkpoint CONVERTED_DIR --data train.jsonl --image_dir images/ --task text_to_image \\
-        --output_dir runs/t2i --max_steps 10000 --bf16 --gradient_checkpointing
+        --output_dir runs/t2i --max_steps 10000 --bf16 --activation_checkpointing
 
 Data: a JSON lines / JSON / CSV / parquet file, or a folder for the `imagefolder` builder (images plus a
 metadata.jsonl). Columns per task (rename with --columns role=column):
@@ -15,7 +15,7 @@ text-to-image set is used; without --checkpoint the tiny random-weight test mode
 Multi-GPU with FSDP2 (decoder and ViT layers sharded, as the original):
 
     accelerate launch --num_processes 8 examples/train.py --checkpoint BAGEL-7B-MoT-hf --data train.parquet \\
-        --task edit --fsdp --bf16 --gradient_checkpointing --max_tokens 16384 --output_dir runs/edit
+        --task edit --fsdp --bf16 --activation_checkpointing --max_tokens 16384 --output_dir runs/edit
     torchrun --nproc_per_node 8 examples/train.py ... --fsdp --bf16        # the same with torchrun
 
 (--fsdp sets `fsdp=True` with `fsdp_config=bagel_fsdp_config()`; accelerate applies FSDP on GPUs only. Resume
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vae_mean", action="store_true", help="Use the VAE posterior mean instead of a sample.")
     # scale-out and bookkeeping
     add("--bf16", action="store_true", help="bf16 mixed precision.")
-    add("--gradient_checkpointing", action="store_true", help="Activation checkpointing of the decoder layers.")
+    add("--activation_checkpointing", "--gradient_checkpointing", action="store_true",
+        help="Recompute decoder / ViT layer activations in the backward pass to save memory.")  # fmt: skip
     add("--fsdp", action="store_true", help="FSDP2 over the decoder and ViT layers (multi-GPU launches).")
     add("--use_cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
     add("--save_steps", type=int, default=500, help="Checkpoint every N steps.")
@@ -191,7 +192,7 @@ def main(argv=None):
     if args.lr_scheduler == "cosine":
         extra = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": args.min_lr}}
     if args.fsdp:
-        extra.update(fsdp=True, fsdp_config=bagel_fsdp_config(args.gradient_checkpointing))
+        extra.update(fsdp=True, fsdp_config=bagel_fsdp_config(args.activation_checkpointing))
     training_args = bagel_training_arguments(
         str(args.output_dir),
         max_steps=args.max_steps,
@@ -200,7 +201,7 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
         bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing and not args.fsdp,
+        activation_checkpointing=args.activation_checkpointing and not args.fsdp,  # FSDP checkpoints its units
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         seed=args.seed,

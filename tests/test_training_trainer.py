@@ -164,6 +164,23 @@ def test_gradient_accumulation_divides_each_micro_batch(small_config, processor,
     assert trainer.model_accepts_loss_kwargs is False
 
 
+def test_activation_checkpointing_gives_the_same_gradients(small_config, processor):
+    batch = BagelDataCollator(processor, small_config, text_cond_dropout_prob=0.0)(_dataset()[:4])
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(small_config)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.language_model.layers[0].gradient_checkpointing
+        torch.manual_seed(5)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_freeze_options(small_config):
     model = _model(small_config)
     frozen = freeze_modules(model, freeze_vit=True)
@@ -209,7 +226,8 @@ def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path):
     """examples/train.py on the tiny checkpoint and its synthetic data, as a user runs it; the result loads as a
     pipeline, with the frozen ViT unchanged and the generation expert trained."""
     out = tmp_path / "full"
-    command = [sys.executable, str(ROOT / "examples" / "train.py"), *_example_flags(converted_dir, out), "--freeze_vit"]
+    command = [sys.executable, str(ROOT / "examples" / "train.py"), *_example_flags(converted_dir, out), "--freeze_vit",
+               "--activation_checkpointing"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())

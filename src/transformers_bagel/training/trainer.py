@@ -6,8 +6,8 @@ defaults), [`freeze_modules`] (its freeze options) and [`bagel_fsdp_config`] (FS
 ```python
 model = BagelForConditionalGeneration.from_pretrained("BAGEL-7B-MoT/model")
 collator = BagelDataCollator(processor, model.config, max_tokens=16384)
-args = bagel_training_arguments("out", max_steps=1000, bf16=True, gradient_checkpointing=True,
-                                fsdp=True, fsdp_config=bagel_fsdp_config())
+args = bagel_training_arguments("out", max_steps=1000, bf16=True, fsdp=True,
+                                fsdp_config=bagel_fsdp_config(activation_checkpointing=True))
 trainer = BagelTrainer(model=model, args=args, train_dataset=BagelPackedDataset(samples, collator),
                        data_collator=collator, vae=vae, callbacks=[BagelEMACallback()])
 trainer.train()
@@ -98,7 +98,7 @@ def bagel_fsdp_config(activation_checkpointing: bool = False, **overrides) -> di
     """
     `TrainingArguments.fsdp_config` for FSDP2 on BAGEL: each MoT decoder layer (`BagelDecoderLayer`) and each SigLIP
     encoder layer (`SiglipEncoderLayer`) is its own unit, as the original wraps them. With
-    `activation_checkpointing=True` FSDP checkpoints each unit (prefer it to the `gradient_checkpointing` training
+    `activation_checkpointing=True` FSDP checkpoints each unit (prefer it to the `activation_checkpointing` training
     argument under FSDP). Checkpoints are full, HF-loadable state dicts unless
     `state_dict_type="SHARDED_STATE_DICT"` is passed. Use with `fsdp=True` on accelerators (accelerate applies FSDP
     only there; on CPU see `transformers_bagel.training.fsdp`).
