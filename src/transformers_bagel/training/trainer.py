@@ -252,16 +252,20 @@ class BagelTrainer(Trainer):
             count = (labels[:, 1:] != IGNORE_INDEX).sum()
             ce = outputs.ce_loss * self._global_scale(count)
             loss = loss + self.ce_weight * ce
-            self._component_losses.setdefault("ce_loss", []).append(float(ce.detach()))
+            self._record("ce_loss", ce, model)
         if outputs.mse_loss is not None:
             grid, noised = inputs["latent_grid_hw"], inputs["noised_latent_images"]
             count = (grid[:, 0] * grid[:, 1])[noised.to(grid.device)].sum()
             mse = outputs.mse_loss * self._global_scale(count)
             loss = loss + self.mse_weight * mse
-            self._component_losses.setdefault("mse_loss", []).append(float(mse.detach()))
+            self._record("mse_loss", mse, model)
         if not isinstance(loss, torch.Tensor):
             raise ValueError("The batch has neither text labels nor target images: there is no loss to train on.")
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, name: str, value: torch.Tensor, model):
+        if model.training:  # evaluation losses are reported by `evaluate` itself
+            self._component_losses.setdefault(name, []).append(float(value.detach()))
 
     def log(self, logs: dict, *args, **kwargs):
         for name, values in self._component_losses.items():
