@@ -200,6 +200,27 @@ def test_freeze_options(small_config):
                          and not n.endswith("pos_embed.pos_embed")}  # fmt: skip
 
 
+def test_optimiser_and_schedule_defaults_of_the_original(small_config, processor, tmp_path):
+    model = _model(small_config)
+    args = bagel_training_arguments(str(tmp_path), max_steps=4000, use_cpu=True)  # the defaults themselves
+    trainer = BagelTrainer(model=model, args=args, train_dataset=_dataset(),
+                           data_collator=BagelDataCollator(processor, model.config))  # fmt: skip
+    trainer.create_optimizer_and_scheduler(num_training_steps=4000)
+    optimizer = trainer.optimizer
+    assert type(optimizer).__name__ == "AdamW"
+    for group in optimizer.param_groups:
+        assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-15 and group["weight_decay"] == 0.0
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(trainer.model.model.latent_pos_embed.pos_embed) not in trained  # fixed tables stay out
+    assert trainer.args.max_grad_norm == 1.0
+    rates = []
+    for _ in range(2500):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates[0] == 0.0 and abs(rates[1000] - 0.5e-4) < 1e-12 and rates[2000] == rates[2499] == 1e-4
+
+
 def test_trainer_refuses_dropped_columns(small_config, processor, tmp_path):
     model = _model(small_config)
     args = bagel_training_arguments(str(tmp_path), remove_unused_columns=True, use_cpu=True)
