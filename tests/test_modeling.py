@@ -74,6 +74,39 @@ def test_greedy_generate_matches_original(original_model, no_grad):
         assert_close_rel(logits[0], expected["greedy_step_logits"][step], 1e-4)
 
 
+def test_sampled_image_tokens_are_decoded_as_text(original_model, no_grad):
+    """A sampled `<|image_pad|>` / `<|vision_start|>` is a text token (the original embeds every sampled id as text):
+    generation goes on, each token advances the position, and the logits equal one text-only forward."""
+    model, _ = original_model
+    config = model.config
+    with_attn(model, "sdpa")
+    inputs = mixed_inputs(config)
+    forced = [config.image_token_id, config.start_of_image_token_id, config.image_token_id, config.latent_token_id]
+    prompt_len = inputs["input_ids"].shape[1]
+    # A logits bias that overwhelms the model's own preference forces the sampled token.
+    out = model.generate(
+        **inputs, max_new_tokens=4, do_sample=False, sequence_bias={(config.image_token_id,): 1e4},
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    generated = out.sequences[0, prompt_len:].tolist()
+    assert generated == [config.image_token_id] * 4
+    # Reference: the prompt with its images, then the sampled ids read as text with positions advancing by one.
+    context = model.model(**inputs, use_cache=True)
+    position = int(context.next_position)
+    tail = torch.tensor([generated[:3]])
+    reference = model(
+        input_ids=tail, past_key_values=context.past_key_values, text_only=True,
+        position_ids=torch.arange(position, position + 3)[None],
+    ).logits  # fmt: skip
+    for step in range(1, 4):
+        assert_close_rel(out.logits[step][0], reference[0, step - 1], 1e-4)
+    layout = bagel_token_layout(torch.tensor([forced]), config, position_offset=5, text_only=True)
+    assert layout.position_ids.tolist() == [[5, 6, 7, 8]] and not layout.gen_token_mask.any()
+    assert (layout.block_ids == -1).all() and layout.next_position.tolist() == [9]
+    with pytest.raises(ValueError, match="text_only"):
+        model(**inputs, text_only=True)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_velocity_matches_original(original_model, implementation, no_grad):
     model, tokenizer = original_model
@@ -315,3 +348,17 @@ def test_config_refuses_inconsistent_values():
     config = BagelConfig()
     assert config.max_image_size == 1024 and config.patch_latent_dim == 64 and config.latent_downsample == 16
     assert config.vision_config.num_hidden_layers == 26
+
+
+def test_position_tables_stay_fixed_after_from_pretrained(converted_dir):
+    """The sin-cos tables are buffers: saved under the release's keys, loaded with their values, never trainable."""
+    model = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
+    names = {name for name, _ in model.named_parameters()}
+    assert not any(name.endswith("pos_embed") for name in names)
+    state = model.state_dict()
+    assert {"model.vit_pos_embed.pos_embed", "model.latent_pos_embed.pos_embed"} <= set(state)
+    original = load_file(str(ORIGINAL_DIR / "ema.safetensors"))
+    assert torch.equal(state["model.latent_pos_embed.pos_embed"], original["latent_pos_embed.pos_embed"].float())
+    assert torch.equal(state["model.vit_pos_embed.pos_embed"], original["vit_pos_embed.pos_embed"].float())
+    model.train()
+    assert all(not table.requires_grad for table in (model.model.vit_pos_embed.pos_embed, model.model.latent_pos_embed.pos_embed))

@@ -252,6 +252,25 @@ def test_thinking_mode_returns_text_and_conditions_on_it(pipe):
     assert ctx.no_text.segments == ctx.full.segments[:1]
 
 
+def test_thinking_text_with_image_tokens_is_used_as_plain_text(pipe):
+    """A thought that samples image tokens (random weights do) still conditions the image: the tokens are dropped
+    from the text put back into the context instead of being taken for image slots."""
+    config = pipe.model.config
+    bias = {(config.image_token_id,): 1e4}
+    original_generate = pipe.model.generate
+
+    def biased_generate(*args, **kwargs):
+        return original_generate(*args, sequence_bias=bias, **kwargs)
+
+    pipe.model.generate = biased_generate
+    try:
+        out = pipe("a cat", think=True, max_think_tokens=4, height=32, width=32, num_inference_steps=2,
+                   output_type="latent", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    finally:
+        del pipe.model.generate
+    assert out.text == [""] and torch.isfinite(out.images).all()
+
+
 # -- bad input ------------------------------------------------------------------------------------------------------------
 
 
@@ -272,6 +291,8 @@ def test_thinking_mode_returns_text_and_conditions_on_it(pipe):
         ({"prompt": ""}, "empty"),
         ({"image": 3}, "`image` must be"),
         ({"prompt": ["ok", 3.5]}, "Unsupported input item"),
+        ({"prompt": "a <|image_pad|> cat"}, "`prompt` contains \\['<\\|image_pad\\|>'\\]"),
+        ({"prompt": ["a cat", "<|vision_start|>"]}, "tokens reserved for image slots"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(pipe, monkeypatch, kwargs, message):

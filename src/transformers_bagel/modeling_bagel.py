@@ -170,13 +170,17 @@ def sincos_2d_position_table(hidden_size: int, side: int) -> torch.Tensor:
 
 
 class BagelPositionEmbedding(nn.Module):
-    """Frozen 2-D sin-cos table (stored with the weights, as in the release) indexed by flattened 2-D ids."""
+    """
+    Fixed 2-D sin-cos table indexed by flattened 2-D ids. A persistent buffer: it is saved with the weights under the
+    release's key (`*.pos_embed`), and unlike a frozen parameter it cannot become trainable again (loading resets a
+    parameter's `requires_grad`) or reach an optimiser or a LoRA / FSDP wrapper.
+    """
 
     def __init__(self, side: int, hidden_size: int):
         super().__init__()
         self.side = side
         self.hidden_size = hidden_size
-        self.pos_embed = nn.Parameter(torch.zeros(side * side, hidden_size), requires_grad=False)
+        self.register_buffer("pos_embed", torch.zeros(side * side, hidden_size), persistent=True)
 
     def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
         return self.pos_embed[position_ids]
@@ -487,6 +491,7 @@ def bagel_token_layout(
     config: BagelConfig,
     attention_mask: torch.Tensor | None = None,
     position_offset: torch.Tensor | int = 0,
+    text_only: bool = False,
 ) -> TokenLayout:
     """
     Positions and image blocks of BAGEL: text tokens advance the position by one; an image block
@@ -499,9 +504,14 @@ def bagel_token_layout(
         attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 for real tokens.
         position_offset (`int` or `torch.Tensor` of shape `(batch,)`): position of the first token (a cached context's
             next position).
+        text_only (`bool`, defaults to `False`): every token is text, whatever its id (tokens sampled by `generate`):
+            no image blocks, no latent tokens, each token advances the position.
     """
-    is_start = input_ids == config.start_of_image_token_id
-    is_end = input_ids == config.end_of_image_token_id
+    if text_only:
+        is_start = is_end = torch.zeros_like(input_ids, dtype=torch.bool)
+    else:
+        is_start = input_ids == config.start_of_image_token_id
+        is_end = input_ids == config.end_of_image_token_id
     starts_so_far = is_start.long().cumsum(-1)
     ends_before = is_end.long().cumsum(-1) - is_end.long()
     inside = (starts_so_far - ends_before) > 0
@@ -515,7 +525,7 @@ def bagel_token_layout(
     return TokenLayout(
         position_ids=position_ids,
         block_ids=block_ids,
-        gen_token_mask=input_ids == config.latent_token_id,
+        gen_token_mask=is_start if text_only else input_ids == config.latent_token_id,
         next_position=running[:, -1] + offset[:, 0] if input_ids.shape[1] else offset[:, 0].expand(input_ids.shape[0]),
     )
 
@@ -675,6 +685,7 @@ class BagelModel(BagelPreTrainedModel):
         update_cache: bool = True,
         document_ids: torch.LongTensor | None = None,
         noised_latent_images: torch.BoolTensor | None = None,
+        text_only: bool = False,
         **kwargs,
     ) -> BagelModelOutputWithPast:
         r"""
@@ -695,9 +706,15 @@ class BagelModel(BagelPreTrainedModel):
         noised_latent_images (`torch.BoolTensor` of shape `(num_latent_images,)`, *optional*):
             Packed training: which latent images are noised targets. Their blocks are invisible to every other token
             (they only see themselves and what precedes them).
+        text_only (`bool`, defaults to `False`):
+            Treat every token of `input_ids` as text, image placeholder and boundary ids included, as the original
+            does with sampled tokens. `generate` sets it after the prompt, so a sampled `<|image_pad|>` or
+            `<|vision_start|>` is embedded as the text token it is instead of being taken for an image slot.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if text_only and (pixel_values is not None or latents is not None):
+            raise ValueError("`text_only=True` takes no `pixel_values` or `latents`: every token is read as text.")
         if input_ids is None and (pixel_values is not None or latents is not None):
             raise ValueError("Images need `input_ids` with placeholder tokens; `inputs_embeds` alone cannot place them.")
         if use_cache is None:
@@ -708,7 +725,7 @@ class BagelModel(BagelPreTrainedModel):
         cached = past_key_values is not None and past_key_values.get_seq_length() > 0
         if input_ids is not None:
             offset = getattr(past_key_values, "bagel_next_position", 0) if cached else 0
-            layout = bagel_token_layout(input_ids, self.config, attention_mask, offset)
+            layout = bagel_token_layout(input_ids, self.config, attention_mask, offset, text_only=text_only)
             if position_ids is None:
                 if cached and not hasattr(past_key_values, "bagel_next_position"):
                     raise ValueError("Pass `position_ids` when continuing from a cache this model did not fill.")
@@ -729,7 +746,7 @@ class BagelModel(BagelPreTrainedModel):
                 raise ValueError("`pixel_values` needs `image_grid_hw` (the patch grid of each image).")
             features = self.get_image_features(pixel_values, image_grid_hw)
             inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, features, "image")
-        elif input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+        elif input_ids is not None and not text_only and bool((input_ids == self.config.image_token_id).any()):
             raise ValueError("input_ids contain image placeholder tokens but no `pixel_values` were given.")
         if latents is not None:
             if latent_grid_hw is None:
@@ -969,6 +986,8 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         if not is_first_iteration and model_inputs.get("use_cache", True):
             for key in ("pixel_values", "image_grid_hw", "latents", "latent_grid_hw", "latent_timesteps"):
                 model_inputs.pop(key, None)
+            # Sampled tokens are text whatever their id (the original embeds them as text too).
+            model_inputs["text_only"] = True
         return model_inputs
 
     # -- image generation API (used by diffusers_bagel.BagelPipeline) -------------------------------------------------

@@ -129,9 +129,8 @@ def _is_und_expert(name: str) -> bool:
 
 def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, freeze_llm: bool = False) -> list[str]:
     """
-    The original's freeze options, as `requires_grad=False`. The fixed 2-D sin-cos tables (`vit_pos_embed`,
-    `latent_pos_embed`) are always frozen: they are frozen in the original, but `from_pretrained` hands them back
-    trainable.
+    The original's freeze options, as `requires_grad=False`. (The fixed 2-D sin-cos tables `vit_pos_embed` /
+    `latent_pos_embed` are buffers, never trained.)
 
     - `freeze_vit`: the SigLIP encoder (not the connector);
     - `freeze_llm`: the whole language model (embeddings, both experts of every layer, final norms, `lm_head`);
@@ -143,9 +142,6 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
     """
     frozen = []
     for name, param in model.named_parameters():
-        if name.endswith("pos_embed.pos_embed"):
-            param.requires_grad_(False)
-            continue
         if (freeze_vit and _is_vit(name)) or (freeze_llm and _is_llm(name)) or (freeze_und and _is_und_expert(name)):
             param.requires_grad_(False)
             frozen.append(name)
