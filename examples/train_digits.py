@@ -2,7 +2,7 @@
 Train a tiny BAGEL from scratch on scikit-learn's handwritten digits with this project's training stack, and save it
 as a diffusers-layout folder that `BagelPipeline.from_pretrained` loads.
 
-    python examples/train_digits.py --output_dir outputs/digits [--time_budget_minutes 25] [--vae_dir DIR]
+    python examples/train_digits.py --output_dir outputs/digits [--time_budget_minutes 29] [--vae_dir DIR]
 
 What it does:
 1. splits the 1,797 digits (64x64 RGB) into train / held-out with a fixed seed;
@@ -87,12 +87,12 @@ def save_checkpoint(path: Path, model, vae, processor, dtype: torch.dtype) -> Pa
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/digits"))
-    parser.add_argument("--time_budget_minutes", type=positive_float, default=25.0,
+    parser.add_argument("--time_budget_minutes", type=positive_float, default=29.0,
                         help="Wall-time budget of the whole run (VAE included); training stops cleanly when it is spent.")
     parser.add_argument("--vae_dir", type=Path, default=None, help="A trained digits VAE (default: train one first).")
     parser.add_argument("--vae_budget_fraction", type=float, default=0.2,
                         help="Share of the time budget the VAE may take when it is trained here.")
-    parser.add_argument("--max_steps", type=positive_int, default=2500, help="Optimiser steps (cosine schedule).")
+    parser.add_argument("--max_steps", type=positive_int, default=5000, help="Optimiser steps (cosine schedule).")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="Samples packed into one sequence.")
     parser.add_argument("--learning_rate", type=positive_float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=100)

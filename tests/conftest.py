@@ -55,3 +55,29 @@ def converted_dir(tmp_path_factory) -> Path:
 def no_grad():
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on 2 shared cores: one torch thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shrunk_config(converted_dir: Path, num_layers: int = 1):
+    """The tiny checkpoint's tokens and tables with an even smaller network (width 32, `num_layers` decoder and ViT
+    layers), for training tests that take many steps."""
+    from transformers_bagel.configuration_bagel import BagelConfig
+
+    base = BagelConfig.from_pretrained(converted_dir / "model")
+    text = base.text_config.to_dict()
+    text.pop("layer_types", None)
+    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)  # fmt: skip
+    vision = base.vision_config.to_dict()
+    vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=1)
+    names = ("bos_token_id", "eos_token_id", "start_of_image_token_id", "end_of_image_token_id", "image_token_id",
+             "latent_token_id", "pad_token_id")  # fmt: skip
+    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **{n: getattr(base, n) for n in names})

@@ -24,6 +24,7 @@ from transformers_bagel.digits import (  # noqa: E402
     digits_bagel_config,
     digits_image_processor,
     downscale_digit,
+    editing_accuracy,
     edit_instruction,
     generation_accuracy,
     image_grid,
@@ -238,13 +239,19 @@ def test_shipped_checkpoint_layout_and_size():
     assert total < 15 * 2**20
 
 
-def test_shipped_checkpoint_draws_and_reads_digits(shipped_pipe, split):
+def test_shipped_checkpoint_draws_reads_and_edits_digits(shipped_pipe, split):
+    """The shipped checkpoint scores 99.5% / 99.7% / 100% on the full evaluation (EVAL.md); on this small sample it
+    draws, reads and edits every digit. The bounds leave room for a few thread-order flips, not for a regression."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     classifier = DigitClassifier(split.held_out_images, split.held_out_labels)
     generation = generation_accuracy(shipped_pipe, classifier, images_per_digit=3, num_inference_steps=12, seed=1)
-    assert generation.accuracy >= 0.85, generation.per_digit
+    assert generation.accuracy >= 0.9, generation.per_digit
     assert shipped_pipe.model.config.text_config.vocab_size < 64
     understanding = understanding_accuracy(
         shipped_pipe.model, shipped_pipe.processor, split.held_out_images[:60], split.held_out_labels[:60]
     )
-    assert understanding.accuracy >= 0.9, understanding.outputs
+    assert understanding.accuracy >= 0.95, understanding.outputs
+    editing = editing_accuracy(
+        shipped_pipe, classifier, split.held_out_images, split.held_out_labels, 2, num_inference_steps=12, seed=1
+    )
+    assert editing.accuracy >= 0.85, editing.per_digit

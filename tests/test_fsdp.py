@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from transformers_bagel import BagelConfig, BagelForConditionalGeneration, BagelProcessor
+from conftest import shrunk_config
+from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
 from transformers_bagel.training import (
     BagelDataCollator,
     BagelEMACallback,
@@ -26,17 +27,8 @@ WORLD = 2
 STEPS = 12
 
 
-def _config(converted_dir) -> BagelConfig:
-    base = BagelConfig.from_pretrained(converted_dir / "model")
-    text = base.text_config.to_dict()
-    text.pop("layer_types", None)
-    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                head_dim=16)  # fmt: skip
-    vision = base.vision_config.to_dict()
-    vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=1)
-    tokens = {name: getattr(base, name) for name in ("bos_token_id", "eos_token_id", "start_of_image_token_id",
-              "end_of_image_token_id", "image_token_id", "latent_token_id", "pad_token_id")}  # fmt: skip
-    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **tokens)
+def _config(converted_dir):
+    return shrunk_config(converted_dir, num_layers=2)
 
 
 def _model(config):

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from transformers_bagel import BagelConfig, BagelForConditionalGeneration, BagelProcessor
+from conftest import shrunk_config
+from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
 from transformers_bagel.training import (
     BagelDataCollator,
     BagelEMACallback,
@@ -29,12 +30,7 @@ from transformers_bagel.training import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +40,7 @@ def processor(converted_dir):
 
 @pytest.fixture(scope="module")
 def small_config(converted_dir):
-    """The tiny checkpoint's tokens and tables with an even smaller network (one layer, width 32)."""
-    base = BagelConfig.from_pretrained(converted_dir / "model")
-    text = base.text_config.to_dict()
-    text.pop("layer_types", None)
-    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                head_dim=16)  # fmt: skip
-    vision = base.vision_config.to_dict()
-    vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1)
-    tokens = {name: getattr(base, name) for name in ("bos_token_id", "eos_token_id", "start_of_image_token_id",
-              "end_of_image_token_id", "image_token_id", "latent_token_id", "pad_token_id")}  # fmt: skip
-    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **tokens)
+    return shrunk_config(converted_dir, num_layers=1)
 
 
 def _model(config, seed=0):
