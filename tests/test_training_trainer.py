@@ -2,6 +2,7 @@
 same curve (losses and EMA), the EMA callback follows its recursion and is saved with checkpoints, gradient
 accumulation divides per micro-batch, freezing options, and examples/train.py as a user runs it."""
 
+import copy
 import json
 import os
 import subprocess
@@ -167,7 +168,43 @@ def test_activation_checkpointing_gives_the_same_gradients(small_config, process
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
 
 
+def test_freeze_und_detaches_understanding_activations_as_the_original(small_config, processor):
+    """`freeze_und` as the original: values unchanged; no gradient reaches text embeddings, ViT, connector or the
+    understanding expert even where they would train; the generation expert's gradient from a text-to-image target
+    (whose text context does not depend on it) is unchanged."""
+    config = copy.deepcopy(small_config)
+    t2i = [sample for sample in _dataset() if sample["segments"][-1]["type"] == "vae_image"][:2]
+    und = [sample for sample in _dataset() if sample["segments"][-1]["type"] == "text"][:1]
+    collate = BagelDataCollator(processor, config, text_cond_dropout_prob=0.0)
+    runs = []
+    for freeze in (False, True):
+        model = _model(copy.deepcopy(config))
+        model.train()
+        if freeze:
+            freeze_modules(model, freeze_und=True)
+            assert model.model.language_model.config.freeze_und
+            model.requires_grad_(True)  # prove the detaching, not only requires_grad=False
+        torch.manual_seed(3)
+        out = model(**collate(t2i + und))
+        (out.mse_loss + out.ce_loss).backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (frozen, frozen_grads) = runs
+    assert torch.equal(plain.mse_loss, frozen.mse_loss) and torch.equal(plain.ce_loss, frozen.ce_loss)
+    und_params = [n for n in frozen_grads if n.startswith(("model.vision_model", "model.connector"))
+                  or n == "model.language_model.embed_tokens.weight"
+                  or (".language_model.layers." in n and "moe_gen" not in n)]  # fmt: skip
+    assert und_params and all(frozen_grads[n] is None or not frozen_grads[n].any() for n in und_params)
+    for name in ("model.language_model.embed_tokens.weight", "model.language_model.layers.0.self_attn.q_proj.weight"):
+        assert plain_grads[name].abs().sum() > 0  # without the option they do learn
+    assert frozen_grads["lm_head.weight"].abs().sum() > 0  # the head still learns from the detached states
+    gen_params = [n for n in frozen_grads if "moe_gen" in n and "layers.0." in n]
+    for name in gen_params:
+        torch.testing.assert_close(frozen_grads[name], plain_grads[name], rtol=1e-5, atol=1e-8)
+    assert not copy.deepcopy(config).text_config.freeze_und  # the flag lives on the trained model's config only
+
+
 def test_freeze_options(small_config):
+    small_config = copy.deepcopy(small_config)
     model = _model(small_config)
     frozen = freeze_modules(model, freeze_vit=True)
     assert frozen and all(".vision_model." in name for name in frozen)

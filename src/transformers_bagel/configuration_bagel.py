@@ -15,10 +15,14 @@ class BagelTextConfig(Qwen2Config):
     r"""
     Configuration of BAGEL's Mixture-of-Transformer-Experts decoder.
 
-    It is a [`Qwen2Config`] (the 7B checkpoint starts from Qwen2.5-7B-Instruct) with one extra field:
+    It is a [`Qwen2Config`] (the 7B checkpoint starts from Qwen2.5-7B-Instruct) with two extra fields:
 
     qk_norm (`bool`, *optional*, defaults to `True`):
         Whether queries and keys go through an RMSNorm over the head dimension before RoPE. BAGEL always uses it.
+    freeze_und (`bool`, *optional*, defaults to `False`):
+        Training option of the original (`--freeze_und`): every activation of understanding tokens (text and ViT)
+        is detached, so no gradient reaches the understanding expert, the text embeddings, the ViT or the connector,
+        and the generation loss does not flow back through understanding tokens. No effect without gradients.
 
     Every decoder layer holds two sets of weights built from this config: the understanding expert (text and ViT
     tokens) and the generation expert (`*_moe_gen`, VAE latent tokens).
@@ -37,6 +41,7 @@ class BagelTextConfig(Qwen2Config):
     rms_norm_eps: float = 1e-6
     sliding_window: int | None = None
     qk_norm: bool = True
+    freeze_und: bool = False
 
     def __post_init__(self, **kwargs):
         if self.rope_parameters is None:

@@ -45,9 +45,13 @@ class ExpertRouting:
     shared by every layer. Sequences made of one kind of token (text decoding, ViT prefill) take a fast path with no
     gather/scatter; mixed sequences run each expert on its own tokens only. transformers has no MoT routing, so this
     is written here.
+
+    With `detach_und=True` the understanding expert's outputs are detached (the original's `freeze_und`): every
+    consumer of understanding-token activations goes through this routing, so no gradient reaches or leaves them.
     """
 
-    def __init__(self, gen_token_mask: torch.Tensor | None):
+    def __init__(self, gen_token_mask: torch.Tensor | None, detach_und: bool = False):
+        self.detach_und = detach_und
         self.und_index = self.gen_index = None
         if gen_token_mask is None or not bool(gen_token_mask.any()):
             self.kind = "und"
@@ -62,6 +66,9 @@ class ExpertRouting:
     def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
         """Applies `und` to understanding tokens and `gen` to generation tokens of `hidden_states`, whose first
         `token_dims` dimensions index tokens."""
+        if self.detach_und:
+            und_expert = und
+            und = lambda x: und_expert(x).detach()  # noqa: E731
         if self.kind == "und":
             return und(hidden_states)
         if self.kind == "gen":
@@ -86,6 +93,7 @@ class _LatentBlockRouting(ExpertRouting):
     def __init__(self):
         self.und_index = self.gen_index = None
         self.kind = "latent_block"
+        self.detach_und = False
 
     def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
         out = gen(hidden_states)
@@ -452,7 +460,7 @@ class BagelTextModel(BagelPreTrainedModel):
         )
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
-        routing = ExpertRouting(gen_token_mask)
+        routing = ExpertRouting(gen_token_mask, detach_und=self.config.freeze_und and torch.is_grad_enabled())
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:

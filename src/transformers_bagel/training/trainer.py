@@ -134,9 +134,9 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
 
     - `freeze_vit`: the SigLIP encoder (not the connector);
     - `freeze_llm`: the whole language model (embeddings, both experts of every layer, final norms, `lm_head`);
-    - `freeze_und`: the understanding expert of every decoder layer and its final norm. The original also detaches
-      the understanding tokens' activations inside the layers, which additionally stops gradients flowing from the
-      generation loss through understanding tokens; here those paths still train the other parameters.
+    - `freeze_und`: the understanding expert of every decoder layer and its final norm, and, as the original, the
+      understanding tokens' activations are detached (`text_config.freeze_und`): no gradient reaches the text
+      embeddings, the ViT or the connector through them, and the generation loss does not flow back through them.
 
     Returns the names of the parameters frozen.
     """
@@ -145,6 +145,10 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
         if (freeze_vit and _is_vit(name)) or (freeze_llm and _is_llm(name)) or (freeze_und and _is_und_expert(name)):
             param.requires_grad_(False)
             frozen.append(name)
+    if freeze_und:
+        # The decoder reads the flag from its own config object (the composite's `text_config` after loading).
+        for config in {id(c): c for c in (model.config.text_config, model.model.language_model.config)}.values():
+            config.freeze_und = True
     if freeze_vit or freeze_llm or freeze_und:
         logger.info(f"Froze {len(frozen)} parameter tensors.")
     return frozen
