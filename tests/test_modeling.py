@@ -95,7 +95,7 @@ def test_sampled_image_tokens_are_decoded_as_text(original_model, no_grad):
     position = int(context.next_position)
     tail = torch.tensor([generated[:3]])
     reference = model(
-        input_ids=tail, past_key_values=context.past_key_values, text_only=True,
+        input_ids=tail, cache=context.cache, text_only=True,
         position_ids=torch.arange(position, position + 3)[None],
     ).logits  # fmt: skip
     for step in range(1, 4):
@@ -115,15 +115,15 @@ def test_velocity_matches_original(original_model, implementation, no_grad):
     ids = [meta["new_token_ids"]["bos_token_id"]] if "new_token_ids" in meta else [401]
     ids = ids + tokenizer.encode(meta["prompt"]) + [402]
     context = model.model(input_ids=torch.tensor([ids]), use_cache=True)
-    assert context.past_key_values.get_seq_length() == meta["kv_lens"][0]
+    assert context.cache.get_seq_length() == meta["kv_lens"][0]
     assert context.next_position.tolist() == meta["ropes"]
     x_t = expected["x_t"][None]
     grid = (meta["image_hw"][0] // 16, meta["image_hw"][1] // 16)
-    v_cond = model.predict_velocity(x_t, meta["t"], grid, context.past_key_values, context_position=context.next_position)
+    v_cond = model.predict_velocity(x_t, meta["t"], grid, context.cache, context_position=context.next_position)
     assert_close_rel(v_cond[0], expected["v_cond"], 1e-4)
     v_uncond = model.predict_velocity(x_t, meta["t"], grid, None, context_position=0)
     assert_close_rel(v_uncond[0], expected["v_uncond_text"], 1e-4)
-    assert context.past_key_values.get_seq_length() == meta["kv_lens"][0], "a velocity step must not grow the cache"
+    assert context.cache.get_seq_length() == meta["kv_lens"][0], "a velocity step must not grow the cache"
 
 
 def test_batched_padded_contexts_equal_single_contexts(original_model, no_grad):
@@ -138,11 +138,11 @@ def test_batched_padded_contexts_equal_single_contexts(original_model, no_grad):
     assert context.next_position.tolist() == [len(ids), len(short), 0]
     x_t = expected["x_t"][None].expand(3, -1, -1)
     batched = model.predict_velocity(
-        x_t, 0.7, (4, 6), context.past_key_values, context_attention_mask=mask, context_position=context.next_position
+        x_t, 0.7, (4, 6), context.cache, context_attention_mask=mask, context_position=context.next_position
     )
     single_short = model.model(input_ids=torch.tensor([short]), use_cache=True)
     v_short = model.predict_velocity(
-        x_t[:1], 0.7, (4, 6), single_short.past_key_values, context_position=single_short.next_position
+        x_t[:1], 0.7, (4, 6), single_short.cache, context_position=single_short.next_position
     )
     assert (batched[0] - expected["v_cond"]).abs().max() < 1e-5
     assert (batched[1] - v_short[0]).abs().max() < 1e-5
@@ -362,3 +362,16 @@ def test_position_tables_stay_fixed_after_from_pretrained(converted_dir):
     assert torch.equal(state["model.vit_pos_embed.pos_embed"], original["vit_pos_embed.pos_embed"].float())
     model.train()
     assert all(not table.requires_grad for table in (model.model.vit_pos_embed.pos_embed, model.model.latent_pos_embed.pos_embed))
+
+
+def test_cache_argument_and_its_deprecated_name(original_model, no_grad):
+    """transformers 5.24 names the KV cache `cache`; the old `past_key_values=` still works, with a warning."""
+    model, _ = original_model
+    with_attn(model, "sdpa")
+    ids = torch.tensor([[401, 30, 31, 32, 402, 401]])
+    full = model(input_ids=ids).logits
+    continued = model(input_ids=ids[:, 4:], cache=model(input_ids=ids[:, :4], use_cache=True).cache).logits
+    assert_close_rel(continued, full[:, 4:], 1e-5)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old_name = model(input_ids=ids[:, 4:], past_key_values=model(input_ids=ids[:, :4], use_cache=True).cache)
+    assert torch.equal(old_name.logits, continued)

@@ -96,7 +96,7 @@ def _reference_generate(pipe, contexts, noise, steps, shift, st, si, interval, r
             caches.append((None, 0))
             continue
         out = model.model(**_segment_ids(pipe, ctx.segments), use_cache=True)
-        caches.append((out.past_key_values, out.next_position))
+        caches.append((out.cache, out.next_position))
     grid = (noise.shape[2] // 2, noise.shape[3] // 2)
     x = pack_latents(noise, 2)
     ts = torch.linspace(1, 0, steps + 1)

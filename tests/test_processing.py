@@ -303,10 +303,10 @@ def test_image_question_prefilled_at_once_equals_context_by_context(auto_loaded,
     cache = DynamicCache(config=model.config)
     first = model(
         input_ids=ids[:, :end], pixel_values=inputs["pixel_values"], image_grid_hw=inputs["image_grid_hw"],
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     )  # fmt: skip
     rest = model(
-        input_ids=ids[:, end:], past_key_values=first.past_key_values, position_ids=first.next_position[:, None] + torch.arange(ids.shape[1] - end)[None],
+        input_ids=ids[:, end:], cache=first.cache, position_ids=first.next_position[:, None] + torch.arange(ids.shape[1] - end)[None],
         use_cache=True,
     )  # fmt: skip
     assert_close_rel(rest.logits[0, -1], full, 1e-5)

@@ -401,7 +401,7 @@ class BagelPipeline(DiffusionPipeline):
             return None, None, zeros
         # logits_to_keep=1: only the cache is wanted, not vocabulary logits over the whole context.
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.past_key_values, inputs["attention_mask"], out.next_position
+        return out.cache, inputs["attention_mask"], out.next_position
 
     # -- thinking ---------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bagel import BagelConfig, BagelTextConfig
@@ -268,7 +269,7 @@ class BagelAttention(nn.Module):
         routing: ExpertRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,12 +286,12 @@ class BagelAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if past_key_values is not None:
+        if cache is not None:
             if update_cache:
-                key, value = past_key_values.update(key, value, self.layer_idx)
+                key, value = cache.update(key, value, self.layer_idx)
             else:
                 # Attend to the cached context without storing the new tokens (denoising steps, CFG branches).
-                layer = past_key_values.layers[self.layer_idx]
+                layer = cache.layers[self.layer_idx]
                 if layer.is_initialized and layer.keys.numel():
                     key = torch.cat([layer.keys, key], dim=-2)
                     value = torch.cat([layer.values, value], dim=-2)
@@ -339,7 +340,7 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
         routing: ExpertRouting,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
@@ -350,7 +351,7 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
             routing=routing,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             update_cache=update_cache,
             **kwargs,
         )
@@ -366,7 +367,7 @@ class BagelPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["BagelDecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     # Image blocks need bidirectional attention inside a causal sequence: flash-attention's causal/full switch
     # cannot express that mask, so BAGEL runs on eager, sdpa or flex_attention.
     _supports_flash_attn = False
@@ -409,13 +410,14 @@ class BagelTextModel(BagelPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         gen_token_mask: torch.BoolTensor | None = None,
@@ -433,17 +435,17 @@ class BagelTextModel(BagelPreTrainedModel):
         and_mask_function (`Callable`, *optional*):
             Extra mask restriction (packed training samples, noised images hidden from later tokens).
         update_cache (`bool`, defaults to `True`):
-            When False, the tokens attend to `past_key_values` but are not appended to it.
+            When False, the tokens attend to `cache` but are not appended to it.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if block_ids is not None and not bool((block_ids >= 0).any()):
             block_ids = None
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if block_ids is not None and past_seen:
             # The mask functions index blocks by absolute key position: cached tokens are never in a new block.
             block_ids = torch.cat([block_ids.new_full((block_ids.shape[0], past_seen), -1), block_ids], dim=1)
@@ -453,7 +455,7 @@ class BagelTextModel(BagelPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=None,
             block_sequence_ids=block_ids,
             and_mask_function=and_mask_function,
@@ -469,13 +471,13 @@ class BagelTextModel(BagelPreTrainedModel):
                 routing,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 update_cache=update_cache,
                 **kwargs,
             )
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states, cache=cache if use_cache else None
         )
 
 
@@ -598,7 +600,7 @@ class BagelCausalLMOutputWithPast(ModelOutput):
     ce_loss: torch.FloatTensor | None = None
     mse_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     next_position: torch.LongTensor | None = None
@@ -676,13 +678,14 @@ class BagelModel(BagelPreTrainedModel):
             )
         return inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.LongTensor | None = None,
@@ -708,7 +711,7 @@ class BagelModel(BagelPreTrainedModel):
         latent_timesteps (`torch.Tensor` of shape `(num_latent_images,)`, *optional*):
             Flow time of each latent image; 0 (clean) by default.
         update_cache (`bool`, defaults to `True`):
-            When False the new tokens attend to `past_key_values` without being stored in it.
+            When False the new tokens attend to `cache` without being stored in it.
         document_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
             Packed training: the sample each token belongs to. Tokens attend only within their sample.
         noised_latent_images (`torch.BoolTensor` of shape `(num_latent_images,)`, *optional*):
@@ -727,15 +730,15 @@ class BagelModel(BagelPreTrainedModel):
             raise ValueError("Images need `input_ids` with placeholder tokens; `inputs_embeds` alone cannot place them.")
         if use_cache is None:
             use_cache = self.config.text_config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
 
-        cached = past_key_values is not None and past_key_values.get_seq_length() > 0
+        cached = cache is not None and cache.get_seq_length() > 0
         if input_ids is not None:
-            offset = getattr(past_key_values, "bagel_next_position", 0) if cached else 0
+            offset = getattr(cache, "bagel_next_position", 0) if cached else 0
             layout = bagel_token_layout(input_ids, self.config, attention_mask, offset, text_only=text_only)
             if position_ids is None:
-                if cached and not hasattr(past_key_values, "bagel_next_position"):
+                if cached and not hasattr(cache, "bagel_next_position"):
                     raise ValueError("Pass `position_ids` when continuing from a cache this model did not fill.")
                 position_ids = layout.position_ids
             block_ids, gen_token_mask = layout.block_ids, layout.gen_token_mask
@@ -776,7 +779,7 @@ class BagelModel(BagelPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             gen_token_mask=gen_token_mask,
             block_ids=block_ids,
@@ -791,10 +794,10 @@ class BagelModel(BagelPreTrainedModel):
         else:
             next_position = None
         if use_cache and update_cache and next_position is not None:
-            past_key_values.bagel_next_position = next_position
+            cache.bagel_next_position = next_position
         return BagelModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             next_position=next_position,
@@ -825,13 +828,14 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.LongTensor | None = None,
@@ -882,7 +886,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_grid_hw=image_grid_hw,
@@ -928,7 +932,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             ce_loss=ce_loss,
             mse_loss=mse_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             next_position=outputs.next_position,
@@ -1000,13 +1004,14 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
     # -- image generation API (used by diffusers_bagel.BagelPipeline) -------------------------------------------------
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @_with_offload_hook
     def predict_velocity(
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor | float,
         latent_grid_hw: tuple[int, int],
-        past_key_values: Cache | None,
+        cache: Cache | None,
         context_attention_mask: torch.Tensor | None = None,
         context_position: torch.Tensor | int = 0,
     ) -> torch.Tensor:
@@ -1019,7 +1024,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             latents (`torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`): packed noisy latents x_t.
             timestep (`float` or `torch.Tensor` of shape `(batch,)`): flow time t in [0, 1] (1 = noise).
             latent_grid_hw (`tuple[int, int]`): token grid (h, w) of the image.
-            past_key_values (`Cache`): prefilled contexts, one per row (left-padded), or None for empty contexts.
+            cache (`Cache`): prefilled contexts, one per row (left-padded), or None for empty contexts.
             context_attention_mask (`torch.Tensor` of shape `(batch, context_len)`, *optional*): 1 for real context
                 tokens, 0 for padding. None means every cached token is real.
             context_position (`int` or `torch.LongTensor` of shape `(batch,)`): each context's next position; the
@@ -1041,7 +1046,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         if height * width != num_tokens:
             raise ValueError(f"latents hold {num_tokens} tokens but the grid {height}x{width} needs {height * width}.")
         device = latents.device
-        plan = self._velocity_plan(batch, (height, width), past_key_values, context_attention_mask, context_position, device)
+        plan = self._velocity_plan(batch, (height, width), cache, context_attention_mask, context_position, device)
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
         else:
@@ -1063,20 +1068,20 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
                 plan.routing,
                 attention_mask=plan.attention_mask,
                 position_embeddings=plan.position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 update_cache=False,
             )
         return self.llm2vae(text_model.norm_moe_gen(hidden[:, 1:-1]))
 
-    def _velocity_plan(self, batch, grid_hw, past_key_values, context_attention_mask, context_position, device):
-        """The step-invariant inputs of `predict_velocity` (see there), cached on `past_key_values`."""
+    def _velocity_plan(self, batch, grid_hw, cache, context_attention_mask, context_position, device):
+        """The step-invariant inputs of `predict_velocity` (see there), cached on `cache`."""
         text_model = self.model.language_model
         dtype = text_model.embed_tokens.weight.dtype
-        context_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        context_len = cache.get_seq_length() if cache is not None else 0
         key = (batch, grid_hw, device, dtype, text_model.config._attn_implementation, context_len)
         plans = None
-        if past_key_values is not None:
-            plans = past_key_values.__dict__.setdefault("_bagel_velocity_plans", {})
+        if cache is not None:
+            plans = cache.__dict__.setdefault("_bagel_velocity_plans", {})
             plan = plans.get(key)
             if plan is not None and plan.matches(context_attention_mask, context_position):
                 return plan
@@ -1105,7 +1110,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             config=text_model.config,
             inputs_embeds=shape_only,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=None,
             block_sequence_ids=block_ids,
         )
