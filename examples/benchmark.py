@@ -634,6 +634,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "GPUs, else a measured matmul).")
     parser.add_argument("--meta_only", action="store_true",
                         help="Build the configuration on the meta device, print parameters and FLOPs/token, exit.")
+    parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                        help="Weight-only quantisation of every decoder linear (both experts) with torchao "
+                             "(pip install -e '.[quant]'): int8 on CPU or CUDA, int4 (group size 128) on CUDA. "
+                             "Default: none.")
     parser.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and noise.")
     parser.add_argument("--threads", type=int, default=None,
@@ -666,7 +670,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}.")
     if args.compare_steps < 0:
         parser.error(f"--compare_steps must be >= 0, got {args.compare_steps}.")
+    if args.quantize != "none":
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            parser.error("--quantize needs torchao: pip install -e '.[quant]'")
+        if args.quantize == "int4" and not on_gpu:
+            parser.error("--quantize int4 runs on CUDA only; use int8 on the CPU.")
     return args
+
+
+def quantize_decoder(model, scheme: str) -> None:
+    """torchao weight-only quantisation, in place, of every linear of the MoT decoder (understanding and generation
+    experts); the ViT, connector, embeddings and heads stay in the model's dtype."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    config = Int8WeightOnlyConfig() if scheme == "int8" else Int4WeightOnlyConfig(group_size=128)
+    quantize_(model.model.language_model.layers, config)
 
 
 def main(argv=None):
@@ -710,7 +730,10 @@ def main(argv=None):
 
     start = time.perf_counter()
     pipe = build_pipeline(args.config, args.device, args.dtype, args.attn)
-    print(f"built with random weights on {args.device} in {time.perf_counter() - start:.1f}s")
+    if args.quantize != "none":
+        quantize_decoder(pipe.model, args.quantize)
+    print(f"built with random weights on {args.device} in {time.perf_counter() - start:.1f}s"
+          + (f"; decoder weights quantised to {args.quantize}" if args.quantize != "none" else ""))
 
     rows, comparisons = [], []
     with torch.no_grad():
@@ -754,7 +777,7 @@ def main(argv=None):
                 for c in comparisons
             ],
         )
-    report.update(device=device_name, dtype=str(args.dtype), peak_tflops=peak, peak_source=peak_source,
+    report.update(device=device_name, dtype=str(args.dtype), quantize=args.quantize, peak_tflops=peak, peak_source=peak_source,
                   memory=memory.label, tasks=rows, comparisons=comparisons)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

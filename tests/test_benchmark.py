@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "benchmark.py"
@@ -114,3 +116,16 @@ def test_help_documents_every_flag():
         # every flag is followed by its description (on its own line or the next)
         text = options.split(flag, 1)[1].split("\n  --", 1)[0]
         assert len(re.sub(r"^[ A-Z_{},0-9a-z-]*\n", "", text).strip()) > 10, flag
+
+
+def test_int8_quantised_run(tmp_path):
+    pytest.importorskip("torchao")
+    out = tmp_path / "figures.json"
+    stdout = _run(
+        "--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup_steps", "1", "--tasks", "t2i",
+        "--compare_steps", "1", "--quantize", "int8", "--json", str(out),
+    )  # fmt: skip
+    assert "decoder weights quantised to int8" in stdout
+    report = json.loads(out.read_text())
+    assert report["quantize"] == "int8" and report["tasks"][0]["task"] == "t2i"
+    assert _number(str(report["tasks"][0]["s_per_image"])) > 0
