@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
 
 import gradio as gr  # noqa: E402
-from quickstart import ROOT, default_checkpoint  # noqa: E402
+from quickstart import DIGITS_CHECKPOINT, ROOT, default_checkpoint  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
 from diffusers_bagel.cli import answer, build_messages, load_pipeline  # noqa: E402
@@ -227,8 +227,9 @@ def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--checkpoint", type=Path, default=None,
-        help="Converted BAGEL folder (default: the tiny test model, converted once into outputs/tiny-bagel).",
+        "--checkpoint", default=None,
+        help="Converted BAGEL folder, or `random-tiny` for the random-weight test model (default: the shipped digits "
+             "BAGEL: try 'a handwritten digit seven', 'change the digit to three', 'Which digit is this?').",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 to share on a network).")
     parser.add_argument("--port", type=int, default=7860, help="Port to serve on.")
@@ -239,7 +240,14 @@ def main():
     if not 1 <= args.num_inference_steps <= 100:
         parser.error(f"--num_inference_steps must be in 1..100, got {args.num_inference_steps}")
 
-    checkpoint = args.checkpoint or default_checkpoint(ROOT / "outputs")
+    if args.checkpoint is None:
+        checkpoint = DIGITS_CHECKPOINT
+    elif args.checkpoint == "random-tiny":
+        checkpoint = default_checkpoint(ROOT / "outputs")
+    else:
+        checkpoint = Path(args.checkpoint)
+        if not (checkpoint / "model_index.json").is_file():
+            parser.error(f"--checkpoint {checkpoint} is not a converted BAGEL folder (no model_index.json)")
     pipe = load_pipeline(checkpoint, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     demo = build_demo(pipe, args.num_inference_steps)
