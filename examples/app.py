@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
 
 import gradio as gr  # noqa: E402
-from quickstart import DIGITS_CHECKPOINT, ROOT, default_checkpoint  # noqa: E402
+from quickstart import resolve_checkpoint  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
 from diffusers_bagel.cli import answer, build_messages, load_pipeline  # noqa: E402
@@ -240,14 +240,7 @@ def main():
     if not 1 <= args.num_inference_steps <= 100:
         parser.error(f"--num_inference_steps must be in 1..100, got {args.num_inference_steps}")
 
-    if args.checkpoint is None:
-        checkpoint = DIGITS_CHECKPOINT
-    elif args.checkpoint == "random-tiny":
-        checkpoint = default_checkpoint(ROOT / "outputs")
-    else:
-        checkpoint = Path(args.checkpoint)
-        if not (checkpoint / "model_index.json").is_file():
-            parser.error(f"--checkpoint {checkpoint} is not a converted BAGEL folder (no model_index.json)")
+    checkpoint = resolve_checkpoint(args.checkpoint, parser)
     pipe = load_pipeline(checkpoint, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     demo = build_demo(pipe, args.num_inference_steps)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from diffusers_bagel import BagelPipeline
+from diffusers_bagel.cli import answer, build_messages
 from transformers_bagel.convert_bagel_to_hf import convert
 
 
@@ -33,15 +34,22 @@ def default_checkpoint(output_root: Path) -> Path:
     return converted
 
 
-def answer(pipe, image, question: str, max_new_tokens: int = 16) -> str:
-    """Greedy answer of the model to `question` about `image`, through the processor's chat template."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-    inputs = pipe.processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    inputs["pixel_values"] = inputs["pixel_values"].to(pipe.model.dtype)
-    ids = pipe.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return pipe.processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+def resolve_checkpoint(value: str | None, parser: argparse.ArgumentParser, default: Path = DIGITS_CHECKPOINT) -> Path:
+    """A `--checkpoint` value as a folder: None -> `default`, `random-tiny` -> the random test model (converted on
+    first use), anything else must be a converted BAGEL folder (refused through `parser.error` otherwise)."""
+    if value is None:
+        return default
+    if value == "random-tiny":
+        return default_checkpoint(ROOT / "outputs")
+    checkpoint = Path(value)
+    if not (checkpoint / "model_index.json").is_file():
+        parser.error(f"--checkpoint {checkpoint} is not a converted BAGEL folder (no model_index.json)")
+    return checkpoint
+
+
+def ask(pipe, image, question: str, max_new_tokens: int = 16) -> str:
+    """Greedy answer of the model to `question` about `image` (the CLI's chat path)."""
+    return answer(pipe, build_messages(question, [image]), max_new_tokens=max_new_tokens).strip()
 
 
 def digits_demo(args):
@@ -70,7 +78,7 @@ def digits_demo(args):
     sample, label = to_pil(split.held_out_images[args.sample_index]), int(split.held_out_labels[args.sample_index])
     sample_path = args.output_dir / "held_out_digit.png"
     sample.save(sample_path)
-    reply = answer(pipe, sample, UNDERSTANDING_QUESTION, max_new_tokens=4)
+    reply = ask(pipe, sample, UNDERSTANDING_QUESTION, max_new_tokens=4)
     target = (label + 3) % 10
     edited = pipe(edit_instruction(target), image=sample, num_inference_steps=args.steps, generator=generator).images[0]
     edited_path = args.output_dir / "edited_digit.png"
@@ -93,7 +101,7 @@ def checkpoint_demo(args, checkpoint: Path):
     ).images[0]
     edited_path = args.output_dir / "edited.png"
     edited.save(edited_path)
-    reply = answer(pipe, generated, args.question)
+    reply = ask(pipe, generated, args.question)
 
     print(f"checkpoint: {checkpoint}")
     print(f"text-to-image ({generated.width}x{generated.height}): {generated_path}")
@@ -122,18 +130,13 @@ def main():
         parser.error("--rows must be a positive integer")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    if args.checkpoint is None:
+    checkpoint = resolve_checkpoint(args.checkpoint, parser)
+    if checkpoint == DIGITS_CHECKPOINT:
         args.steps = args.steps or 16
         digits_demo(args)
-        return
-    args.steps = args.steps or 20
-    if args.checkpoint == "random-tiny":
-        checkpoint = default_checkpoint(ROOT / "outputs")
     else:
-        checkpoint = Path(args.checkpoint)
-        if not (checkpoint / "model_index.json").is_file():
-            parser.error(f"--checkpoint {checkpoint} is not a converted BAGEL folder (no model_index.json)")
-    checkpoint_demo(args, checkpoint)
+        args.steps = args.steps or 20
+        checkpoint_demo(args, checkpoint)
 
 
 if __name__ == "__main__":

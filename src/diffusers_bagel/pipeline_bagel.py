@@ -1,5 +1,6 @@
 """BagelPipeline: text-to-image, image editing and thinking mode with BAGEL's dual classifier-free guidance."""
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,7 +196,6 @@ class BagelPipeline(DiffusionPipeline):
                 )
             batch = [images + items for images, items in zip(per_prompt, batch)]
 
-        reserved = self._image_structure_tokens()
         for items in batch:
             if not items:
                 raise ValueError("An interleaved input is empty.")
@@ -203,7 +203,7 @@ class BagelPipeline(DiffusionPipeline):
                 if isinstance(item, str):
                     if not item.strip() and len(items) == 1:
                         raise ValueError("A prompt is empty.")
-                    found = [token for token in reserved if token in item]
+                    found = self._image_structure_tokens_in(item)
                     if found:
                         raise ValueError(
                             f"`prompt` contains {found}, tokens reserved for image slots; pass images through `image` "
@@ -216,11 +216,11 @@ class BagelPipeline(DiffusionPipeline):
                     )
         return batch
 
-    def _image_structure_tokens(self) -> list[str]:
-        """The text form of the image boundary and placeholder tokens, which only images may put in a context."""
+    def _image_structure_tokens_in(self, text: str) -> list[str]:
+        """The image boundary and placeholder tokens written in `text`: only images may put them in a context."""
         config = self.model.config
-        ids = (config.start_of_image_token_id, config.end_of_image_token_id, config.image_token_id, config.latent_token_id)
-        return [token for token in self.processor.tokenizer.convert_ids_to_tokens(list(ids)) if token]
+        ids = [config.start_of_image_token_id, config.end_of_image_token_id, config.image_token_id, config.latent_token_id]
+        return [token for token in self.processor.tokenizer.convert_ids_to_tokens(ids) if token and token in text]
 
     def check_inputs(
         self,
@@ -425,15 +425,12 @@ class BagelPipeline(DiffusionPipeline):
         eos = self.processor.tokenizer.convert_ids_to_tokens(self.model.config.eos_token_id)
         pad = self.processor.tokenizer.convert_ids_to_tokens(self.model.config.pad_token_id)
         thoughts = [text.split(eos)[0].replace(pad, "") for text in texts]
-        reserved = self._image_structure_tokens()
         for i, thought in enumerate(thoughts):
-            found = [token for token in reserved if token in thought]
+            # The thought goes back into the context as text; only images may hold image slots there.
+            found = self._image_structure_tokens_in(thought)
             if found:
-                # The thought goes back into the context as text; only images may hold image slots there.
                 logger.warning(f"The thinking text holds image tokens {found}; they are removed before generating.")
-                for token in found:
-                    thought = thought.replace(token, "")
-                thoughts[i] = thought
+                thoughts[i] = re.sub("|".join(map(re.escape, found)), "", thought)
         for context, thought in zip(contexts, thoughts):
             context.full.segments.append(("text", thought))
         return thoughts

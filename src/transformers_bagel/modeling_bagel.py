@@ -518,10 +518,11 @@ def bagel_token_layout(
             no image blocks, no latent tokens, each token advances the position.
     """
     if text_only:
-        is_start = is_end = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_start = is_end = is_latent = torch.zeros_like(input_ids, dtype=torch.bool)
     else:
         is_start = input_ids == config.start_of_image_token_id
         is_end = input_ids == config.end_of_image_token_id
+        is_latent = input_ids == config.latent_token_id
     starts_so_far = is_start.long().cumsum(-1)
     ends_before = is_end.long().cumsum(-1) - is_end.long()
     inside = (starts_so_far - ends_before) > 0
@@ -535,7 +536,7 @@ def bagel_token_layout(
     return TokenLayout(
         position_ids=position_ids,
         block_ids=block_ids,
-        gen_token_mask=is_start if text_only else input_ids == config.latent_token_id,
+        gen_token_mask=is_latent,
         next_position=running[:, -1] + offset[:, 0] if input_ids.shape[1] else offset[:, 0].expand(input_ids.shape[0]),
     )
 

@@ -146,9 +146,7 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
             param.requires_grad_(False)
             frozen.append(name)
     if freeze_und:
-        # The decoder reads the flag from its own config object (the composite's `text_config` after loading).
-        for config in {id(c): c for c in (model.config.text_config, model.model.language_model.config)}.values():
-            config.freeze_und = True
+        model.config.text_config.freeze_und = True  # the decoder's own config object: it detaches und activations
     if freeze_vit or freeze_llm or freeze_und:
         logger.info(f"Froze {len(frozen)} parameter tensors.")
     return frozen
