@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from diffusers_bagel import BagelPipeline
-from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
+from transformers_bagel import BagelContext, BagelForConditionalGeneration, BagelProcessor
 from transformers_bagel.training import (
     BagelDataCollator,
     BagelTrainer,
@@ -89,10 +89,11 @@ def _probes(model, collator):
     noise = [torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (20, 21)]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     x_t = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(3))
+    empty = BagelContext()
     return {
         "und_logits": model(**und, use_cache=False, logits_to_keep=0).logits,
         "mse": model(**gen, noise=noise, timesteps=torch.tensor([0.4, 0.7])).mse_loss,
-        "velocity": base.predict_velocity(x_t, 0.5, (2, 2), None),
+        "velocity": base.predict_velocity(x_t, 0.5, (2, 2), empty, [empty.new_span()]),
     }
 
 

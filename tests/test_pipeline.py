@@ -8,7 +8,7 @@ import torch
 
 from conftest import assert_close_rel, load_expected
 from diffusers_bagel import BagelPipeline, BagelPipelineOutput, FlowMatchEulerScheduler
-from transformers_bagel import pack_latents, unpack_latents
+from transformers_bagel import BagelContext, pack_latents, unpack_latents
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_one_step_velocity_matches_original(pipe):
     assert_close_rel(pipe.guided_velocity(x_t, meta["t"], grid, guidance)[0], expected["v_cond"], 1e-4)
     # the two raw branches of the batched forward
     raw = pipe.model.predict_velocity(
-        x_t.repeat(2, 1, 1), meta["t"], grid, guidance.cache, guidance.context_mask, guidance.positions
+        x_t.repeat(2, 1, 1), meta["t"], grid, guidance.context, guidance.spans["cond"] + guidance.spans["text"]
     )
     assert_close_rel(raw[0], expected["v_cond"], 1e-4)
     assert_close_rel(raw[1], expected["v_uncond_text"], 1e-4)
@@ -92,11 +92,11 @@ def _reference_generate(pipe, contexts, noise, steps, shift, st, si, interval, r
     model = pipe.model
     caches = []
     for ctx in contexts:
-        if not ctx.segments:
-            caches.append((None, 0))
-            continue
-        out = model.model(**_segment_ids(pipe, ctx.segments), use_cache=True)
-        caches.append((out.cache, out.next_position))
+        context = BagelContext()
+        span = context.new_span()
+        if ctx.segments:
+            span = model.model(**_segment_ids(pipe, ctx.segments), context=context, context_spans=span).context_span
+        caches.append((context, [span]))
     grid = (noise.shape[2] // 2, noise.shape[3] // 2)
     x = pack_latents(noise, 2)
     ts = torch.linspace(1, 0, steps + 1)
@@ -105,11 +105,11 @@ def _reference_generate(pipe, contexts, noise, steps, shift, st, si, interval, r
         t = float(ts[i])
         active = interval[0] < t <= interval[1]
         s_text, s_img = (st, si) if active else (1.0, 1.0)
-        v = model.predict_velocity(x, t, grid, caches[0][0], context_position=caches[0][1])
+        v = model.predict_velocity(x, t, grid, *caches[0])
         if s_text > 1.0:
-            v_tu = model.predict_velocity(x, t, grid, caches[1][0], context_position=caches[1][1])
+            v_tu = model.predict_velocity(x, t, grid, *caches[1])
             if s_img > 1.0:
-                v_iu = model.predict_velocity(x, t, grid, caches[2][0], context_position=caches[2][1])
+                v_iu = model.predict_velocity(x, t, grid, *caches[2])
             if renorm == "text_channel":
                 vt_ = v_tu + s_text * (v - v_tu)
                 scale = (v.norm(dim=-1, keepdim=True) / (vt_.norm(dim=-1, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)
@@ -235,11 +235,11 @@ def test_cfg_branches_outside_interval_are_not_computed(pipe, monkeypatch):
 def test_caches_do_not_grow_during_denoising(pipe):
     contexts = [pipe.build_contexts(["a cat"], think=False)]
     guidance = pipe.prepare_guidance(contexts, 4.0, 1.0, (0.0, 1.0), "global", 0.0)
-    before = guidance.cache.get_seq_length()
+    before = guidance.context.cache.get_seq_length()
     x = torch.randn(1, 4, 64)
     for t in (1.0, 0.5):
         pipe.guided_velocity(x, t, (2, 2), guidance)
-    assert guidance.cache.get_seq_length() == before
+    assert guidance.context.cache.get_seq_length() == before == guidance.context.num_keys
 
 
 def test_thinking_mode_returns_text_and_conditions_on_it(pipe):

@@ -1,5 +1,6 @@
 """BagelPipeline: text-to-image, image editing and thinking mode with BAGEL's dual classifier-free guidance."""
 
+import copy
 import re
 from dataclasses import dataclass, field
 
@@ -9,13 +10,15 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache
 
+from transformers_bagel.context_bagel import BagelContext, BagelContextSpan
 from transformers_bagel.modeling_bagel import BagelForConditionalGeneration, pack_latents, unpack_latents
 from transformers_bagel.processing_bagel import BagelProcessor
 
 from .pipeline_output import BagelPipelineOutput
 from .scheduling_flow_match_euler import FlowMatchEulerScheduler
+from .taylorseer import TaylorSeerState, TaylorSeerStepCache
 
 
 logger = logging.get_logger(__name__)
@@ -81,13 +84,14 @@ class _Contexts:
 
 @dataclass
 class _Guidance:
-    """Prefilled branches of one pipeline call (rows: full contexts, then no-text, then no-image contexts)."""
+    """
+    The prefilled guidance branches of one pipeline call: every context in one [`BagelContext`], and per branch
+    (`"cond"`: full context, `"text"`: without the text, `"image"`: without the images) the span of each prompt.
+    """
 
-    cache: object
-    context_mask: torch.Tensor | None
-    positions: torch.Tensor
+    context: BagelContext
+    spans: dict[str, list[BagelContextSpan]]
     batch_size: int
-    num_branches: int
     use_text: bool
     use_image: bool
     image_reuses_full: bool
@@ -96,22 +100,20 @@ class _Guidance:
     cfg_interval: tuple[float, float]
     cfg_renorm_type: str
     cfg_renorm_min: float
-    _cond: tuple | None = None
 
-    def cond_inputs(self):
-        """Cache, mask and positions of the full-context rows only, for steps outside `cfg_interval`. Built once, so
-        every step passes the same objects and `predict_velocity` reuses the step-invariant inputs it keeps with the
-        cache."""
-        if self._cond is None:
-            if self.num_branches == 1 or self.cache is None:
-                self._cond = (self.cache, self.context_mask, self.positions[: self.batch_size])
-            else:
-                n = self.batch_size
-                rows = DynamicCache(ddp_cache_data=[(layer.keys[:n], layer.values[:n]) for layer in self.cache.layers])
-                rows.bagel_next_position = getattr(self.cache, "bagel_next_position", None)
-                mask = self.context_mask[:n] if self.context_mask is not None else None
-                self._cond = (rows, mask, self.positions[:n])
-        return self._cond
+    @property
+    def num_branches(self) -> int:
+        return 1 + self.use_text + self.use_image
+
+
+def _is_prefix(prefix: _Context, context: _Context) -> bool:
+    """Whether `prefix`'s segments open `context` (texts equal, images the same objects)."""
+    if len(prefix.segments) > len(context.segments):
+        return False
+    return all(
+        a[0] == b[0] and (a[1] == b[1] if a[0] == "text" else a[1] is b[1])
+        for a, b in zip(prefix.segments, context.segments)
+    )
 
 
 def _is_image(item) -> bool:
@@ -345,36 +347,55 @@ class BagelPipeline(DiffusionPipeline):
         latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return pack_latents(latent, self.latent_patch_size)[0]
 
-    def _tokenize_contexts(self, contexts: list[_Context], generator, sample_posterior: bool) -> dict:
-        """Token ids (left padded), ViT patches and clean latents of several contexts, in one batch."""
+    def _segment_tokens(self, segments: list, vae_cache: dict, generator, sample_posterior: bool):
+        """Token ids, ViT images and clean latents (with their grids) of a list of segments, as the original lays
+        them out (SPEC section 3). Each image is VAE-encoded once per `vae_cache`."""
         config = self.model.config
         tokenizer = self.processor.tokenizer
-        image_processor = self.processor.image_processor
+        ids, vit_images, latents, latent_grids = [], [], [], []
+        for kind, value in segments:
+            if kind == "text":
+                ids += [config.bos_token_id] + tokenizer.encode(value, add_special_tokens=False)
+                ids += [config.eos_token_id]
+            elif kind == "vae":
+                key = id(value)
+                if key not in vae_cache:
+                    vae_cache[key] = (value, self._encode_vae_image(value, generator, sample_posterior))
+                tokens = vae_cache[key][1]
+                latents.append(tokens)
+                latent_grids.append((value.height // self.latent_downsample, value.width // self.latent_downsample))
+                ids += [config.start_of_image_token_id] + [config.latent_token_id] * tokens.shape[0]
+                ids += [config.end_of_image_token_id]
+            else:
+                vit_images.append(value)
+                gh, gw = self.processor.image_processor.num_vit_patches(value.height, value.width)
+                ids += [config.start_of_image_token_id] + [config.image_token_id] * (gh * gw)
+                ids += [config.end_of_image_token_id]
+        return ids, vit_images, latents, latent_grids
+
+    def _image_inputs(self, vit_images: list, latents: list, latent_grids: list) -> dict:
+        device = self._execution_device
+        inputs = {}
+        if vit_images:
+            vit = self.processor.image_processor.preprocess(vit_images, return_tensors="pt")
+            inputs["pixel_values"] = vit["pixel_values"].to(device=device, dtype=self.model.dtype)
+            inputs["image_grid_hw"] = vit["image_grid_hw"].to(device)
+        if latents:
+            inputs["latents"] = torch.cat(latents).to(device=device, dtype=self.model.dtype)
+            inputs["latent_grid_hw"] = torch.tensor(latent_grids, device=device)
+        return inputs
+
+    def _tokenize_contexts(self, contexts: list[_Context], generator, sample_posterior: bool) -> dict:
+        """Token ids (left padded), ViT patches and clean latents of several contexts, in one batch (for `generate`)."""
+        config = self.model.config
         rows, vit_images, latents, latent_grids = [], [], [], []
         vae_cache = {}
         for context in contexts:
-            ids = []
-            for kind, value in context.segments:
-                if kind == "text":
-                    ids += [config.bos_token_id] + tokenizer.encode(value, add_special_tokens=False)
-                    ids += [config.eos_token_id]
-                elif kind == "vae":
-                    key = id(value)
-                    if key not in vae_cache:
-                        vae_cache[key] = self._encode_vae_image(value, generator, sample_posterior)
-                    tokens = vae_cache[key]
-                    grid = (value.height // self.latent_downsample, value.width // self.latent_downsample)
-                    latents.append(tokens)
-                    latent_grids.append(grid)
-                    ids += [config.start_of_image_token_id] + [config.latent_token_id] * tokens.shape[0]
-                    ids += [config.end_of_image_token_id]
-                else:
-                    vit_images.append(value)
-                    gh, gw = image_processor.num_vit_patches(value.height, value.width)
-                    ids += [config.start_of_image_token_id] + [config.image_token_id] * (gh * gw)
-                    ids += [config.end_of_image_token_id]
+            ids, vit, lat, grids = self._segment_tokens(context.segments, vae_cache, generator, sample_posterior)
             rows.append(ids)
-
+            vit_images += vit
+            latents += lat
+            latent_grids += grids
         device = self._execution_device
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), config.pad_token_id, dtype=torch.long)
@@ -384,24 +405,22 @@ class BagelPipeline(DiffusionPipeline):
                 input_ids[i, length - len(ids) :] = torch.tensor(ids)
                 attention_mask[i, length - len(ids) :] = 1
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        if vit_images:
-            vit = image_processor.preprocess(vit_images, return_tensors="pt")
-            inputs["pixel_values"] = vit["pixel_values"].to(device=device, dtype=self.model.dtype)
-            inputs["image_grid_hw"] = vit["image_grid_hw"].to(device)
-        if latents:
-            inputs["latents"] = torch.cat(latents).to(device=device, dtype=self.model.dtype)
-            inputs["latent_grid_hw"] = torch.tensor(latent_grids, device=device)
+        inputs.update(self._image_inputs(vit_images, latents, latent_grids))
         return inputs
 
-    def _prefill(self, inputs: dict):
-        """Runs the contexts once through the model; returns (cache, context attention mask, next positions)."""
-        if inputs["input_ids"].shape[1] == 0:
-            rows = inputs["input_ids"].shape[0]
-            zeros = torch.zeros(rows, dtype=torch.long, device=inputs["input_ids"].device)
-            return None, None, zeros
+    def _prefill_segments(
+        self, context: BagelContext, span: BagelContextSpan, segments: list, vae_cache: dict, generator,
+        sample_posterior: bool,
+    ) -> BagelContextSpan:  # fmt: skip
+        """Appends `segments` to `span` (the last context of `context`) in one forward; returns the grown span."""
+        ids, vit_images, latents, latent_grids = self._segment_tokens(segments, vae_cache, generator, sample_posterior)
+        if not ids:
+            return span
+        inputs = self._image_inputs(vit_images, latents, latent_grids)
+        input_ids = torch.tensor([ids], device=self._execution_device)
         # logits_to_keep=1: only the cache is wanted, not vocabulary logits over the whole context.
-        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.cache, inputs["attention_mask"], out.next_position
+        output = self.model(input_ids=input_ids, context=context, context_spans=span, logits_to_keep=1, **inputs)
+        return output.context_span
 
     # -- thinking ---------------------------------------------------------------------------------------------------
 
@@ -476,38 +495,66 @@ class BagelPipeline(DiffusionPipeline):
         cfg_renorm_min: float,
         generator=None,
         sample_posterior: bool = False,
+        cache: Cache | None = None,
+        reuse_full_for_image: bool = True,
     ) -> "_Guidance":
         """
-        Prefills every context the guidance needs, all prompts and branches in one batched forward: the full context
-        always; the no-text context for text guidance; the no-image context for image guidance (only with text
-        guidance on, as the original). A no-image context identical to the full one (nothing to drop) would give the
-        full branch's velocity exactly, so it is not run again.
+        Prefills every context the guidance needs into one [`BagelContext`], each token once, as the original does:
+        the full context always; the no-text context for text guidance, which is a prefix of the full one (the
+        context before the instruction), so it is the full context's first keys and costs nothing more (for
+        text-to-image it is empty); the no-image context for image guidance (only with text guidance on, as the
+        original), which shares the full context's keys when it is a prefix of it and is prefilled on its own
+        otherwise. Contexts are packed one after another, so nothing is padded. A no-image context identical to the
+        full one would give the full branch's velocity exactly, so it is not run again unless
+        `reuse_full_for_image=False` (TaylorSeer with steps outside `cfg_interval`, where the two branches count
+        different steps).
+
+        Args:
+            cache (`Cache`, *optional*): the transformers cache to fill (a `DynamicCache` by default).
         """
         batch_size = len(contexts)
         use_text = cfg_text_scale > 1.0
-        image_reuses_full = all(
-            len(c.no_image.segments) == len(c.full.segments)
-            and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(c.no_image.segments, c.full.segments))
-            for c in contexts
-        )
-        use_image = use_text and cfg_img_scale > 1.0 and not image_reuses_full
-        branch_contexts = [c.full for c in contexts]
-        if use_text:
-            branch_contexts += [c.no_text for c in contexts]
-        if use_image:
-            branch_contexts += [c.no_image for c in contexts]
-        inputs = self._tokenize_contexts(branch_contexts, generator, sample_posterior)
-        cache, context_mask, positions = self._prefill(inputs)
-        num_branches = len(branch_contexts) // batch_size
+        image_reuses_full = all(_is_prefix(c.no_image, c.full) and len(c.no_image.segments) == len(c.full.segments)
+                                for c in contexts)  # fmt: skip
+        use_image = use_text and cfg_img_scale > 1.0 and not (image_reuses_full and reuse_full_for_image)
+        context = BagelContext(cache)
+        spans = {"cond": [], "text": [], "image": []}
+        vae_cache, done = {}, {}
+        for prompt in contexts:
+            if id(prompt) in done:  # num_images_per_prompt repeats one prompt's contexts: prefill them once
+                for kind, span in done[id(prompt)].items():
+                    spans[kind].append(span)
+                continue
+            full = prompt.full.segments
+            wanted = {"cond": len(full)}
+            if use_text and _is_prefix(prompt.no_text, prompt.full):
+                wanted["text"] = len(prompt.no_text.segments)
+            if use_image and _is_prefix(prompt.no_image, prompt.full):
+                wanted["image"] = len(prompt.no_image.segments)
+            span, done_at = context.new_span(), 0
+            prefilled = {0: span}
+            for cut in sorted(set(wanted.values())):
+                if cut > done_at:
+                    span = self._prefill_segments(context, span, full[done_at:cut], vae_cache, generator, sample_posterior)
+                    done_at = cut
+                prefilled[cut] = span
+            mine = {kind: prefilled[cut] for kind, cut in wanted.items()}
+            for kind, separate in (("text", prompt.no_text), ("image", prompt.no_image)):
+                needed = use_text if kind == "text" else use_image
+                if needed and kind not in mine:
+                    mine[kind] = self._prefill_segments(
+                        context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior
+                    )
+            done[id(prompt)] = mine
+            for kind, span in mine.items():
+                spans[kind].append(span)
         return _Guidance(
-            cache=cache,
-            context_mask=context_mask,
-            positions=positions,
+            context=context,
+            spans=spans,
             batch_size=batch_size,
-            num_branches=num_branches,
             use_text=use_text,
             use_image=use_image,
-            image_reuses_full=image_reuses_full,
+            image_reuses_full=image_reuses_full and not use_image,
             cfg_text_scale=cfg_text_scale,
             cfg_img_scale=cfg_img_scale,
             cfg_interval=tuple(cfg_interval),
@@ -515,30 +562,51 @@ class BagelPipeline(DiffusionPipeline):
             cfg_renorm_min=cfg_renorm_min,
         )
 
-    def guided_velocity(self, x: torch.Tensor, t: float, grid: tuple[int, int], guidance: "_Guidance") -> torch.Tensor:
+    def guided_velocity(
+        self,
+        x: torch.Tensor,
+        t: float,
+        grid: tuple[int, int],
+        guidance: "_Guidance",
+        taylorseer: dict[str, TaylorSeerState] | None = None,
+    ) -> torch.Tensor:
         """
-        The velocity of one Euler step: inside `cfg_interval` every branch runs in ONE batched forward and the
-        branches are combined by the scheduler's dual-CFG rule; outside it only the full-context branch runs.
+        The velocity of one Euler step: inside `cfg_interval` every branch runs in ONE forward (one query row per
+        prompt and branch, each against its own context span) and the branches are combined by the scheduler's
+        dual-CFG rule; outside it only the full-context branch runs. With `taylorseer` (one state per branch), the
+        branches whose stack runs in full this step share one forward and those predicted by their Taylor factors
+        another one, in which no decoder layer runs.
         `x`: `(batch, h * w, patch_latent_dim)` packed latents at flow time `t`.
         """
         g = guidance
-        dtype = self.model.dtype
+        active = ["cond"]
         if g.use_text and self.scheduler.cfg_active(t, g.cfg_interval):
+            active += ["text", "image"] if g.use_image else ["text"]
+        if taylorseer is None:
+            groups = [(active, None)]
+        else:
+            full = {kind: taylorseer[kind].begin_step() for kind in active}
+            groups = [(kinds, TaylorSeerStepCache([taylorseer[k] for k in kinds], g.batch_size))
+                      for kinds in ([k for k in active if full[k]], [k for k in active if not full[k]]) if kinds]  # fmt: skip
+        velocities = {}
+        for kinds, step_cache in groups:
+            spans = [span for kind in kinds for span in g.spans[kind]]
+            rows = x.repeat(len(kinds), 1, 1) if len(kinds) > 1 else x
             v = self.model.predict_velocity(
-                x.repeat(g.num_branches, 1, 1).to(dtype), t, grid, g.cache,
-                context_attention_mask=g.context_mask, context_position=g.positions,
-            ).float()  # fmt: skip
-            n = g.batch_size
-            v_cond, v_text = v[:n], v[n : 2 * n]
-            v_image = v[2 * n :] if g.use_image else (v_cond if g.image_reuses_full else None)
-            return self.scheduler.apply_guidance(
-                v_cond, v_uncond_text=v_text, v_uncond_image=v_image, cfg_text_scale=g.cfg_text_scale,
-                cfg_img_scale=g.cfg_img_scale, cfg_renorm_type=g.cfg_renorm_type, cfg_renorm_min=g.cfg_renorm_min,
-            )  # fmt: skip
-        cache, mask, positions = g.cond_inputs()
-        return self.model.predict_velocity(
-            x.to(dtype), t, grid, cache, context_attention_mask=mask, context_position=positions
-        ).float()
+                rows.to(self.model.dtype), t, grid, g.context, spans, step_cache=step_cache
+            ).float()
+            velocities.update(zip(kinds, v.split(g.batch_size)))
+        if taylorseer is not None:
+            for kind in active:
+                taylorseer[kind].end_step()
+        if len(active) == 1:
+            return velocities["cond"]
+        v_image = velocities.get("image", velocities["cond"] if g.image_reuses_full else None)
+        return self.scheduler.apply_guidance(
+            velocities["cond"], v_uncond_text=velocities["text"], v_uncond_image=v_image,
+            cfg_text_scale=g.cfg_text_scale, cfg_img_scale=g.cfg_img_scale, cfg_renorm_type=g.cfg_renorm_type,
+            cfg_renorm_min=g.cfg_renorm_min,
+        )  # fmt: skip
 
     # -- call -------------------------------------------------------------------------------------------------------
 
@@ -564,6 +632,7 @@ class BagelPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         sample_posterior: bool = False,
+        enable_taylorseer: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -601,6 +670,9 @@ class BagelPipeline(DiffusionPipeline):
                 latent space, used instead of drawing it.
             sample_posterior (`bool`, defaults to `False`): sample the VAE posterior of input images instead of taking
                 its mean.
+            enable_taylorseer (`bool`, defaults to `False`): the original's TaylorSeer step caching (about 2x fewer
+                decoder runs at 50 steps: each guidance branch runs its decoder in full on its first 5 steps and then
+                every 3rd, and predicts the other steps from Taylor factors). Its state belongs to this call only.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`BagelPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, timestep, kwargs)` after
@@ -655,18 +727,25 @@ class BagelPipeline(DiffusionPipeline):
         if think:
             thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
 
+        # Per-call state: this call's own scheduler (timesteps and step index) and TaylorSeer states, so that calls
+        # on one pipeline from several threads do not interfere.
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
+        self._num_timesteps = len(scheduler.timesteps)
+        # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
+        sigmas = scheduler.sigmas.tolist()
+        # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
+        # branch's velocity only when both run at every step.
+        always_guided = all(scheduler.cfg_active(sigma, cfg_interval) for sigma in sigmas[:-1])
         guidance = self.prepare_guidance(
             contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
-            sample_posterior,
+            sample_posterior, reuse_full_for_image=not enable_taylorseer or always_guided,
         )  # fmt: skip
-        self.scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
-        self._num_timesteps = len(self.scheduler.timesteps)
-        # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
-        sigmas = self.scheduler.sigmas.tolist()
+        taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
         with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, timestep in enumerate(self.scheduler.timesteps):
-                v = self.guided_velocity(x, sigmas[i], grid, guidance)
-                x = self.scheduler.step(v, timestep, x, return_dict=False)[0]
+            for i, timestep in enumerate(scheduler.timesteps):
+                v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
+                x = scheduler.step(v, timestep, x, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     if "latents" in (callback_on_step_end_tensor_inputs or []):
@@ -675,6 +754,7 @@ class BagelPipeline(DiffusionPipeline):
                     if callback_outputs and "latents" in callback_outputs:
                         x = pack_latents(callback_outputs["latents"], self.latent_patch_size)
                 progress_bar.update()
+        del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
 
         images = self._decode(x, grid, output_type)
         self.maybe_free_model_hooks()

@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_bagel import BagelConfig, BagelTextConfig
+from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache
 from .image_processing_bagel import BagelImageProcessor
 from .modeling_bagel import (
     BagelForConditionalGeneration,
@@ -56,6 +57,9 @@ __all__ = [
     "BagelForConditionalGeneration",
     "BagelImageProcessor",
     "BagelProcessor",
+    "BagelContext",
+    "BagelContextSpan",
+    "BagelStepCache",
     "bagel_token_layout",
     "pack_latents",
     "unpack_latents",

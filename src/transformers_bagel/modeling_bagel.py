@@ -11,7 +11,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import and_masks, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -27,6 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_bagel import BagelConfig, BagelTextConfig
+from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache, BranchKeys
 from .modeling_bagel_vision import BagelVisionEmbeddings, BagelVisionModel, flattened_grid_position_ids
 
 
@@ -85,7 +86,7 @@ class ExpertRouting:
 
 class _LatentBlockRouting(ExpertRouting):
     """
-    Routing of a denoising block, every row `[<|vision_start|>, h * w latent tokens, <|vision_end|>]`: the generation
+    Routing of denoising rows, every row `[<|vision_start|>, h * w latent tokens, <|vision_end|>]`: the generation
     expert runs on the whole block and the understanding expert overwrites the first and last token. Plain slices
     instead of the mixed path's gather / scatter copies (and no index tensors built on the host); the generation
     expert's outputs for the two boundary tokens (2 of h * w + 2) are computed and discarded.
@@ -101,27 +102,6 @@ class _LatentBlockRouting(ExpertRouting):
         ends = slice(None, None, hidden_states.shape[1] - 1)  # positions 0 and -1 of dimension 1
         out[:, ends] = und(hidden_states[:, ends]).to(out.dtype)
         return out
-
-
-@dataclass
-class _VelocityPlan:
-    """What [`BagelForConditionalGeneration.predict_velocity`] needs besides `x_t` and `t`; the same at every
-    denoising step of one image, so it is built once and kept with the cache it was built for."""
-
-    context_attention_mask: torch.Tensor | None
-    context_position: torch.Tensor | int
-    attention_mask: object
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    boundary_embeds: torch.Tensor
-    latent_position_embeds: torch.Tensor
-    routing: ExpertRouting
-
-    def matches(self, context_attention_mask, context_position) -> bool:
-        if self.context_attention_mask is not context_attention_mask:
-            return False
-        if isinstance(context_position, torch.Tensor) or isinstance(self.context_position, torch.Tensor):
-            return self.context_position is context_position
-        return self.context_position == context_position
 
 
 def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -140,20 +120,6 @@ def unpack_latents(tokens: torch.Tensor, grid_hw: tuple[int, int], patch_size: i
     channels = tokens.shape[-1] // (p * p)
     latents = tokens.reshape(batch, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)
     return latents.reshape(batch, channels, h * p, w * p)
-
-
-def _with_offload_hook(method):
-    """Lets a method other than `forward` trigger an accelerate offload hook (diffusers' `enable_model_cpu_offload`
-    moves a model to the device only in `forward`)."""
-
-    def wrapper(self, *args, **kwargs):
-        hook = getattr(self, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self)
-        return method(self, *args, **kwargs)
-
-    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = method.__name__, method.__doc__, method
-    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,7 +236,7 @@ class BagelAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        update_cache: bool = True,
+        branch_keys: BranchKeys | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len = hidden_states.shape[:2]
@@ -286,32 +252,47 @@ class BagelAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
 
-        if cache is not None:
-            if update_cache:
-                key, value = cache.update(key, value, self.layer_idx)
-            else:
-                # Attend to the cached context without storing the new tokens (denoising steps, CFG branches).
-                layer = cache.layers[self.layer_idx]
-                if layer.is_initialized and layer.keys.numel():
-                    key = torch.cat([layer.keys, key], dim=-2)
-                    value = torch.cat([layer.values, value], dim=-2)
-
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        if branch_keys is not None:
+            attn_output = self._attend_to_spans(query, key, value, cache, branch_keys, attention_interface, **kwargs)
+            attn_weights = None
+        else:
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+            attn_output, attn_weights = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()
         attn_output = routing(attn_output, self.o_proj, self.o_proj_moe_gen)
         return attn_output, attn_weights
+
+    def _attend_to_spans(self, query, key, value, cache, branch_keys, attention_interface, **kwargs):
+        """
+        Denoising rows against a packed [`BagelContext`]: row r attends to the cached keys of its span and to its own
+        block, bidirectionally, without storing anything. The cached keys are read through the Cache API (an update
+        with no new token returns them, for any Cache class). One unmasked attention call per group of rows whose
+        spans have the same length: nothing is padded.
+        """
+        if any(span.length for span in branch_keys.spans):
+            context_keys, context_values = cache.update(key[:1, :, :0], value[:1, :, :0], self.layer_idx)
+        outputs = []
+        for first, last, starts in branch_keys.groups:
+            length = branch_keys.spans[first].length
+            group_key, group_value = key[first:last], value[first:last]
+            if length:
+                cached_key = torch.cat([context_keys[:, :, s : s + length] for s in starts])
+                cached_value = torch.cat([context_values[:, :, s : s + length] for s in starts])
+                group_key = torch.cat([cached_key.to(group_key.dtype), group_key], dim=2)
+                group_value = torch.cat([cached_value.to(group_value.dtype), group_value], dim=2)
+            output, _ = attention_interface(
+                self, query[first:last], group_key, group_value, None, dropout=0.0, scaling=self.scaling,
+                is_causal=False, **kwargs,
+            )  # fmt: skip
+            outputs.append(output)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class BagelDecoderLayer(GradientCheckpointingLayer):
@@ -341,7 +322,7 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
+        branch_keys: BranchKeys | None = None,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -352,7 +333,7 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
-            update_cache=update_cache,
+            branch_keys=branch_keys,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -423,7 +404,10 @@ class BagelTextModel(BagelPreTrainedModel):
         gen_token_mask: torch.BoolTensor | None = None,
         block_ids: torch.LongTensor | None = None,
         and_mask_function: Callable | None = None,
-        update_cache: bool = True,
+        routing: ExpertRouting | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        branch_keys: BranchKeys | None = None,
+        step_cache: BagelStepCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -433,9 +417,17 @@ class BagelTextModel(BagelPreTrainedModel):
             Image block of each token (`-1` for causal text tokens). Tokens of one block attend to each other
             bidirectionally.
         and_mask_function (`Callable`, *optional*):
-            Extra mask restriction (packed training samples, noised images hidden from later tokens).
-        update_cache (`bool`, defaults to `True`):
-            When False, the tokens attend to `cache` but are not appended to it.
+            Extra mask restriction (packed training samples, noised images hidden from later tokens, contexts packed in
+            one cache row).
+        routing (`ExpertRouting`, *optional*):
+            Prebuilt expert routing (instead of `gen_token_mask`), kept across denoising steps by [`BagelContext`].
+        position_embeddings (`tuple[torch.Tensor, torch.Tensor]`, *optional*):
+            Prebuilt RoPE `(cos, sin)` of `position_ids`.
+        branch_keys (`BranchKeys`, *optional*):
+            Denoising rows against a packed [`BagelContext`]: each row attends to its own context span and itself
+            (no mask is built), and `cache` is left as it was.
+        step_cache (`BagelStepCache`, *optional*):
+            Step caching (TaylorSeer): when it holds a prediction of the layer stack's output, the layers are skipped.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -443,38 +435,55 @@ class BagelTextModel(BagelPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if block_ids is not None and not bool((block_ids >= 0).any()):
-            block_ids = None
-        past_seen = cache.get_seq_length() if cache is not None else 0
-        if block_ids is not None and past_seen:
-            # The mask functions index blocks by absolute key position: cached tokens are never in a new block.
-            block_ids = torch.cat([block_ids.new_full((block_ids.shape[0], past_seen), -1), block_ids], dim=1)
-        # position_ids=None on purpose: image blocks repeat one position, which transformers would mistake for packed
-        # sequences.
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=None,
-            block_sequence_ids=block_ids,
-            and_mask_function=and_mask_function,
-        )
+        past_seen = int(cache.get_seq_length()) if cache is not None else 0
+        if branch_keys is not None:
+            causal_mask = None  # every row's keys are chosen by `branch_keys`
+        else:
+            if block_ids is not None and not bool((block_ids >= 0).any()):
+                block_ids = None
+            if block_ids is not None and cache is not None:
+                # The mask functions index blocks by absolute key position: cached tokens are never in a new block
+                # (and a static cache's unused slots neither).
+                kv_length = cache.get_mask_sizes(inputs_embeds.shape[1], 0)[0]
+                before, after = past_seen, kv_length - past_seen - block_ids.shape[1]
+                block_ids = torch.cat(
+                    [block_ids.new_full((block_ids.shape[0], before), -1), block_ids,
+                     block_ids.new_full((block_ids.shape[0], max(after, 0)), -1)], dim=1,
+                )  # fmt: skip
+            # position_ids=None on purpose: image blocks repeat one position, which transformers would mistake for
+            # packed sequences.
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=None,
+                block_sequence_ids=block_ids,
+                and_mask_function=and_mask_function,
+            )
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
-        routing = ExpertRouting(gen_token_mask, detach_und=self.config.freeze_und and torch.is_grad_enabled())
+        if routing is None:
+            routing = ExpertRouting(gen_token_mask, detach_und=self.config.freeze_und and torch.is_grad_enabled())
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                routing,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                cache=cache,
-                update_cache=update_cache,
-                **kwargs,
-            )
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        predicted = step_cache.cached_output() if step_cache is not None else None
+        if predicted is not None:
+            hidden_states = predicted.to(hidden_states.dtype)
+        else:
+            for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+                hidden_states = decoder_layer(
+                    hidden_states,
+                    routing,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    cache=cache,
+                    branch_keys=branch_keys,
+                    **kwargs,
+                )
+            if step_cache is not None:
+                step_cache.store(hidden_states)
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, cache=cache if use_cache else None
@@ -582,9 +591,12 @@ class BagelModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     next_position (`torch.LongTensor` of shape `(batch,)`):
         The position the next token of each row would take (BAGEL's "rope" counter), needed to continue from the cache.
+    context_span (`BagelContextSpan`, *optional*):
+        After a prefill into a [`BagelContext`]: the grown span.
     """
 
     next_position: torch.LongTensor | None = None
+    context_span: BagelContextSpan | None = None
 
 
 @dataclass
@@ -595,6 +607,9 @@ class BagelCausalLMOutputWithPast(ModelOutput):
     mse_loss (`torch.FloatTensor`, *optional*): flow-matching MSE on noised latent tokens.
     logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`): language-model logits.
     next_position (`torch.LongTensor` of shape `(batch,)`): see [`BagelModelOutputWithPast`].
+    context_span (`BagelContextSpan`, *optional*): see [`BagelModelOutputWithPast`].
+    velocity (`torch.FloatTensor` of shape `(total_latent_tokens, patch_latent_dim)`, *optional*): flow velocity of
+        the latent tokens of a denoising forward.
     """
 
     loss: torch.FloatTensor | None = None
@@ -605,6 +620,8 @@ class BagelCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     next_position: torch.LongTensor | None = None
+    context_span: BagelContextSpan | None = None
+    velocity: torch.FloatTensor | None = None
 
 
 class BagelModel(BagelPreTrainedModel):
@@ -642,7 +659,12 @@ class BagelModel(BagelPreTrainedModel):
         return self.connector(features) + self.vit_pos_embed(position_ids).to(features.dtype)
 
     def get_latent_embeddings(
-        self, latents: torch.Tensor, latent_grid_hw: torch.LongTensor, latent_timesteps: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        latent_grid_hw: torch.LongTensor,
+        latent_timesteps: torch.Tensor,
+        position_ids: torch.LongTensor | None = None,
+        token_image_index: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """
         Decoder inputs of packed latent tokens: `vae2llm(x) + time_embedder(t) + latent_pos_embed(ids)`.
@@ -652,22 +674,30 @@ class BagelModel(BagelPreTrainedModel):
             latent_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`): token grid of each latent image.
             latent_timesteps (`torch.Tensor` of shape `(num_images,)` or `(total_tokens,)`): flow time t of each image
                 (0 for a clean conditioning image) or of each token.
+            position_ids (`torch.LongTensor` of shape `(total_tokens,)`, *optional*): the 2-D position ids of the
+                tokens, when already known (denoising steps keep them); derived from `latent_grid_hw` otherwise.
+            token_image_index (`torch.LongTensor` of shape `(total_tokens,)`, *optional*): the image of each token,
+                likewise.
         """
-        position_ids = flattened_grid_position_ids(
-            latent_grid_hw, self.config.max_latent_size, self.config.interpolate_pos, latents.device
-        )
+        if position_ids is None:
+            position_ids = flattened_grid_position_ids(
+                latent_grid_hw, self.config.max_latent_size, self.config.interpolate_pos, latents.device
+            )
         latent_timesteps = torch.as_tensor(latent_timesteps, device=latents.device).reshape(-1)
+        num_images = latent_grid_hw.shape[0]
+        if latent_timesteps.shape[0] == 1 and num_images > 1:
+            latent_timesteps = latent_timesteps.expand(num_images)
+        time_embeds = self.time_embedder(latent_timesteps)
         if latent_timesteps.shape[0] != latents.shape[0]:
-            lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
-            if latent_timesteps.shape[0] == 1:
-                latent_timesteps = latent_timesteps.expand(len(lengths))
-            latent_timesteps = latent_timesteps.repeat_interleave(lengths.to(latent_timesteps.device))
+            # One time per image: embed it once and give it to the image's tokens.
+            if token_image_index is None:
+                lengths = (latent_grid_hw[:, 0] * latent_grid_hw[:, 1]).to(latents.device)
+                token_image_index = torch.arange(num_images, device=latents.device).repeat_interleave(
+                    lengths, output_size=latents.shape[0]
+                )
+            time_embeds = time_embeds[token_image_index]
         dtype = self.vae2llm.weight.dtype
-        return (
-            self.vae2llm(latents.to(dtype))
-            + self.time_embedder(latent_timesteps)
-            + self.latent_pos_embed(position_ids).to(dtype)
-        )
+        return self.vae2llm(latents.to(dtype)) + time_embeds + self.latent_pos_embed(position_ids).to(dtype)
 
     def _scatter(self, inputs_embeds, input_ids, token_id, features, what):
         mask = input_ids == token_id
@@ -694,7 +724,10 @@ class BagelModel(BagelPreTrainedModel):
         latent_grid_hw: torch.LongTensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        context: BagelContext | None = None,
+        context_spans: BagelContextSpan | list[BagelContextSpan] | None = None,
         update_cache: bool = True,
+        step_cache: BagelStepCache | None = None,
         document_ids: torch.LongTensor | None = None,
         noised_latent_images: torch.BoolTensor | None = None,
         text_only: bool = False,
@@ -711,8 +744,18 @@ class BagelModel(BagelPreTrainedModel):
             Token grid of each latent image.
         latent_timesteps (`torch.Tensor` of shape `(num_latent_images,)`, *optional*):
             Flow time of each latent image; 0 (clean) by default.
+        context (`BagelContext`, *optional*):
+            Contexts packed in one cache row, instead of `cache`. With `update_cache=True` (prefill) `input_ids` (batch 1)
+            are appended to the one span of `context_spans`, see nothing of the other contexts, and the output's
+            `context_span` is the grown span. With `update_cache=False` (denoising) every row of `input_ids` is one
+            latent block `[<|vision_start|>, h * w latent tokens, <|vision_end|>]` that attends to its own span of
+            `context_spans` and to itself, and the cache is left as it was.
+        context_spans (`BagelContextSpan` or `list[BagelContextSpan]`, *optional*):
+            The span to extend (prefill), or the span of each row (denoising).
         update_cache (`bool`, defaults to `True`):
-            When False the new tokens attend to `cache` without being stored in it.
+            With a `context`: prefill (True) or denoise (False), see there.
+        step_cache (`BagelStepCache`, *optional*):
+            Denoising step caching (TaylorSeer): may replace the decoder layers' output by a prediction.
         document_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*):
             Packed training: the sample each token belongs to. Tokens attend only within their sample.
         noised_latent_images (`torch.BoolTensor` of shape `(num_latent_images,)`, *optional*):
@@ -729,26 +772,52 @@ class BagelModel(BagelPreTrainedModel):
             raise ValueError("`text_only=True` takes no `pixel_values` or `latents`: every token is read as text.")
         if input_ids is None and (pixel_values is not None or latents is not None):
             raise ValueError("Images need `input_ids` with placeholder tokens; `inputs_embeds` alone cannot place them.")
+        if context is not None:
+            return self._forward_with_context(
+                input_ids, attention_mask, position_ids, cache, pixel_values, image_grid_hw, latents, latent_grid_hw,
+                latent_timesteps, context, context_spans, update_cache, step_cache, document_ids, noised_latent_images,
+                text_only, **kwargs,
+            )  # fmt: skip
+        if not update_cache or context_spans is not None or step_cache is not None:
+            raise ValueError("`update_cache=False`, `context_spans` and `step_cache` need a `context` (BagelContext).")
         if use_cache is None:
             use_cache = self.config.text_config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
+        cached = cache is not None and int(cache.get_seq_length()) > 0
+        if cached and position_ids is None and input_ids is not None:
+            raise ValueError(
+                "Continuing from a `cache` needs `position_ids`: BAGEL positions do not follow the number of cached "
+                "tokens (an image block shares one position). Start from the previous output's `next_position`, or "
+                "prefill into a `BagelContext`, which keeps them."
+            )
+        return self._embed_and_decode(
+            input_ids, inputs_embeds, attention_mask, position_ids, 0, cache, use_cache, pixel_values, image_grid_hw,
+            latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, None, **kwargs,
+        )  # fmt: skip
 
-        cached = cache is not None and cache.get_seq_length() > 0
+    def _check_position_limit(self, max_position: int) -> None:
+        limit = self.config.text_config.max_position_embeddings
+        if max_position >= limit:
+            raise ValueError(
+                f"The sequence reaches position {max_position}, beyond the model's limit of {limit} positions "
+                "(text_config.max_position_embeddings); shorten the prompt."
+            )
+
+    def _embed_and_decode(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, position_offset, cache, use_cache, pixel_values,
+        image_grid_hw, latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only,
+        extra_mask_function, **kwargs,
+    ) -> BagelModelOutputWithPast:
+        """Embeds text, ViT and latent tokens, builds BAGEL's layout and mask, and runs the decoder (every forward but
+        denoising)."""
         if input_ids is not None:
-            offset = getattr(cache, "bagel_next_position", 0) if cached else 0
-            layout = bagel_token_layout(input_ids, self.config, attention_mask, offset, text_only=text_only)
+            layout = bagel_token_layout(input_ids, self.config, attention_mask, position_offset, text_only=text_only)
             if position_ids is None:
-                if cached and not hasattr(cache, "bagel_next_position"):
-                    raise ValueError("Pass `position_ids` when continuing from a cache this model did not fill.")
                 position_ids = layout.position_ids
             block_ids, gen_token_mask = layout.block_ids, layout.gen_token_mask
-            limit = self.config.text_config.max_position_embeddings
-            if position_ids.numel() and int(position_ids.max()) >= limit:
-                raise ValueError(
-                    f"The sequence reaches position {int(position_ids.max())}, beyond the model's limit of {limit} "
-                    "positions (text_config.max_position_embeddings); shorten the prompt."
-                )
+            if position_ids.numel():
+                self._check_position_limit(int(position_ids.max()))
             inputs_embeds = self.language_model.embed_tokens(input_ids)
         else:
             layout, block_ids, gen_token_mask = None, None, None
@@ -770,11 +839,11 @@ class BagelModel(BagelPreTrainedModel):
         elif gen_token_mask is not None and bool(gen_token_mask.any()):
             raise ValueError("input_ids contain latent placeholder tokens but no `latents` were given.")
 
-        and_mask_function = None
+        mask_functions = [extra_mask_function] if extra_mask_function is not None else []
         if document_ids is not None or noised_latent_images is not None:
             if layout is None:
                 raise ValueError("Packed training inputs need `input_ids`.")
-            and_mask_function = packed_sample_mask(layout, document_ids, noised_latent_images)
+            mask_functions.append(packed_sample_mask(layout, document_ids, noised_latent_images))
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -784,8 +853,7 @@ class BagelModel(BagelPreTrainedModel):
             use_cache=use_cache,
             gen_token_mask=gen_token_mask,
             block_ids=block_ids,
-            and_mask_function=and_mask_function,
-            update_cache=update_cache,
+            and_mask_function=and_masks(*mask_functions) if mask_functions else None,
             **kwargs,
         )
         if layout is not None and position_ids is layout.position_ids:
@@ -794,8 +862,6 @@ class BagelModel(BagelPreTrainedModel):
             next_position = position_ids.max(-1).values + 1
         else:
             next_position = None
-        if use_cache and update_cache and next_position is not None:
-            cache.bagel_next_position = next_position
         return BagelModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache,
@@ -803,6 +869,133 @@ class BagelModel(BagelPreTrainedModel):
             attentions=outputs.attentions,
             next_position=next_position,
         )
+
+    def _forward_with_context(
+        self, input_ids, attention_mask, position_ids, cache, pixel_values, image_grid_hw, latents, latent_grid_hw,
+        latent_timesteps, context, context_spans, update_cache, step_cache, document_ids, noised_latent_images,
+        text_only, **kwargs,
+    ) -> BagelModelOutputWithPast:
+        """Prefill into, or denoise against, a [`BagelContext`] (see `forward`)."""
+        if not isinstance(context, BagelContext):
+            raise TypeError(f"`context` must be a BagelContext, got {type(context).__name__}.")
+        if cache is not None:
+            raise ValueError("Pass either `cache` or `context` (which holds its cache), not both.")
+        if input_ids is None:
+            raise ValueError("A `context` forward needs `input_ids`.")
+        if attention_mask is not None or position_ids is not None:
+            raise ValueError("A `context` keeps its own positions and masks: pass no `attention_mask` / `position_ids`.")
+        spans = (context_spans,) if isinstance(context_spans, BagelContextSpan) else tuple(context_spans or ())
+        if not spans or not all(isinstance(span, BagelContextSpan) for span in spans):
+            raise ValueError("A `context` forward needs `context_spans` (BagelContextSpan, or one per row).")
+
+        if update_cache:
+            if step_cache is not None:
+                raise ValueError("`step_cache` applies to denoising (`update_cache=False`), not to a prefill.")
+            if len(spans) != 1 or input_ids.shape[0] != 1:
+                raise ValueError(
+                    "A context is prefilled one sequence at a time: `input_ids` of batch 1 and one span "
+                    f"(got batch {input_ids.shape[0]} and {len(spans)} spans)."
+                )
+            span = spans[0]
+            context.check_extendable(span)
+            outputs = self._embed_and_decode(
+                input_ids, None, None, None, span.next_position, context.cache, True, pixel_values, image_grid_hw,
+                latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only,
+                context.isolation_mask(span), **kwargs,
+            )  # fmt: skip
+            new_tokens = input_ids.shape[1]
+            context.num_keys += new_tokens
+            outputs.context_span = BagelContextSpan(
+                span.start, span.length + new_tokens, int(outputs.next_position[0]) if new_tokens else span.next_position
+            )
+            return outputs
+
+        if pixel_values is not None or document_ids is not None or noised_latent_images is not None or text_only:
+            raise ValueError("A denoising forward (`update_cache=False`) takes latent blocks only.")
+        if latents is None or latent_grid_hw is None:
+            raise ValueError("A denoising forward needs `latents` and `latent_grid_hw`.")
+        dtype = self.language_model.embed_tokens.weight.dtype
+        key = (id(input_ids), id(latent_grid_hw), spans, context.num_keys, input_ids.device, dtype,
+               self.config.text_config._attn_implementation)  # fmt: skip
+        step = context.step_inputs(key, lambda: self._denoising_inputs(input_ids, latent_grid_hw, spans, context))
+        if latent_timesteps is None:
+            latent_timesteps = torch.zeros(input_ids.shape[0], device=latents.device)
+        features = self.get_latent_embeddings(
+            latents, latent_grid_hw, latent_timesteps, step.latent_position_ids, step.token_image_index
+        )
+        inputs_embeds = self.language_model.embed_tokens(input_ids)
+        inputs_embeds = inputs_embeds.masked_scatter(step.latent_mask[..., None], features.to(inputs_embeds.dtype))
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            position_ids=step.position_ids,
+            cache=context.cache,
+            use_cache=False,
+            routing=step.routing,
+            position_embeddings=step.position_embeddings,
+            branch_keys=step.branch_keys,
+            step_cache=step_cache,
+            **kwargs,
+        )
+        return BagelModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )  # fmt: skip
+
+    def _denoising_inputs(self, input_ids, latent_grid_hw, spans, context) -> "_DenoisingInputs":
+        """The step-invariant inputs of denoising rows (checked once, then kept by the context)."""
+        config = self.config
+        rows, length = input_ids.shape
+        grids = latent_grid_hw.tolist()
+        if len(grids) != rows or any(grid != grids[0] for grid in grids):
+            raise ValueError(
+                f"A denoising forward takes one latent image per row, all of one grid: {rows} rows, grids {grids}."
+            )
+        num_tokens = grids[0][0] * grids[0][1]
+        block = [config.start_of_image_token_id] + [config.latent_token_id] * num_tokens + [config.end_of_image_token_id]
+        if length != num_tokens + 2 or not bool((input_ids == torch.tensor(block, device=input_ids.device)).all()):
+            raise ValueError(
+                "Every row of a denoising forward must be `[<|vision_start|>, h * w latent tokens, <|vision_end|>]` "
+                f"for the grid {tuple(grids[0])}."
+            )
+        if len(spans) != rows:
+            raise ValueError(f"`context_spans` holds {len(spans)} spans for {rows} rows.")
+        for span in spans:
+            if span.start < 0 or span.end > context.num_keys:
+                raise ValueError(f"{span} is outside the context's {context.num_keys} cached keys.")
+        self._check_position_limit(max(span.next_position for span in spans))
+        device = input_ids.device
+        position_ids = torch.tensor([[span.next_position] for span in spans], device=device).expand(rows, length)
+        text_model = self.language_model
+        shape_only = torch.empty((rows, length, 1), dtype=text_model.embed_tokens.weight.dtype, device=device)
+        return _DenoisingInputs(
+            input_ids=input_ids,
+            latent_grid_hw=latent_grid_hw,
+            position_ids=position_ids,
+            position_embeddings=text_model.rotary_emb(shape_only, position_ids),
+            latent_position_ids=flattened_grid_position_ids(
+                latent_grid_hw, config.max_latent_size, config.interpolate_pos, device
+            ),
+            token_image_index=torch.arange(rows, device=device).repeat_interleave(num_tokens),
+            latent_mask=input_ids == config.latent_token_id,
+            routing=_LatentBlockRouting(),
+            branch_keys=BranchKeys(spans),
+        )
+
+
+@dataclass
+class _DenoisingInputs:
+    """What a denoising forward needs besides `latents` and `latent_timesteps`: the same at every step, kept by the
+    [`BagelContext`] (the input tensors are held so that the memo key's object ids stay theirs)."""
+
+    input_ids: torch.LongTensor
+    latent_grid_hw: torch.LongTensor
+    position_ids: torch.LongTensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    latent_position_ids: torch.LongTensor
+    token_image_index: torch.LongTensor
+    latent_mask: torch.BoolTensor
+    routing: ExpertRouting
+    branch_keys: BranchKeys
 
 
 class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
@@ -852,6 +1045,10 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         mse_weight: float = 1.0,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        context: BagelContext | None = None,
+        context_spans: BagelContextSpan | list[BagelContextSpan] | None = None,
+        update_cache: bool = True,
+        step_cache: BagelStepCache | None = None,
         **kwargs,
     ) -> BagelCausalLMOutputWithPast:
         r"""
@@ -872,9 +1069,14 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             `config.timestep_shift`, as the original training.
         ce_weight (`float`, defaults to 1.0), mse_weight (`float`, defaults to 1.0):
             `loss = ce_weight * ce_loss + mse_weight * mse_loss`.
+        context (`BagelContext`, *optional*), context_spans, update_cache, step_cache:
+            Prefill into, or denoise against, contexts packed in one cache (see [`BagelModel.forward`]). A denoising
+            forward (`update_cache=False`) returns `velocity` (the flow velocity `llm2vae(h)` of every latent token,
+            `(rows * h * w, patch_latent_dim)`, in the order of `latents`) and no logits.
 
         See [`BagelModel.forward`] for the other arguments.
         """
+        denoising = context is not None and not update_cache
         training_targets = noised_latent_images is not None and bool(noised_latent_images.any())
         if training_targets:
             if latents is None or latent_grid_hw is None:
@@ -895,14 +1097,21 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             latent_grid_hw=latent_grid_hw,
             latent_timesteps=latent_timesteps,
             use_cache=use_cache,
+            context=context,
+            context_spans=context_spans,
+            update_cache=update_cache,
+            step_cache=step_cache,
             document_ids=document_ids,
             noised_latent_images=noised_latent_images,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
 
-        ce_loss = mse_loss = logits = None
-        if labels is not None:
+        ce_loss = mse_loss = logits = velocity = None
+        if denoising:
+            # Rows are checked latent blocks: the latent tokens are everything but the two boundary tokens.
+            velocity = self.llm2vae(hidden_states[:, 1:-1]).reshape(-1, self.config.patch_latent_dim)
+        elif labels is not None:
             # Only the labelled positions go through the (vocabulary-sized) head.
             shift_labels = labels[:, 1:]
             keep = shift_labels != -100
@@ -937,6 +1146,8 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             next_position=outputs.next_position,
+            context_span=outputs.context_span,
+            velocity=velocity,
         )
 
     def _noise_targets(self, latents, latent_grid_hw, noised_latent_images, noise, timesteps):
@@ -1005,137 +1216,62 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
     # -- image generation API (used by diffusers_bagel.BagelPipeline) -------------------------------------------------
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    @_with_offload_hook
     def predict_velocity(
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor | float,
         latent_grid_hw: tuple[int, int],
-        cache: Cache | None,
-        context_attention_mask: torch.Tensor | None = None,
-        context_position: torch.Tensor | int = 0,
+        context: BagelContext,
+        context_spans: list[BagelContextSpan],
+        step_cache: BagelStepCache | None = None,
     ) -> torch.Tensor:
         """
-        Flow velocity (`noise - clean` direction) of a block of latent tokens at time `timestep`, attending to cached
-        contexts without growing them. Each batch row is one (context, latent) pair, so several CFG contexts stacked
-        in the cache's batch are evaluated in one forward.
+        Flow velocity (`noise - clean` direction) of latent blocks at time `timestep`: a denoising `forward` (see there)
+        with the block's token ids built once per context and grid, so that every step passes the same objects and
+        the context's step-invariant inputs are reused.
 
         Args:
-            latents (`torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`): packed noisy latents x_t.
-            timestep (`float` or `torch.Tensor` of shape `(batch,)`): flow time t in [0, 1] (1 = noise).
+            latents (`torch.Tensor` of shape `(rows, h * w, patch_latent_dim)`): packed noisy latents x_t, one row per
+                (prompt, guidance branch).
+            timestep (`float` or `torch.Tensor` of shape `(rows,)`): flow time t in [0, 1] (1 = noise).
             latent_grid_hw (`tuple[int, int]`): token grid (h, w) of the image.
-            cache (`Cache`): prefilled contexts, one per row (left-padded), or None for empty contexts.
-            context_attention_mask (`torch.Tensor` of shape `(batch, context_len)`, *optional*): 1 for real context
-                tokens, 0 for padding. None means every cached token is real.
-            context_position (`int` or `torch.LongTensor` of shape `(batch,)`): each context's next position; the
-                whole query block sits there.
+            context (`BagelContext`): the prefilled contexts.
+            context_spans (`list[BagelContextSpan]`): the context of each row (an empty span for no context).
+            step_cache (`BagelStepCache`, *optional*): TaylorSeer or another step cache.
 
         Returns:
-            `torch.Tensor` of shape `(batch, h * w, patch_latent_dim)`.
-
-        Everything but `latents` and `timestep` is the same at every denoising step of one image: the attention mask
-        of the block against the cached contexts, the RoPE tables, the boundary-token and 2-D position embeddings and
-        the expert routing are built on the first call for a cache and kept with that cache (rebuilt when the cache
-        length, `context_attention_mask` or `context_position` objects change), so a step runs the decoder layers and
-        nothing else: no mask rebuilding and no host synchronisation.
+            `torch.Tensor` of shape `(rows, h * w, patch_latent_dim)`.
         """
         if latents.dim() != 3:
-            raise ValueError(f"`latents` must be (batch, h * w, patch_latent_dim), got shape {tuple(latents.shape)}.")
-        batch, num_tokens = latents.shape[:2]
-        height, width = latent_grid_hw
+            raise ValueError(f"`latents` must be (rows, h * w, patch_latent_dim), got shape {tuple(latents.shape)}.")
+        rows, num_tokens = latents.shape[:2]
+        height, width = (int(side) for side in latent_grid_hw)
         if height * width != num_tokens:
             raise ValueError(f"latents hold {num_tokens} tokens but the grid {height}x{width} needs {height * width}.")
         device = latents.device
-        plan = self._velocity_plan(batch, (height, width), cache, context_attention_mask, context_position, device)
+        config = self.config
+
+        def block():
+            ids = [config.start_of_image_token_id] + [config.latent_token_id] * num_tokens + [config.end_of_image_token_id]
+            return (torch.tensor([ids] * rows, device=device), torch.tensor([[height, width]] * rows, device=device))
+
+        input_ids, grid = context.step_inputs(("latent_block", rows, height, width, device), block)
         if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
+            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(rows)
         else:
             # torch.full passes the value to the kernel: no blocking host-to-device copy (torch.tensor would make one).
-            timestep = torch.full((batch,), float(timestep), device=device)
-        model, text_model = self.model, self.model.language_model
-        # vae2llm(x) + time_embedder(t) + latent_pos_embed(ids), as BagelModel.get_latent_embeddings, with the time
-        # embedding computed once per row instead of once per token.
-        latent_embeds = (
-            model.vae2llm(latents.to(model.vae2llm.weight.dtype))
-            + model.time_embedder(timestep)[:, None]
-            + plan.latent_position_embeds
+            timestep = torch.full((rows,), float(timestep), device=device)
+        output = self(
+            input_ids=input_ids,
+            latents=latents.reshape(rows * num_tokens, -1),
+            latent_grid_hw=grid,
+            latent_timesteps=timestep,
+            context=context,
+            context_spans=list(context_spans),
+            update_cache=False,
+            step_cache=step_cache,
         )
-        start, end = plan.boundary_embeds.expand(batch, -1, -1).split(1, dim=1)
-        hidden = torch.cat([start, latent_embeds.to(start.dtype), end], dim=1)
-        for decoder_layer in text_model.layers[: text_model.config.num_hidden_layers]:
-            hidden = decoder_layer(
-                hidden,
-                plan.routing,
-                attention_mask=plan.attention_mask,
-                position_embeddings=plan.position_embeddings,
-                cache=cache,
-                update_cache=False,
-            )
-        return self.llm2vae(text_model.norm_moe_gen(hidden[:, 1:-1]))
-
-    def _velocity_plan(self, batch, grid_hw, cache, context_attention_mask, context_position, device):
-        """The step-invariant inputs of `predict_velocity` (see there), cached on `cache`."""
-        text_model = self.model.language_model
-        dtype = text_model.embed_tokens.weight.dtype
-        context_len = cache.get_seq_length() if cache is not None else 0
-        key = (batch, grid_hw, device, dtype, text_model.config._attn_implementation, context_len)
-        plans = None
-        if cache is not None:
-            plans = cache.__dict__.setdefault("_bagel_velocity_plans", {})
-            plan = plans.get(key)
-            if plan is not None and plan.matches(context_attention_mask, context_position):
-                return plan
-
-        config = self.config
-        length = grid_hw[0] * grid_hw[1] + 2
-        position = torch.as_tensor(context_position, device=device).reshape(-1, 1).expand(batch, length)
-        limit = config.text_config.max_position_embeddings
-        if int(position.max()) >= limit:
-            raise ValueError(
-                f"The sequence reaches position {int(position.max())}, beyond the model's limit of {limit} positions "
-                "(text_config.max_position_embeddings); shorten the prompt."
-            )
-        attention_mask = None
-        if context_attention_mask is not None:
-            attention_mask = torch.cat(
-                [context_attention_mask.to(device), context_attention_mask.new_ones(batch, length)], dim=1
-            )
-        # The block is one bidirectional image block after the (causal) cached contexts: the same mask as
-        # BagelTextModel builds for it, made once.
-        block_ids = torch.ones((batch, length), dtype=torch.long, device=device)
-        if context_len:
-            block_ids = torch.cat([block_ids.new_full((batch, context_len), -1), block_ids], dim=1)
-        shape_only = torch.empty((batch, length, 1), dtype=dtype, device=device)
-        mask = create_causal_mask(
-            config=text_model.config,
-            inputs_embeds=shape_only,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=None,
-            block_sequence_ids=block_ids,
-        )
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] == length:
-            # Every query token of the block sees the same keys: keep one query row, broadcast by the attention
-            # kernels (sdpa, eager), instead of a (batch, 1, length, context + length) mask.
-            row = mask[:, :, :1]
-            if bool((mask == row).all()):
-                mask = row.contiguous()
-        grid = torch.tensor([list(grid_hw)], device=device)
-        position_ids = flattened_grid_position_ids(grid, config.max_latent_size, config.interpolate_pos, device)
-        boundary = torch.tensor([[config.start_of_image_token_id, config.end_of_image_token_id]], device=device)
-        plan = _VelocityPlan(
-            context_attention_mask=context_attention_mask,
-            context_position=context_position,
-            attention_mask=mask,
-            position_embeddings=text_model.rotary_emb(shape_only, position),
-            boundary_embeds=text_model.embed_tokens(boundary),
-            latent_position_embeds=self.model.latent_pos_embed(position_ids).to(self.model.vae2llm.weight.dtype),
-            routing=_LatentBlockRouting(),
-        )
-        if plans is not None:
-            plans[key] = plan
-        return plan
+        return output.velocity.reshape(rows, num_tokens, -1)
 
 
 __all__ = [

@@ -1,0 +1,129 @@
+"""Prefilled BAGEL contexts: several token sequences packed one after another in the single row of a transformers
+`Cache`, and the step-invariant inputs of denoising against them."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+
+__all__ = ["BagelContext", "BagelContextSpan", "BagelStepCache", "BranchKeys"]
+
+
+@dataclass(frozen=True)
+class BagelContextSpan:
+    """
+    One prefilled context of a [`BagelContext`]: its keys are `[start, start + length)` of the packed cache row, and
+    the next token after it takes BAGEL position `next_position` (the original's "rope" counter).
+
+    A context that is a prefix of another (the text-guidance context of an edit is the full context before its
+    instruction) is a shorter span over the same keys: its tokens are prefilled once.
+    """
+
+    start: int
+    length: int
+    next_position: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class BranchKeys:
+    """
+    How the query rows of one denoising forward see the cache: row `r` attends to the keys of `spans[r]` and to its
+    own block, nothing else. Rows whose spans have equal lengths form one group and share one attention call, so no
+    row is padded to a longer context (attention "per length group": every call is a plain unmasked attention, which
+    every backend runs at full speed, and the key copies of a group are slices of the one packed row).
+    """
+
+    spans: tuple[BagelContextSpan, ...]
+    groups: tuple[tuple[int, int, tuple[int, ...]], ...] = field(init=False)  # (first row, last row + 1, starts)
+
+    def __post_init__(self):
+        groups, first = [], 0
+        for row in range(1, len(self.spans) + 1):
+            if row == len(self.spans) or self.spans[row].length != self.spans[first].length:
+                groups.append((first, row, tuple(span.start for span in self.spans[first:row])))
+                first = row
+        self.groups = tuple(groups)
+
+
+class BagelStepCache:
+    """
+    What a step cache (TaylorSeer, ...) gives the decoder: [`BagelTextModel.forward`] calls `cached_output()` before
+    its layers; a tensor returned there is used as the output of the layer stack and the layers do not run. Otherwise
+    the layers run and `store(output)` receives their output (before the final norm). Subclasses decide when to skip.
+    """
+
+    def cached_output(self) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def store(self, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class BagelContext:
+    """
+    Prefilled contexts of one generation call, packed one after another in batch row 0 of a standard transformers
+    [`~transformers.Cache`] (any class that implements the Cache API: `DynamicCache`, `StaticCache`, quantized or
+    offloaded caches). A context is a [`BagelContextSpan`] of that row. Prefilling appends tokens to the last span
+    (tokens of a context never see another context's keys); a denoising forward runs one query row per guidance branch,
+    each attending to its own span, and leaves the cache as it was.
+
+    The state BAGEL needs besides the keys lives here, not on the cache: the number of cached keys, and the
+    step-invariant inputs of denoising (RoPE tables, expert routing, latent position embeddings, boundary ids), built on
+    the first step for a given set of spans and reused by every later step.
+
+    Args:
+        cache (`Cache`, *optional*): the cache to fill; a new `DynamicCache` by default.
+    """
+
+    def __init__(self, cache: Cache | None = None):
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"`cache` must be a transformers Cache, got {type(cache).__name__}.")
+        self.cache = cache if cache is not None else DynamicCache()
+        self.num_keys = 0
+        self._step_inputs: dict = {}
+
+    def new_span(self) -> BagelContextSpan:
+        """An empty context placed after every cached key (its first token takes position 0)."""
+        return BagelContextSpan(start=self.num_keys, length=0, next_position=0)
+
+    def check_extendable(self, span: BagelContextSpan) -> None:
+        if span.end != self.num_keys:
+            raise ValueError(
+                f"Only the last context of a BagelContext can grow: the span ends at key {span.end}, but the cache "
+                f"holds {self.num_keys} keys. Start a new span with `context.new_span()`."
+            )
+
+    def isolation_mask(self, span: BagelContextSpan) -> Callable | None:
+        """Mask restriction for tokens appended to `span`: keys of earlier contexts are invisible."""
+        if span.start == 0:
+            return None
+        start = span.start
+
+        def inside_span(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx >= start
+
+        return inside_span
+
+    def step_inputs(self, key, build: Callable):
+        """The memoised step-invariant inputs for `key` (spans, grid, device, dtype, backend), built once."""
+        inputs = self._step_inputs.get(key)
+        if inputs is None:
+            inputs = self._step_inputs[key] = build()
+        return inputs
+
+    def key_value_bytes(self) -> int:
+        """Bytes of the cached keys and values of every layer (what the contexts cost in memory)."""
+        total = 0
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", False):
+                continue
+            for tensor in (layer.keys, layer.values):
+                if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+                    total += tensor[:, :, : self.num_keys].numel() * tensor.element_size()
+        return total
