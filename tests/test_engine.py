@@ -271,3 +271,27 @@ def test_bad_denoising_inputs_are_refused(pipe, no_grad):
     assert other.start == span.end
     with pytest.raises(TypeError, match="must be a transformers Cache"):
         BagelContext(cache={})
+
+
+def test_compiled_denoising_step_is_one_graph(converted_dir, no_grad):
+    """`compile_denoising()`: a 5-step call compiles the layer stack once (fullgraph, no break, no recompilation
+    across steps) and matches eager."""
+    from torch._dynamo.utils import counters
+
+    pipeline = BagelPipeline.from_pretrained(converted_dir)
+    pipeline.model.set_attn_implementation("sdpa")
+    pipeline.set_progress_bar_config(disable=True)
+    call = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 5, "cfg_interval": (0.0, 1.0),
+            "output_type": "latent"}  # fmt: skip
+    eager = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+    torch._dynamo.reset()
+    counters.clear()
+    pipeline.model.compile_denoising()
+    try:
+        compiled = pipeline(**call, generator=torch.Generator().manual_seed(0)).images
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"] and not counters["recompiles"]
+        assert_close_rel(compiled, eager, 1e-5)
+    finally:
+        pipeline.model.compile_denoising(disable=True)
+        torch._dynamo.reset()

@@ -36,11 +36,16 @@ class BranchKeys:
     How the query rows of one denoising forward see the cache: row `r` attends to the keys of `spans[r]` and to its
     own block, nothing else. Rows whose spans have equal lengths form one group and share one attention call, so no
     row is padded to a longer context (attention "per length group": every call is a plain unmasked attention, which
-    every backend runs at full speed, and the key copies of a group are slices of the one packed row).
+    every backend runs at full speed).
+
+    The cached keys and values of each group are read from the cache once, by [`~BranchKeys.gather`] (through the
+    Cache API, so any Cache class works), and kept for every step: a step reads no cache and copies no context key
+    (a group of one row holds views of the cache's tensors).
     """
 
     spans: tuple[BagelContextSpan, ...]
     groups: tuple[tuple[int, int, tuple[int, ...]], ...] = field(init=False)  # (first row, last row + 1, starts)
+    context_key_values: list = field(init=False, default_factory=list)  # [layer][group] -> (keys, values) or None
 
     def __post_init__(self):
         groups, first = [], 0
@@ -49,6 +54,26 @@ class BranchKeys:
                 groups.append((first, row, tuple(span.start for span in self.spans[first:row])))
                 first = row
         self.groups = tuple(groups)
+
+    def gather(self, cache: Cache, num_layers: int, empty_key: torch.Tensor, empty_value: torch.Tensor) -> None:
+        """Reads every layer's context keys and values for each group. `empty_key` / `empty_value`: tensors of shape
+        `(1, kv_heads, 0, head_dim)` in the cache's dtype (an update with no token returns the cached states)."""
+        self.context_key_values = []
+        needed = any(span.length for span in self.spans)
+        for layer_idx in range(num_layers):
+            keys, values = cache.update(empty_key, empty_value, layer_idx) if needed else (None, None)
+            per_group = []
+            for first, _, starts in self.groups:
+                length = self.spans[first].length
+                if not length:
+                    per_group.append(None)
+                    continue
+                if len(starts) == 1:
+                    per_group.append((keys[:, :, starts[0] : starts[0] + length], values[:, :, starts[0] : starts[0] + length]))
+                else:
+                    per_group.append((torch.cat([keys[:, :, s : s + length] for s in starts]),
+                                      torch.cat([values[:, :, s : s + length] for s in starts])))  # fmt: skip
+            self.context_key_values.append(per_group)
 
 
 class BagelStepCache:

@@ -257,7 +257,7 @@ class BagelAttention(nn.Module):
         )
         dropout = 0.0 if not self.training else self.attention_dropout
         if branch_keys is not None:
-            attn_output = self._attend_to_spans(query, key, value, cache, branch_keys, attention_interface, **kwargs)
+            attn_output = self._attend_to_spans(query, key, value, branch_keys, attention_interface, **kwargs)
             attn_weights = None
         else:
             if cache is not None:
@@ -269,24 +269,18 @@ class BagelAttention(nn.Module):
         attn_output = routing(attn_output, self.o_proj, self.o_proj_moe_gen)
         return attn_output, attn_weights
 
-    def _attend_to_spans(self, query, key, value, cache, branch_keys, attention_interface, **kwargs):
+    def _attend_to_spans(self, query, key, value, branch_keys, attention_interface, **kwargs):
         """
-        Denoising rows against a packed [`BagelContext`]: row r attends to the cached keys of its span and to its own
-        block, bidirectionally, without storing anything. The cached keys are read through the Cache API (an update
-        with no new token returns them, for any Cache class). One unmasked attention call per group of rows whose
-        spans have the same length: nothing is padded.
+        Denoising rows against a packed [`BagelContext`]: row r attends to the cached keys of its span (gathered once
+        per call by `branch_keys`) and to its own block, bidirectionally, without storing anything. One unmasked
+        attention call per group of rows whose spans have the same length: nothing is padded.
         """
-        if any(span.length for span in branch_keys.spans):
-            context_keys, context_values = cache.update(key[:1, :, :0], value[:1, :, :0], self.layer_idx)
         outputs = []
-        for first, last, starts in branch_keys.groups:
-            length = branch_keys.spans[first].length
+        for (first, last, _), cached in zip(branch_keys.groups, branch_keys.context_key_values[self.layer_idx]):
             group_key, group_value = key[first:last], value[first:last]
-            if length:
-                cached_key = torch.cat([context_keys[:, :, s : s + length] for s in starts])
-                cached_value = torch.cat([context_values[:, :, s : s + length] for s in starts])
-                group_key = torch.cat([cached_key.to(group_key.dtype), group_key], dim=2)
-                group_value = torch.cat([cached_value.to(group_value.dtype), group_value], dim=2)
+            if cached is not None:
+                group_key = torch.cat([cached[0].to(group_key.dtype), group_key], dim=2)
+                group_value = torch.cat([cached[1].to(group_value.dtype), group_value], dim=2)
             output, _ = attention_interface(
                 self, query[first:last], group_key, group_value, None, dropout=0.0, scaling=self.scaling,
                 is_causal=False, **kwargs,
@@ -383,6 +377,7 @@ class BagelTextModel(BagelPreTrainedModel):
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self._compiled_denoising = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -390,6 +385,44 @@ class BagelTextModel(BagelPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def decoder_layers(
+        self,
+        hidden_states: torch.Tensor,
+        routing: ExpertRouting,
+        attention_mask,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None,
+        branch_keys: BranchKeys | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The layer stack (every forward runs it; `compile_denoising` compiles it for denoising forwards)."""
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                routing,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                branch_keys=branch_keys,
+                **kwargs,
+            )
+        return hidden_states
+
+    def compile_denoising(self, **compile_kwargs) -> None:
+        """
+        Compiles the layer stack of denoising forwards with `torch.compile(fullgraph=True, dynamic=False)` (keyword
+        arguments are passed on and override those). A denoising step reads no cache and builds no mask (the context's
+        keys, RoPE tables and routing are gathered once per call), so the stack compiles to one graph without breaks,
+        reused at every step of a call; a new graph is built only for a new number of rows or context lengths (guidance
+        switched off by `cfg_interval`, another image size). Prefill and text generation stay eager.
+        `compile_denoising(disable=True)` turns it off again.
+        """
+        if compile_kwargs.pop("disable", False):
+            self._compiled_denoising = None
+            return
+        options = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._compiled_denoising = torch.compile(self.decoder_layers, **options)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @capture_outputs
@@ -472,16 +505,10 @@ class BagelTextModel(BagelPreTrainedModel):
         if predicted is not None:
             hidden_states = predicted.to(hidden_states.dtype)
         else:
-            for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-                hidden_states = decoder_layer(
-                    hidden_states,
-                    routing,
-                    attention_mask=causal_mask,
-                    position_embeddings=position_embeddings,
-                    cache=cache,
-                    branch_keys=branch_keys,
-                    **kwargs,
-                )
+            run_layers = self.decoder_layers
+            if branch_keys is not None and self._compiled_denoising is not None:
+                run_layers = self._compiled_denoising
+            hidden_states = run_layers(hidden_states, routing, causal_mask, position_embeddings, cache, branch_keys, **kwargs)
             if step_cache is not None:
                 step_cache.store(hidden_states)
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
@@ -967,6 +994,11 @@ class BagelModel(BagelPreTrainedModel):
         position_ids = torch.tensor([[span.next_position] for span in spans], device=device).expand(rows, length)
         text_model = self.language_model
         shape_only = torch.empty((rows, length, 1), dtype=text_model.embed_tokens.weight.dtype, device=device)
+        branch_keys = BranchKeys(spans)
+        text_config = config.text_config
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        empty = torch.empty((1, text_config.num_key_value_heads, 0, head_dim), dtype=shape_only.dtype, device=device)
+        branch_keys.gather(context.cache, text_config.num_hidden_layers, empty, empty)
         return _DenoisingInputs(
             input_ids=input_ids,
             latent_grid_hw=latent_grid_hw,
@@ -978,7 +1010,7 @@ class BagelModel(BagelPreTrainedModel):
             token_image_index=torch.arange(rows, device=device).repeat_interleave(num_tokens),
             latent_mask=input_ids == config.latent_token_id,
             routing=_LatentBlockRouting(),
-            branch_keys=BranchKeys(spans),
+            branch_keys=branch_keys,
         )
 
 
@@ -1021,6 +1053,10 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def compile_denoising(self, **compile_kwargs) -> None:
+        """Compiles the decoder layers of denoising steps (see [`BagelTextModel.compile_denoising`])."""
+        self.model.language_model.compile_denoising(**compile_kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
