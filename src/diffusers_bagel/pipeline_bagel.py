@@ -1,19 +1,30 @@
 """BagelPipeline: text-to-image, image editing and thinking mode with BAGEL's dual classifier-free guidance."""
 
+import contextlib
 import copy
+import functools
 import re
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.cache_utils import Cache
 
 from transformers_bagel.context_bagel import BagelContext, BagelContextSpan
-from transformers_bagel.modeling_bagel import BagelForConditionalGeneration, pack_latents, unpack_latents
+from transformers_bagel.modeling_bagel import (
+    BagelDecoderLayer,
+    BagelForConditionalGeneration,
+    pack_latents,
+    unpack_latents,
+)
 from transformers_bagel.processing_bagel import BagelProcessor
 
 from .pipeline_output import BagelPipelineOutput
@@ -47,6 +58,10 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 MAX_GUIDANCE_SCALE = 1000.0
 MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# diffusers' step caches that apply to BAGEL's decoder layers (block-level hooks; the layer takes and returns
+# `hidden_states`). Registering the layer's metadata lets diffusers' own hooks find its hidden states.
+STEP_CACHE_CONFIGS = (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig)
+TransformerBlockRegistry.register(BagelDecoderLayer, TransformerBlockMetadata(hidden_states_argument_name="hidden_states"))
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -100,6 +115,7 @@ class _Guidance:
     cfg_interval: tuple[float, float]
     cfg_renorm_type: str
     cfg_renorm_min: float
+    hooked_decoder: object = None  # the decoder carrying this call's diffusers step-cache hooks, if any
 
     @property
     def num_branches(self) -> int:
@@ -114,6 +130,27 @@ def _is_prefix(prefix: _Context, context: _Context) -> bool:
         a[0] == b[0] and (a[1] == b[1] if a[0] == "text" else a[1] is b[1])
         for a, b in zip(prefix.segments, context.segments)
     )
+
+
+class _DenoisingLayers(torch.nn.Module, CacheMixin):
+    """The decoder's layer list (the same modules) as a module that diffusers' `CacheMixin` can put its step-cache
+    hooks on: `enable_cache`, `cache_context` and `disable_cache` are diffusers' own, applied to BAGEL's layers."""
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+
+def _one_call_at_a_time_with_step_cache(call):
+    """Calls run concurrently, except while a diffusers step cache is enabled: its hooks sit on the shared model."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        lock = self._step_cache_lock if self.is_cache_enabled else contextlib.nullcontext()
+        with lock:
+            return call(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _is_image(item) -> bool:
@@ -592,9 +629,10 @@ class BagelPipeline(DiffusionPipeline):
         for kinds, step_cache in groups:
             spans = [span for kind in kinds for span in g.spans[kind]]
             rows = x.repeat(len(kinds), 1, 1) if len(kinds) > 1 else x
-            v = self.model.predict_velocity(
-                rows.to(self.model.dtype), t, grid, g.context, spans, step_cache=step_cache
-            ).float()
+            with self._step_cache_context(g, "+".join(kinds)):
+                v = self.model.predict_velocity(
+                    rows.to(self.model.dtype), t, grid, g.context, spans, step_cache=step_cache
+                ).float()
             velocities.update(zip(kinds, v.split(g.batch_size)))
         if taylorseer is not None:
             for kind in active:
@@ -608,9 +646,70 @@ class BagelPipeline(DiffusionPipeline):
             cfg_renorm_min=g.cfg_renorm_min,
         )  # fmt: skip
 
+    # -- diffusers step caches ---------------------------------------------------------------------------------------
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return getattr(self, "_step_cache_config", None) is not None
+
+    def enable_cache(self, config) -> None:
+        """
+        Applies one of diffusers' step caches to the decoder layers of the denoising steps: a
+        [`~diffusers.hooks.FirstBlockCacheConfig`], [`~diffusers.hooks.MagCacheConfig`] or
+        [`~diffusers.hooks.TaylorSeerCacheConfig`] (diffusers' own hooks and states, as
+        `transformer.enable_cache(config)` on a diffusers model). The hooks are put on the decoder for the denoising
+        loop of each call only, with fresh states, so the context prefill and thinking never go through them; each
+        group of guidance branches run together is its own cache context. A `TaylorSeerCacheConfig` without
+        `cache_identifiers` caches every decoder layer's output. For the original BAGEL's TaylorSeer, pass
+        `enable_taylorseer=True` to the call instead.
+
+        While a step cache is enabled, calls on this pipeline run one at a time (the hooks sit on the shared model).
+        """
+        if not isinstance(config, STEP_CACHE_CONFIGS):
+            names = ", ".join(c.__name__ for c in STEP_CACHE_CONFIGS)
+            raise ValueError(f"`config` must be one of diffusers' {names}, got {type(config).__name__}.")
+        if self.is_cache_enabled:
+            raise ValueError(
+                f"Caching has already been enabled with {type(self._step_cache_config).__name__}; call "
+                "`disable_cache()` first."
+            )
+        if isinstance(config, TaylorSeerCacheConfig) and not (config.cache_identifiers or config.use_lite_mode):
+            config = copy.copy(config)
+            config.cache_identifiers = [r"layers\.\d+"]
+        self._step_cache_config = config
+        self._step_cache_lock = threading.Lock()
+
+    def disable_cache(self) -> None:
+        """Removes the step cache set by [`~BagelPipeline.enable_cache`]."""
+        if not self.is_cache_enabled:
+            logger.warning("Caching techniques have not been enabled, so there's nothing to disable.")
+        self._step_cache_config = None
+
+    @contextlib.contextmanager
+    def _step_cache_hooks(self, guidance: "_Guidance"):
+        """diffusers' hooks of the enabled step cache on the decoder, for one call's denoising loop."""
+        config = getattr(self, "_step_cache_config", None)
+        if config is None:
+            yield
+            return
+        layers = _DenoisingLayers(self.model.model.language_model.layers)
+        layers.enable_cache(config)
+        guidance.hooked_decoder = layers
+        try:
+            yield
+        finally:
+            guidance.hooked_decoder = None
+            layers.disable_cache()
+
+    def _step_cache_context(self, guidance: "_Guidance", name: str):
+        if guidance.hooked_decoder is None:
+            return contextlib.nullcontext()
+        return guidance.hooked_decoder.cache_context(name)
+
     # -- call -------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @_one_call_at_a_time_with_step_cache
     def __call__(
         self,
         prompt=None,
@@ -682,6 +781,11 @@ class BagelPipeline(DiffusionPipeline):
         Returns:
             [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), or a tuple.
         """
+        if enable_taylorseer and self.is_cache_enabled:
+            raise ValueError(
+                "`enable_taylorseer=True` and a diffusers step cache (`enable_cache`) both skip decoder layers; use "
+                "one of them (`pipe.disable_cache()`)."
+            )
         batch = self._normalize_prompts(prompt, image)
         editing = any(not isinstance(item, str) for items in batch for item in items)
         preset = EDIT_PRESET if editing else TEXT_TO_IMAGE_PRESET
@@ -742,7 +846,7 @@ class BagelPipeline(DiffusionPipeline):
             sample_posterior, reuse_full_for_image=not enable_taylorseer or always_guided,
         )  # fmt: skip
         taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
+        with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, timestep in enumerate(scheduler.timesteps):
                 v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
                 x = scheduler.step(v, timestep, x, return_dict=False)[0]
