@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
+from conftest import assert_close_rel
 from diffusers_bagel import BagelPipeline
 
 
@@ -108,7 +109,9 @@ def test_offloading_hooks_give_the_plain_pipeline_outputs(converted_dir, offload
     offloaded = _pipe(converted_dir)
     offload(offloaded, tmp_path)
     assert torch.equal(_run(offloaded, num_inference_steps=3), plain)
-    assert torch.equal(_run(offloaded, **edit), edit_plain)
+    # An edit runs the VAE encoder's convolutions on copies the hooks make: their kernels may round differently in
+    # the last bit (5e-6 of 4.8 measured with model offload).
+    assert_close_rel(_run(offloaded, **edit), edit_plain, 1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's sequential offload needs an accelerator")
