@@ -124,17 +124,6 @@ class BagelContext:
                 f"holds {self.num_keys} keys. Start a new span with `context.new_span()`."
             )
 
-    def isolation_mask(self, span: BagelContextSpan) -> Callable | None:
-        """Mask restriction for tokens appended to `span`: keys of earlier contexts are invisible."""
-        if span.start == 0:
-            return None
-        start = span.start
-
-        def inside_span(batch_idx, head_idx, q_idx, kv_idx):
-            return kv_idx >= start
-
-        return inside_span
-
     def step_inputs(self, key, build: Callable):
         """The memoised step-invariant inputs for `key` (spans, grid, device, dtype, backend), built once."""
         inputs = self._step_inputs.get(key)

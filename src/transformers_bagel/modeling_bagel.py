@@ -23,6 +23,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import is_flash_attention_requested
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
@@ -102,6 +103,54 @@ class _LatentBlockRouting(ExpertRouting):
         ends = slice(None, None, hidden_states.shape[1] - 1)  # positions 0 and -1 of dimension 1
         out[:, ends] = und(hidden_states[:, ends]).to(out.dtype)
         return out
+
+
+def _keys_from(key_start: int) -> Callable:
+    """Mask restriction: keys before `key_start` (other contexts of a packed cache row) are invisible."""
+
+    def inside_span(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx >= key_start
+
+    return inside_span
+
+
+def flash_attention_segments(
+    block_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    past_seen: int,
+    key_start: int,
+    shape: tuple[int, int],
+) -> list[tuple[int, int, int, int, int, bool]]:
+    """
+    BAGEL's attention as flash-attention calls without a mask, as the original runs it: each run of text tokens is
+    causal and each image block is full, over every earlier key of its row (flash attention's bottom-right causal
+    alignment), from `key_start` and from the row's first unpadded key. Returns `(row, q_start, q_end, k_start,
+    k_end, causal)` per segment, key indices in the cache's keys (`past_seen` cached tokens, then the new ones).
+    Left padding only (as `generate` pads).
+    """
+    batch, length = shape
+    ids = block_ids.tolist() if block_ids is not None else [[-1] * length for _ in range(batch)]
+    valid = attention_mask.bool().tolist() if attention_mask is not None else None
+    segments = []
+    for row in range(batch):
+        first_key = 0
+        first_query = 0
+        if valid is not None:
+            row_valid = valid[row]
+            if True not in row_valid:
+                continue
+            first_key = row_valid.index(True)
+            if not all(row_valid[first_key:]):
+                raise ValueError("flash_attention_2 takes left-padded inputs only (the attention mask has a gap).")
+            first_query = max(0, first_key - (len(row_valid) - length))
+        start = first_query
+        while start < length:
+            end = start + 1
+            while end < length and ids[row][end] == ids[row][start]:
+                end += 1
+            segments.append((row, start, end, max(key_start, first_key), past_seen + end, ids[row][start] < 0))
+            start = end
+    return segments
 
 
 def pack_latents(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -237,6 +286,7 @@ class BagelAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         branch_keys: BranchKeys | None = None,
+        segments: list[tuple[int, int, int, int, int, bool]] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len = hidden_states.shape[:2]
@@ -262,12 +312,31 @@ class BagelAttention(nn.Module):
         else:
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
-            attn_output, attn_weights = attention_interface(
-                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
-            )
+            if segments is not None:
+                attn_output, attn_weights = self._attend_by_segments(
+                    query, key, value, segments, attention_interface, dropout, **kwargs
+                )
+            else:
+                attn_output, attn_weights = attention_interface(
+                    self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+                )
         attn_output = attn_output.reshape(batch, seq_len, -1).contiguous()
         attn_output = routing(attn_output, self.o_proj, self.o_proj_moe_gen)
         return attn_output, attn_weights
+
+    def _attend_by_segments(self, query, key, value, segments, attention_interface, dropout, **kwargs):
+        """Mask-free attention (flash attention) of each segment of [`flash_attention_segments`]; padding rows get
+        zeros."""
+        batch, heads, length, head_dim = query.shape
+        output = query.new_zeros(batch, length, heads, head_dim)
+        for row, q_start, q_end, k_start, k_end, causal in segments:
+            segment, _ = attention_interface(
+                self, query[row : row + 1, :, q_start:q_end], key[row : row + 1, :, k_start:k_end],
+                value[row : row + 1, :, k_start:k_end], None, dropout=dropout, scaling=self.scaling, is_causal=causal,
+                **kwargs,
+            )  # fmt: skip
+            output[row, q_start:q_end] = segment[0]
+        return output, None
 
     def _attend_to_spans(self, query, key, value, branch_keys, attention_interface, **kwargs):
         """
@@ -343,9 +412,9 @@ class BagelPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BagelDecoderLayer", "SiglipEncoderLayer"]
     _skip_keys_device_placement = ["cache"]
-    # Image blocks need bidirectional attention inside a causal sequence: flash-attention's causal/full switch
-    # cannot express that mask, so BAGEL runs on eager, sdpa or flex_attention.
-    _supports_flash_attn = False
+    # Flash attention takes no mask: BAGEL then runs one mask-free call per segment (causal text runs, full image
+    # blocks, denoising rows against their own context), as the original does (`flash_attention_segments`).
+    _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -437,6 +506,7 @@ class BagelTextModel(BagelPreTrainedModel):
         gen_token_mask: torch.BoolTensor | None = None,
         block_ids: torch.LongTensor | None = None,
         and_mask_function: Callable | None = None,
+        key_start: int = 0,
         routing: ExpertRouting | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         branch_keys: BranchKeys | None = None,
@@ -450,8 +520,9 @@ class BagelTextModel(BagelPreTrainedModel):
             Image block of each token (`-1` for causal text tokens). Tokens of one block attend to each other
             bidirectionally.
         and_mask_function (`Callable`, *optional*):
-            Extra mask restriction (packed training samples, noised images hidden from later tokens, contexts packed in
-            one cache row).
+            Extra mask restriction (packed training samples, noised images hidden from later tokens).
+        key_start (`int`, defaults to 0):
+            Keys before this index are invisible to the new tokens (contexts packed one after another in one cache row).
         routing (`ExpertRouting`, *optional*):
             Prebuilt expert routing (instead of `gen_token_mask`), kept across denoising steps by [`BagelContext`].
         position_embeddings (`tuple[torch.Tensor, torch.Tensor]`, *optional*):
@@ -469,11 +540,24 @@ class BagelTextModel(BagelPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_seen = int(cache.get_seq_length()) if cache is not None else 0
+        segments = None
+        if block_ids is not None and not bool((block_ids >= 0).any()):
+            block_ids = None
         if branch_keys is not None:
             causal_mask = None  # every row's keys are chosen by `branch_keys`
+        elif is_flash_attention_requested(self.config) and (block_ids is not None or key_start or and_mask_function):
+            # Flash attention takes no mask: the original's formulation, one call per segment (causal text runs, full
+            # image blocks, bottom-right aligned over every earlier key).
+            if and_mask_function is not None:
+                raise ValueError(
+                    "flash_attention_2 cannot run packed training samples (per-sample and noised-image masks); use "
+                    "attn_implementation='sdpa' or 'flex_attention' for training."
+                )
+            causal_mask = None
+            segments = flash_attention_segments(block_ids, attention_mask, past_seen, key_start, inputs_embeds.shape[:2])
         else:
-            if block_ids is not None and not bool((block_ids >= 0).any()):
-                block_ids = None
+            if key_start:
+                and_mask_function = and_masks(*filter(None, (_keys_from(key_start), and_mask_function)))
             if block_ids is not None and cache is not None:
                 # The mask functions index blocks by absolute key position: cached tokens are never in a new block
                 # (and a static cache's unused slots neither).
@@ -508,6 +592,8 @@ class BagelTextModel(BagelPreTrainedModel):
             run_layers = self.decoder_layers
             if branch_keys is not None and self._compiled_denoising is not None:
                 run_layers = self._compiled_denoising
+            if segments is not None:
+                kwargs["segments"] = segments
             hidden_states = run_layers(hidden_states, routing, causal_mask, position_embeddings, cache, branch_keys, **kwargs)
             if step_cache is not None:
                 step_cache.store(hidden_states)
@@ -820,7 +906,7 @@ class BagelModel(BagelPreTrainedModel):
             )
         return self._embed_and_decode(
             input_ids, inputs_embeds, attention_mask, position_ids, 0, cache, use_cache, pixel_values, image_grid_hw,
-            latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, None, **kwargs,
+            latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, 0, **kwargs,
         )  # fmt: skip
 
     def _check_position_limit(self, max_position: int) -> None:
@@ -834,7 +920,7 @@ class BagelModel(BagelPreTrainedModel):
     def _embed_and_decode(
         self, input_ids, inputs_embeds, attention_mask, position_ids, position_offset, cache, use_cache, pixel_values,
         image_grid_hw, latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only,
-        extra_mask_function, **kwargs,
+        key_start, **kwargs,
     ) -> BagelModelOutputWithPast:
         """Embeds text, ViT and latent tokens, builds BAGEL's layout and mask, and runs the decoder (every forward but
         denoising)."""
@@ -866,11 +952,11 @@ class BagelModel(BagelPreTrainedModel):
         elif gen_token_mask is not None and bool(gen_token_mask.any()):
             raise ValueError("input_ids contain latent placeholder tokens but no `latents` were given.")
 
-        mask_functions = [extra_mask_function] if extra_mask_function is not None else []
+        and_mask_function = None
         if document_ids is not None or noised_latent_images is not None:
             if layout is None:
                 raise ValueError("Packed training inputs need `input_ids`.")
-            mask_functions.append(packed_sample_mask(layout, document_ids, noised_latent_images))
+            and_mask_function = packed_sample_mask(layout, document_ids, noised_latent_images)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -880,7 +966,8 @@ class BagelModel(BagelPreTrainedModel):
             use_cache=use_cache,
             gen_token_mask=gen_token_mask,
             block_ids=block_ids,
-            and_mask_function=and_masks(*mask_functions) if mask_functions else None,
+            and_mask_function=and_mask_function,
+            key_start=key_start,
             **kwargs,
         )
         if layout is not None and position_ids is layout.position_ids:
@@ -927,8 +1014,8 @@ class BagelModel(BagelPreTrainedModel):
             context.check_extendable(span)
             outputs = self._embed_and_decode(
                 input_ids, None, None, None, span.next_position, context.cache, True, pixel_values, image_grid_hw,
-                latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only,
-                context.isolation_mask(span), **kwargs,
+                latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, span.start,
+                **kwargs,
             )  # fmt: skip
             new_tokens = input_ids.shape[1]
             context.num_keys += new_tokens

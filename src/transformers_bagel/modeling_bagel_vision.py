@@ -74,7 +74,7 @@ class BagelVisionPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["SiglipEncoderLayer"]
-    _supports_flash_attn = False
+    _supports_flash_attn = True  # images are packed with a key-padding mask: flash attention unpads it (varlen)
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
