@@ -167,6 +167,25 @@ def test_attention_implementations_agree_on_mixed_sequence(original_model, stati
     assert (outputs["eager"] - outputs["flex_attention"]).abs().max() < 1e-5
 
 
+def test_attention_implementations_agree_on_packed_contexts_and_denoising(original_model, static_flex, no_grad):
+    """Prefill into one packed cache row (a context with images, then a second context isolated from it) and
+    denoising rows against spans of it: eager, sdpa and flex_attention agree."""
+    model, _ = original_model
+    inputs = mixed_inputs(model.config)
+    x_t = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(5))
+    velocities = {}
+    for implementation in ATTN_IMPLEMENTATIONS:
+        with_attn(model, implementation)
+        context = BagelContext()
+        first = model(**inputs, context=context, context_spans=context.new_span()).context_span
+        second = model(input_ids=torch.tensor([[401, 60, 61, 402]]), context=context,
+                       context_spans=context.new_span()).context_span  # fmt: skip
+        velocities[implementation] = model.predict_velocity(x_t, 0.6, (2, 2), context, [first, second, context.new_span()])
+    with_attn(model, "sdpa")
+    assert (velocities["eager"] - velocities["sdpa"]).abs().max() < 1e-5
+    assert (velocities["eager"] - velocities["flex_attention"]).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("implementation", ATTN_IMPLEMENTATIONS)
 def test_text_causal_and_image_blocks_bidirectional(original_model, implementation, static_flex, no_grad):
     model, _ = original_model
