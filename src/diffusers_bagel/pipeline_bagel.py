@@ -26,6 +26,7 @@ from transformers_bagel.modeling_bagel import (
     unpack_latents,
 )
 from transformers_bagel.processing_bagel import BagelProcessor
+from transformers_bagel.sequence_layout import BagelSequence
 
 from .pipeline_output import BagelPipelineOutput
 from .scheduling_flow_match_euler import FlowMatchEulerScheduler
@@ -385,15 +386,14 @@ class BagelPipeline(DiffusionPipeline):
         return pack_latents(latent, self.latent_patch_size)[0]
 
     def _segment_tokens(self, segments: list, vae_cache: dict, generator, sample_posterior: bool):
-        """Token ids, ViT images and clean latents (with their grids) of a list of segments, as the original lays
-        them out (SPEC section 3). Each image is VAE-encoded once per `vae_cache`."""
-        config = self.model.config
+        """Token ids, ViT images and clean latents (with their grids) of a list of segments, laid out by
+        [`BagelSequence`]. Each image is VAE-encoded once per `vae_cache`."""
         tokenizer = self.processor.tokenizer
-        ids, vit_images, latents, latent_grids = [], [], [], []
+        sequence = BagelSequence(self.model.config)
+        vit_images, latents, latent_grids = [], [], []
         for kind, value in segments:
             if kind == "text":
-                ids += [config.bos_token_id] + tokenizer.encode(value, add_special_tokens=False)
-                ids += [config.eos_token_id]
+                sequence.add_text(tokenizer.encode(value, add_special_tokens=False))
             elif kind == "vae":
                 key = id(value)
                 if key not in vae_cache:
@@ -401,14 +401,12 @@ class BagelPipeline(DiffusionPipeline):
                 tokens = vae_cache[key][1]
                 latents.append(tokens)
                 latent_grids.append((value.height // self.latent_downsample, value.width // self.latent_downsample))
-                ids += [config.start_of_image_token_id] + [config.latent_token_id] * tokens.shape[0]
-                ids += [config.end_of_image_token_id]
+                sequence.add_image(tokens.shape[0], latent=True)
             else:
                 vit_images.append(value)
                 gh, gw = self.processor.image_processor.num_vit_patches(value.height, value.width)
-                ids += [config.start_of_image_token_id] + [config.image_token_id] * (gh * gw)
-                ids += [config.end_of_image_token_id]
-        return ids, vit_images, latents, latent_grids
+                sequence.add_image(gh * gw, latent=False)
+        return sequence.input_ids, vit_images, latents, latent_grids
 
     def _image_inputs(self, vit_images: list, latents: list, latent_grids: list) -> dict:
         device = self._execution_device

@@ -23,6 +23,7 @@ from .modeling_bagel import (
 )
 from .modeling_bagel_vision import BagelVisionModel
 from .processing_bagel import BagelProcessor
+from .sequence_layout import BagelSequence
 
 
 AutoConfig.register("bagel", BagelConfig, exist_ok=True)
@@ -60,6 +61,7 @@ __all__ = [
     "BagelContext",
     "BagelContextSpan",
     "BagelStepCache",
+    "BagelSequence",
     "bagel_token_layout",
     "pack_latents",
     "unpack_latents",

@@ -24,12 +24,11 @@ from transformers.utils import logging
 
 from ..configuration_bagel import BagelConfig
 from ..modeling_bagel import pack_latents
+from ..sequence_layout import IGNORE_INDEX, BagelSequence
 from .samples import load_image, validate_sample
 
 
 logger = logging.get_logger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class BagelDataCollator:
@@ -158,21 +157,16 @@ class BagelDataCollator:
             row = sample.get("row")
             where = f" (row {row})" if row is not None else f" (sample {doc} of the batch)"
             rng = self._rng(row, doc)
-            rope, start = 0, len(input_ids)
+            sequence = BagelSequence(config)
             for segment in sample["segments"]:
                 kind = segment["type"]
                 if segment.get("enable_cfg", False) and rng.random() < self.dropout[kind]:
                     if kind != "text":
-                        rope += 1  # a dropped image still takes its position, as the original
+                        sequence.skip_image()
                     continue
                 if kind == "text":
                     ids = tokenizer.encode(segment["text"], add_special_tokens=False)
-                    tokens = [config.bos_token_id, *ids, config.eos_token_id]
-                    target = [*ids, config.eos_token_id] if segment.get("loss", False) else [IGNORE_INDEX] * (len(ids) + 1)
-                    input_ids += tokens
-                    labels += [IGNORE_INDEX, *target]
-                    positions += range(rope, rope + len(tokens))
-                    rope += len(tokens)
+                    sequence.add_text(ids, loss=bool(segment.get("loss", False)))
                     continue
                 if kind == "vit_image":
                     image = load_image(segment["image"], row)
@@ -181,31 +175,29 @@ class BagelDataCollator:
                     if rows > side or cols > side:
                         raise ValueError(f"A ViT image of {rows}x{cols} patches exceeds the {side}x{side} table{where}.")
                     vit_images.append(image)
-                    count, token, is_target = rows * cols, config.image_token_id, False
-                else:
-                    h, w = self._latent_grid(segment, row)
-                    side = config.max_latent_size
-                    if h > side or w > side:
-                        raise ValueError(
-                            f"A VAE image of {h}x{w} latent tokens exceeds the latent position table ({side}x{side} "
-                            f"tokens, {config.max_image_size}px per side){where}; use smaller images or lower the "
-                            "image processor's vae_max_image_size."
-                        )
-                    vae_inputs.append(self._vae_input(segment, row))
-                    latent_grids.append((h, w))
-                    is_target = bool(segment.get("loss", False))
-                    noised.append(is_target)
-                    count, token = h * w, config.latent_token_id
-                tokens = [config.start_of_image_token_id, *([token] * count), config.end_of_image_token_id]
-                input_ids += tokens
-                labels += [IGNORE_INDEX] * len(tokens)
-                positions += [rope] * len(tokens)
-                if not is_target:
-                    rope += 1  # a noised target does not advance the position (SPEC.md section 6)
-            length = len(input_ids) - start
-            documents += [doc] * length
-            if self.max_tokens is not None and length > self.max_tokens:
-                raise ValueError(f"A sample of {length} tokens is longer than the token budget of {self.max_tokens}{where}.")
+                    sequence.add_image(rows * cols, latent=False)
+                    continue
+                h, w = self._latent_grid(segment, row)
+                side = config.max_latent_size
+                if h > side or w > side:
+                    raise ValueError(
+                        f"A VAE image of {h}x{w} latent tokens exceeds the latent position table ({side}x{side} "
+                        f"tokens, {config.max_image_size}px per side){where}; use smaller images or lower the "
+                        "image processor's vae_max_image_size."
+                    )
+                vae_inputs.append(self._vae_input(segment, row))
+                latent_grids.append((h, w))
+                is_target = bool(segment.get("loss", False))
+                noised.append(is_target)
+                sequence.add_image(h * w, latent=True, noised=is_target)
+            input_ids += sequence.input_ids
+            positions += sequence.position_ids
+            labels += sequence.labels
+            documents += [doc] * len(sequence)
+            if self.max_tokens is not None and len(sequence) > self.max_tokens:
+                raise ValueError(
+                    f"A sample of {len(sequence)} tokens is longer than the token budget of {self.max_tokens}{where}."
+                )
         if self.max_tokens is not None and len(input_ids) > self.max_tokens:
             raise ValueError(
                 f"The batch packs {len(input_ids)} tokens, over the budget of {self.max_tokens}: group samples with "
