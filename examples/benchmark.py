@@ -1,36 +1,97 @@
 """
-Speed and memory of BAGEL (text-to-image, editing with dual CFG, image understanding) on random weights.
+Speed, FLOPs and memory of BAGEL (text-to-image, editing with dual CFG, image understanding) on random weights.
 
     python examples/benchmark.py                                  # GPU: the 7B in bf16, 1024x1024, 50 steps
-    python examples/benchmark.py --config small                   # CPU: a small model, 256x256, same table
+    python examples/benchmark.py --config small                   # CPU: a small model, 256x256, same tables
     python examples/benchmark.py --config 7b --meta_only          # any machine: 7B sizes, parameters, FLOPs/token
 
 The model is built from its configuration with random weights directly on the device (speed does not depend on weight
-values; nothing is downloaded). For each task it prints seconds per image, seconds per denoising step, context-prefill
-time, first-token latency and decode tokens/s (understanding), peak memory, and achieved TFLOP/s against the device's
-peak. FLOPs are counted from the configuration: 2 x the weights each token passes through (the generation expert for
-latent tokens, the understanding expert for text and ViT tokens, the ViT for patches) plus attention
-(4 x heads x head_dim x attended keys per layer).
+values; nothing is downloaded). Each generation task (t2i: a prompt; edit: an image and an instruction) is measured in
+one run, on the same inputs:
 
-The comparison table runs, in the same process, the denoising steps of the pipeline (CFG branches batched into one
-forward over cached contexts) against the unoptimised path of the same model: every branch one after another, each
-re-running its whole context (text, ViT image, VAE image) plus the latent block through `BagelModel.forward`, no
-cache. It prints seconds per step of both, the speed-up, and how far their velocities and latents differ.
+- whole `pipe(...)` calls of `--steps` steps, plain and with each step cache of `--step_caches` (the original's
+  TaylorSeer, `enable_taylorseer=True`; diffusers' FirstBlockCache, TaylorSeerCache and MagCache, `pipe.enable_cache`,
+  with diffusers' default settings, MagCache's ratios from its own calibration run), each after an untimed warm-up
+  call of `--warmup_steps` steps with the same settings;
+- the context prefill, `pipe.prepare_guidance`: every guidance context tokenised, ViT-encoded, VAE-encoded and run
+  through the decoder into one packed KV cache (`BagelContext`);
+- one denoising step with CFG active: one `pipe.guided_velocity` call (every branch in one forward) at the first flow
+  time of the schedule where guidance is on (t = 1 for both tasks).
+
+FLOPs are counted, not estimated: `torch.utils.flop_counter.FlopCounterMode` over one untimed call (matmuls,
+convolutions and attention kernels at their real shapes, so deterministic; elementwise work is not counted; attention
+counts every (query, key) pair its kernel computes, masked or not; with `--quantize`, torchao's quantised matmul
+kernels have no counter formula and are left out). Seconds are measured separately, without the counter, as the median
+of `--repeats` calls.
+
+Table "Context prefill and one CFG denoising step", one row per generation task:
+  CFG branches            query rows (per image) of a step inside the cfg interval: full context, no text, and (edit)
+                          no image; text-to-image's no-image context equals the full one, whose velocity it reuses.
+  context tokens          cached keys each branch attends to besides its own latent block, full/no-text[/no-image]
+                          (`span.length`); text-to-image's no-text context is empty (0).
+  KV cache (bytes)        bytes of the cached keys and values of all prefilled contexts
+                          (`guidance.context.key_value_bytes()`); the no-text context is a prefix of the full one and
+                          shares its keys.
+  prefill GFLOP           counted FLOPs of `prepare_guidance` (ViT, VAE encoder, decoder over the contexts).
+  prefill GFLOP (full + no-image alone)
+                          the same count for the full context prefilled alone plus the no-image context prefilled
+                          alone (each without guidance): what a prefill costs when every image and token is prefilled
+                          once, whatever the number of branches that hold it. The real prefill may exceed it a little:
+                          the no-image context follows the full one in the same cache row, and its attention kernel
+                          also runs over the full context's keys, masked out.
+  prefill s               seconds of `prepare_guidance` (median).
+  step GFLOP              counted FLOPs of one CFG step (all branches).
+  step s                  seconds of that step (median).
+  step GFLOP/s            step GFLOP / step s.
+  GEMM GFLOP/s            matmul throughput measured right before the step, on the same device and threads: the best
+                          of float32 1024x1024 matmuls over a second on the CPU, of 10 bfloat16 4096x4096 ones on
+                          CUDA (other load on a shared machine slows both measurements alike, mostly).
+  % of GEMM               step GFLOP/s / GEMM GFLOP/s.
+  % of peak               step GFLOP/s against the device's peak: `--peak_tflops`, else the data sheet's dense bf16
+                          figure for known GPUs, else a matmul in the run's dtype measured at start-up (printed with
+                          the device).
+
+Table "Whole generation", one row per generation task and method (plain, then each step cache):
+  s/image                 seconds of one `pipe(...)` call of `--steps` steps (prefill, denoising, VAE decode).
+  speed-up                plain s/image / this method's s/image.
+  latent error            max |x_method - x_plain| / max |x_plain| of the final latents (same noise).
+  n/a                     MagCache on text-to-image: it counts the calls of each cache context (one per group of
+                          branches run together), and the guided group stops inside the schedule (cfg_interval), so
+                          its calibration never completes.
+  decoder runs            denoising forwards in which the decoder layers ran (the last layer's generation expert
+                          counted; the rows of one forward count once): a step cache lowers it. With the original's
+                          TaylorSeer, text-to-image's no-image branch runs as a branch of its own (with its own step
+                          count, as the original's) because its guidance stops inside the schedule.
+  peak GPU mem / RSS      the device allocator's peak over the task's calls on CUDA; the process's peak RSS on CPU.
+
+Table "Understanding": one image and a question prefilled, then `--decode_tokens` greedy tokens through
+`model.generate`: first-token latency, decode tokens/s, peak memory, and TFLOP/s from the configuration's FLOP model
+(2 x the weights each token passes through plus attention, 4 x heads x head_dim x attended keys per layer).
+
+Table "Denoising step: optimised vs sequential" runs, in the same process and on the same contexts, the pipeline's
+step (CFG branches batched into one forward over the cached contexts) against the unoptimised path of the same
+model: every branch one after another, each re-running its whole context (text, ViT image, VAE image) plus the latent
+block through `BagelModel.forward`, no cache. It prints seconds per step of both, the speed-up, and how far their
+velocities and latents differ (a correctness check: both compute the same velocity).
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AutoTokenizer, SiglipVisionConfig
 from transformers.generation.streamers import BaseStreamer
 
@@ -96,19 +157,23 @@ TASKS = ("t2i", "edit", "understand")
 # -- building --------------------------------------------------------------------------------------------------------
 
 
-def build_config(preset: str, tokenizer) -> BagelConfig:
-    """The preset's BagelConfig, with the special-token ids of `tokenizer`."""
+def build_config(preset: str, tokenizer, num_layers: int | None = None) -> BagelConfig:
+    """The preset's BagelConfig (with `num_layers` decoder layers if given), with the special-token ids of
+    `tokenizer`."""
     spec = PRESETS[preset]
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
-    text = BagelTextConfig(**spec["text"])
+    text_spec = dict(spec["text"], **({"num_hidden_layers": num_layers} if num_layers else {}))
+    text = BagelTextConfig(**text_spec)
     vision = SiglipVisionConfig(**{**BagelConfig().vision_config.to_dict(), **spec["vision"]})
     return BagelConfig(text_config=text, vision_config=vision, max_latent_size=spec["max_latent_size"], **token_ids)
 
 
-def build_pipeline(preset: str, device: torch.device, dtype: torch.dtype, attn: str) -> BagelPipeline:
+def build_pipeline(
+    preset: str, device: torch.device, dtype: torch.dtype, attn: str, num_layers: int | None = None
+) -> BagelPipeline:
     """A BagelPipeline of the preset's sizes with random weights, created directly on `device` in `dtype`."""
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    config = build_config(preset, tokenizer)
+    config = build_config(preset, tokenizer, num_layers)
     spec = PRESETS[preset]
     with torch.device(device):
         model = BagelForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
@@ -206,12 +271,28 @@ def count_model(model: BagelForConditionalGeneration) -> FlopModel:
     )
 
 
-def denoise_flops(flops: FlopModel, num_tokens: int, context_lengths: list[int], branches_per_step: list[int]) -> float:
-    """FLOPs of the denoising loop: per step, each active branch row runs `num_tokens + 2` block tokens through the
-    generation expert and attends to its real context plus the block."""
-    block = num_tokens + 2
-    per_branch = [block * flops.gen_token + block * (ctx + block) * flops.attn_per_key for ctx in context_lengths]
-    return float(sum(sum(per_branch[:n]) for n in branches_per_step))
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's fused SDPA kernel, as FlopCounterMode counts the CUDA ones (it has no formula for it)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(model: BagelForConditionalGeneration, fn):
+    """(the result of `fn()`, the FLOPs it ran), counted by `FlopCounterMode` at the real shapes. Compiled code runs
+    eagerly under the counter, so that every op is seen (FLOPs do not depend on compilation). FlopCounterMode cannot
+    run flex_attention (a higher-order op, pytorch/pytorch#134385): a flex_attention model is counted on sdpa, whose
+    kernels compute the same (query, key) pairs."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+    implementation = model.config.text_config._attn_implementation
+    if implementation == "flex_attention":
+        model.set_attn_implementation("sdpa")
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    try:
+        with torch.compiler.set_stance("force_eager"), counter:
+            result = fn()
+    finally:
+        if implementation == "flex_attention":
+            model.set_attn_implementation(implementation)
+    return result, counter.get_total_flops()
 
 
 # -- timing helpers ----------------------------------------------------------------------------------------------------
@@ -253,8 +334,59 @@ class Memory:
         return kib / 2**20
 
 
+def timed(fn, repeats: int, clock: Clock):
+    """(the last call's result, median seconds) of `repeats` calls of `fn()`."""
+    times, result = [], None
+    for _ in range(repeats):
+        result = None  # free the previous result (a prefilled cache) before the next call
+        start = clock.now()
+        result = fn()
+        times.append(clock.now() - start)
+    return result, float(np.median(times))
+
+
+@dataclass
+class Gemm:
+    """A measured square matmul throughput."""
+
+    tflops: float
+    size: int
+    dtype: torch.dtype
+
+    @property
+    def label(self) -> str:
+        return f"measured {self.size}x{self.size} {self.dtype} matmul".replace("torch.", "")
+
+
+def measure_gemm(
+    device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10, min_seconds: float = 0.0
+) -> Gemm:
+    """Best of `repeats` (and of at least `min_seconds` of) `size x size` matmuls on `device`, with torch's current
+    threads, after one warm-up."""
+    clock = Clock(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best, count, began = math.inf, 0, clock.now()
+    while count < repeats or clock.now() - began < min_seconds:
+        start = clock.now()
+        a @ b
+        best = min(best, clock.now() - start)
+        count += 1
+    return Gemm(2 * size**3 / best / 1e12, size, dtype)
+
+
+def reference_gemm(device: torch.device) -> Gemm:
+    """The GEMM the denoising step is compared with: bfloat16 4096x4096 on CUDA; float32 1024x1024 on the CPU, over
+    at least a second (a shared CPU's speed comes and goes)."""
+    if device.type == "cuda":
+        return measure_gemm(device, torch.bfloat16, 4096)
+    return measure_gemm(device, torch.float32, 1024, min_seconds=1.0)
+
+
 def device_peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> tuple[float, str]:
-    """(peak TFLOP/s, where the figure comes from): --peak_tflops, a data-sheet value, or a measured matmul."""
+    """(peak TFLOP/s, where the figure comes from): --peak_tflops, a data-sheet value, or a matmul in `dtype` of the
+    reference GEMM's size, measured as `reference_gemm` does."""
     if override is not None:
         return override, "--peak_tflops"
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -262,16 +394,11 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype, override: float
         for key, value in GPU_BF16_PEAK_TFLOPS:
             if key in name:
                 return value, f"data sheet, {name}, dense {dtype}".replace("torch.", "")
-    clock = Clock(device)
-    size = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(5):
-        start = clock.now()
-        a @ b
-        best = min(best, clock.now() - start)
-    return 2 * size**3 / best / 1e12, f"measured {size}x{size} {dtype} matmul".replace("torch.", "")
+    if device.type == "cuda":
+        gemm = measure_gemm(device, dtype, 4096)
+    else:
+        gemm = measure_gemm(device, dtype, 1024, min_seconds=1.0)
+    return gemm.tflops, gemm.label
 
 
 # -- the tasks ---------------------------------------------------------------------------------------------------------
@@ -282,92 +409,214 @@ def test_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-class GuidanceRecorder:
-    """Wraps `pipe.prepare_guidance` to time the context prefill and keep the guidance (context lengths, branches)."""
+@dataclass
+class GenerationTask:
+    """The inputs of one generation task: a prompt, the image it edits (None for text-to-image), the output size."""
 
-    def __init__(self, pipe: BagelPipeline, clock: Clock):
-        self.pipe, self.clock = pipe, clock
-        self.original = pipe.prepare_guidance
-        self.guidance = None
-        self.seconds = 0.0
+    name: str
+    prompt: str
+    image: PIL.Image.Image | None
+    height: int
+    width: int
+
+    @property
+    def preset(self) -> dict:
+        """The pipeline's CFG settings for the task (what a call without cfg arguments uses)."""
+        return EDIT_PRESET if self.image is not None else TEXT_TO_IMAGE_PRESET
+
+    @property
+    def items(self) -> list:
+        """The interleaved input, as the pipeline orders it (images first)."""
+        return [self.image, self.prompt] if self.image is not None else [self.prompt]
+
+    def call(self, steps: int) -> dict:
+        """Keyword arguments of a `pipe(task.prompt, **...)` call of `steps` steps."""
+        kwargs = {"num_inference_steps": steps, "height": self.height, "width": self.width, "output_type": "pil"}
+        if self.image is not None:
+            kwargs["image"] = self.image
+        return kwargs
+
+
+def make_task(name: str, args) -> GenerationTask:
+    if name == "edit":
+        prompt = "Make the sky above the house a deep orange sunset and add two birds."
+        return GenerationTask(name, prompt, test_image(args.width, args.height), args.height, args.width)
+    prompt = "A photo of a red cat sitting on a wooden table next to a window, soft morning light."
+    return GenerationTask(name, prompt, None, args.height, args.width)
+
+
+def prefill(pipe: BagelPipeline, contexts, preset: dict, **overrides):
+    """`pipe.prepare_guidance` of one prompt's contexts, with the task's CFG settings (as its pipeline call runs it)."""
+    return pipe.prepare_guidance([contexts], **{**preset, "cfg_renorm_min": 0.0, **overrides})
+
+
+def branch_lengths(guidance) -> list[int]:
+    """Context length of each CFG branch of the (only) prompt: full, no text, and no image when it runs on its own."""
+    kinds = ["cond"] + ["text"] * guidance.use_text + ["image"] * guidance.use_image
+    return [guidance.spans[kind][0].length for kind in kinds]
+
+
+def measure_prefill(pipe: BagelPipeline, task: GenerationTask, contexts, args, clock: Clock):
+    """(the guidance, the prefill's figures): counted FLOPs, the FLOPs of the full and no-image contexts each
+    prefilled alone (no guidance: the full context only), median seconds, cache size and context lengths."""
+    preset = task.preset
+    no_image = replace(contexts, full=contexts.no_image)
+    _, flops = count_flops(pipe.model, lambda: prefill(pipe, contexts, preset))
+    _, full_alone = count_flops(pipe.model, lambda: prefill(pipe, contexts, preset, cfg_text_scale=1.0))
+    _, no_image_alone = count_flops(pipe.model, lambda: prefill(pipe, no_image, preset, cfg_text_scale=1.0))
+    guidance, seconds = timed(lambda: prefill(pipe, contexts, preset), args.repeats, clock)
+    figures = {
+        "cfg_branches": guidance.num_branches,
+        "context_tokens": branch_lengths(guidance),
+        "cached_keys": guidance.context.num_keys,
+        "kv_cache_bytes": guidance.context.key_value_bytes(),
+        "prefill_gflop": flops / 1e9,
+        "prefill_alone_gflop": (full_alone + no_image_alone) / 1e9,
+        "prefill_s": seconds,
+    }
+    return guidance, figures
+
+
+def measure_step(pipe: BagelPipeline, task: GenerationTask, guidance, args, clock: Clock) -> dict:
+    """Counted FLOPs and median seconds of one `guided_velocity` call, at the schedule's first flow time where
+    guidance is on."""
+    scheduler = FlowMatchEulerScheduler()
+    scheduler.set_timesteps(args.steps, timestep_shift=3.0)
+    sigma = next(s for s in scheduler.sigmas[:-1].tolist() if scheduler.cfg_active(s, guidance.cfg_interval))
+    x = pipe.prepare_latents(1, task.height, task.width, torch.float32, clock.device, torch.manual_seed(args.seed))
+    grid = (task.height // pipe.latent_downsample, task.width // pipe.latent_downsample)
+
+    def step():
+        return pipe.guided_velocity(x, sigma, grid, guidance)
+
+    step()  # the first call builds the context's step-invariant inputs
+    _, flops = count_flops(pipe.model, step)
+    _, seconds = timed(step, args.repeats, clock)
+    return {"step_gflop": flops / 1e9, "step_s": seconds, "step_gflop_per_s": flops / 1e9 / seconds}
+
+
+STEP_CACHES = ("taylorseer", "first_block", "diffusers_taylorseer", "mag")
+"""The step caches timed against the plain run: the original's TaylorSeer (`enable_taylorseer=True`) and diffusers'
+FirstBlockCache, TaylorSeerCache and MagCache (`pipe.enable_cache`), each with diffusers' default settings."""
+
+
+class DecoderRuns:
+    """Counts the denoising forwards in which the last decoder layer really runs: its generation-expert MLP is called
+    (a step cache that returns the layer's output skips it) inside a denoising forward (not a prefill, whose clean VAE
+    image also goes through that expert)."""
+
+    def __init__(self, pipe: BagelPipeline):
+        self.layer = pipe.model.model.language_model.layers[-1]
+        self.count, self.denoising = 0, False
+
+    def _layer_called(self, module, args, kwargs):
+        self.denoising = kwargs.get("branch_keys") is not None
+
+    def _mlp_called(self, module, args):
+        self.count += self.denoising
 
     def __enter__(self):
-        def wrapped(*args, **kwargs):
-            start = self.clock.now()
-            self.guidance = self.original(*args, **kwargs)
-            self.seconds = self.clock.now() - start
-            return self.guidance
-
-        self.pipe.prepare_guidance = wrapped
+        self.handles = [self.layer.register_forward_pre_hook(self._layer_called, with_kwargs=True),
+                        self.layer.mlp_moe_gen.register_forward_pre_hook(self._mlp_called)]  # fmt: skip
         return self
 
     def __exit__(self, *exc):
-        del self.pipe.prepare_guidance  # back to the class method
+        for handle in self.handles:
+            handle.remove()
 
 
-def branches_per_step(pipe: BagelPipeline, guidance, steps: int, shift: float) -> list[int]:
-    scheduler = FlowMatchEulerScheduler()
-    scheduler.set_timesteps(steps, timestep_shift=shift)
-    sigmas = scheduler.sigmas[:-1].tolist()
-    active = [guidance.use_text and scheduler.cfg_active(s, guidance.cfg_interval) for s in sigmas]
-    return [guidance.num_branches if a else 1 for a in active]
+def mag_cache_ratios(pipe: BagelPipeline, task: GenerationTask, args) -> list[float]:
+    """MagCache's magnitude ratios for this model and schedule, from diffusers' own calibration run (it prints them)."""
+    from diffusers.hooks import MagCacheConfig
+
+    pipe.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=args.steps))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            pipe(task.prompt, generator=torch.manual_seed(args.seed), **task.call(args.steps))
+    finally:
+        pipe.disable_cache()
+    lists = re.findall(r"\[[-0-9.,e\s]+\]", printed.getvalue())
+    # MagCache counts the calls of each cache context; a group of branches that stops inside the schedule
+    # (text-to-image's guidance interval) never reaches `num_inference_steps`, and no ratios are printed.
+    return json.loads(lists[-1]) if lists else None
 
 
-def context_lengths(guidance) -> list[int]:
-    if guidance.context_mask is not None:
-        return guidance.context_mask.sum(-1).tolist()
-    length = guidance.cache.get_seq_length() if guidance.cache is not None else 0
-    return [length] * (guidance.batch_size * guidance.num_branches)
+def step_cache_config(name: str, pipe: BagelPipeline, task: GenerationTask, args):
+    """The diffusers config of a step cache of `STEP_CACHES` (None for the original's TaylorSeer)."""
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    if name == "first_block":
+        return FirstBlockCacheConfig()
+    if name == "diffusers_taylorseer":
+        return TaylorSeerCacheConfig(taylor_factors_dtype=pipe.model.dtype)
+    if name == "mag":
+        ratios = mag_cache_ratios(pipe, task, args)
+        return MagCacheConfig(num_inference_steps=args.steps, mag_ratios=ratios) if ratios else NOT_APPLICABLE
+    return None
 
 
-def run_generation(pipe, task: str, args, flops: FlopModel, clock: Clock, memory: Memory) -> dict:
-    """One timed pipeline call (after a short warm-up call), returning the table's figures."""
-    height, width = args.height, args.width
-    call = {"num_inference_steps": args.steps, "output_type": "pil", "height": height, "width": width}
-    if task == "edit":
-        call["image"] = test_image(width, height)
-        prompt = "Make the sky above the house a deep orange sunset and add two birds."
-    else:
-        prompt = "A photo of a red cat sitting on a wooden table next to a window, soft morning light."
+NOT_APPLICABLE = object()  # a step cache that cannot run on this task
 
-    warm = dict(call, num_inference_steps=args.warmup_steps)
-    pipe(prompt, generator=torch.manual_seed(args.seed), **warm)
 
-    stamps = {}
+def time_generation(pipe: BagelPipeline, task: GenerationTask, args, clock: Clock, method: str = "plain"):
+    """(seconds, final latents, decoder runs) of one whole pipeline call of `--steps` steps with `method` ("plain" or
+    one of `STEP_CACHES`), after an untimed warm-up call of `--warmup_steps` steps with the same settings."""
+    config = step_cache_config(method, pipe, task, args)
+    if config is NOT_APPLICABLE:
+        return None
+    common = {"generator": torch.manual_seed(args.seed), "enable_taylorseer": method == "taylorseer"}
+    if config is not None:
+        pipe.enable_cache(config)
+    try:
+        pipe(task.prompt, **common, **task.call(args.warmup_steps))
+        final = {}
 
-    def on_step_end(_pipe, step, _timestep, _kwargs):
-        if step in (0, args.steps - 1):
-            stamps[step] = clock.now()
-        return {}
+        def keep_final(_pipe, step, _timestep, kwargs):
+            if step == args.steps - 1:
+                final["latents"] = kwargs["latents"].float()
+            return {}
 
+        common["generator"] = torch.manual_seed(args.seed)
+        with DecoderRuns(pipe) as runs:
+            start = clock.now()
+            pipe(task.prompt, **common, callback_on_step_end=keep_final,
+                 callback_on_step_end_tensor_inputs=["latents"], **task.call(args.steps))  # fmt: skip
+            seconds = clock.now() - start
+    finally:
+        if config is not None:
+            pipe.disable_cache()
+    return seconds, final["latents"], runs.count
+
+
+def run_generation(pipe, task: GenerationTask, args, clock: Clock, memory: Memory, peak: float):
+    """Whole calls (plain, then each step cache), then the prefill and one CFG step, measured apart, the reference
+    GEMM right before the step (so that both see the same load): (the table's figures, the contexts and guidance, for
+    the comparison)."""
     memory.reset()
-    with GuidanceRecorder(pipe, clock) as recorder:
-        start = clock.now()
-        pipe(prompt, generator=torch.manual_seed(args.seed), callback_on_step_end=on_step_end, **call)
-        total = clock.now() - start
-    guidance = recorder.guidance
-    if args.steps > 1:
-        per_step = (stamps[args.steps - 1] - stamps[0]) / (args.steps - 1)
-        loop_steps = branches_per_step(pipe, guidance, args.steps, 3.0)[1:]
-    else:
-        per_step = stamps[0] - start - recorder.seconds
-        loop_steps = branches_per_step(pipe, guidance, args.steps, 3.0)
-    num_tokens = (height // pipe.latent_downsample) * (width // pipe.latent_downsample)
-    loop_flops = denoise_flops(flops, num_tokens, context_lengths(guidance), loop_steps)
-    return {
-        "task": task,
-        "image": f"{width}x{height}",
-        "steps": args.steps,
-        "cfg_branches": guidance.num_branches,
-        "context_tokens": context_lengths(guidance),
-        "s_per_image": total,
-        "s_per_step": per_step,
-        "prefill_s": recorder.seconds,
-        "first_token_s": None,
-        "decode_tok_s": None,
-        "peak_mem_gib": memory.peak_gib(),
-        "tflops": loop_flops / (per_step * len(loop_steps)) / 1e12,
-    }
+    seconds, latents, runs = time_generation(pipe, task, args, clock)
+    row = {"task": task.name, "image": f"{task.width}x{task.height}", "steps": args.steps, "s_per_image": seconds,
+           "decoder_runs": runs, "step_caches": []}  # fmt: skip
+    for method in args.step_caches:
+        timed_call = time_generation(pipe, task, args, clock, method)
+        if timed_call is None:
+            row["step_caches"].append({"method": method, "s_per_image": None, "speedup": None,
+                                       "latent_rel_error": None, "decoder_runs": None})  # fmt: skip
+            continue
+        cached_seconds, cached_latents, cached_runs = timed_call
+        error = (cached_latents - latents).abs().max() / latents.abs().max()
+        row["step_caches"].append({"method": method, "s_per_image": cached_seconds, "speedup": seconds / cached_seconds,
+                                   "latent_rel_error": float(error), "decoder_runs": cached_runs})  # fmt: skip
+    contexts = pipe.build_contexts(task.items, think=False)
+    guidance, figures = measure_prefill(pipe, task, contexts, args, clock)
+    row.update(figures)
+    gemm = reference_gemm(clock.device)
+    row.update(measure_step(pipe, task, guidance, args, clock))
+    row["gemm_gflop_per_s"], row["gemm_source"] = gemm.tflops * 1e3, gemm.label
+    row["pct_of_gemm"] = 100 * row["step_gflop_per_s"] / row["gemm_gflop_per_s"]
+    row["pct_of_peak"] = 100 * row["step_gflop_per_s"] / (peak * 1e3)
+    row["peak_mem_gib"] = memory.peak_gib()
+    return row, contexts, guidance
 
 
 class TokenTimes(BaseStreamer):
@@ -425,11 +674,7 @@ def run_understanding(pipe, args, flops: FlopModel, clock: Clock, memory: Memory
     return {
         "task": "understand",
         "image": f"{args.width}x{args.height}",
-        "steps": None,
-        "cfg_branches": None,
         "context_tokens": [prompt_tokens],
-        "s_per_image": None,
-        "s_per_step": None,
         "prefill_s": first,
         "first_token_s": first,
         "decode_tok_s": decode_rate,
@@ -501,13 +746,10 @@ class SequentialPath:
         )  # fmt: skip
 
 
-def run_comparison(pipe, task: str, args, clock: Clock) -> dict:
-    """`--compare_steps` denoising steps (the first ones of the schedule, where CFG is on) of both paths, timed."""
-    height, width = args.height, args.width
-    items = [test_image(width, height), "Make the sky orange."] if task == "edit" else ["A red cat on a table."]
-    preset = EDIT_PRESET if task == "edit" else TEXT_TO_IMAGE_PRESET
-    contexts = pipe.build_contexts(items, think=False)
-    guidance = pipe.prepare_guidance([contexts], cfg_renorm_min=0.0, **preset)
+def run_comparison(pipe, task: GenerationTask, contexts, guidance, args, clock: Clock) -> dict:
+    """`--compare_steps` denoising steps (the first ones of the schedule, where CFG is on) of both paths over the
+    task's contexts, timed."""
+    height, width = task.height, task.width
     grid = (height // pipe.latent_downsample, width // pipe.latent_downsample)
     shape = (1, grid[0] * grid[1], pipe.model.config.patch_latent_dim)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(clock.device)
@@ -536,7 +778,7 @@ def run_comparison(pipe, task: str, args, clock: Clock) -> dict:
     best = {name: min(t) for name, t in times.items()}
     median = {name: float(np.median(t)) for name, t in times.items()}
     return {
-        "task": task,
+        "task": task.name,
         "cfg_branches": guidance.num_branches,
         "steps_timed": steps,
         "sequential_s_per_step": best["sequential"],
@@ -560,7 +802,7 @@ def _fmt(value, digits=3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.4g}"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
 
 
@@ -571,6 +813,63 @@ def print_table(headers: list[str], rows: list[list]):
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def _lengths(values: list[int]) -> str:
+    return "/".join(str(v) for v in values)
+
+
+def print_generation_tables(rows: list[dict], args, memory: Memory):
+    print(f"\n## Context prefill and one CFG denoising step ({args.config}, {args.width}x{args.height}, "
+          f"median of {args.repeats} calls)")
+    print_table(
+        ["task", "image", "CFG branches", "context tokens", "KV cache (bytes)", "prefill GFLOP",
+         "prefill GFLOP (full + no-image alone)", "prefill s", "step GFLOP", "step s", "step GFLOP/s", "GEMM GFLOP/s",
+         "% of GEMM", "% of peak"],
+        [
+            [r["task"], r["image"], r["cfg_branches"], _lengths(r["context_tokens"]), r["kv_cache_bytes"],
+             r["prefill_gflop"], r["prefill_alone_gflop"], r["prefill_s"], r["step_gflop"], r["step_s"],
+             r["step_gflop_per_s"], r["gemm_gflop_per_s"], r["pct_of_gemm"], r["pct_of_peak"]]
+            for r in rows
+        ],
+    )  # fmt: skip
+    print(f"\n## Whole generation ({args.config}, {args.width}x{args.height}, {args.steps} steps): plain and step caches")
+    print("decoder runs: denoising forwards in which the decoder layers ran (rows of one forward count once)")
+    table = []
+    for r in rows:
+        table.append([r["task"], "plain", r["s_per_image"], "1.00x", 0.0, r["decoder_runs"], r["peak_mem_gib"]])
+        for c in r["step_caches"]:
+            if c["s_per_image"] is None:
+                table.append([r["task"], c["method"], "n/a", "n/a", "n/a", "n/a", None])
+                continue
+            table.append([r["task"], c["method"], c["s_per_image"], f"{c['speedup']:.2f}x", c["latent_rel_error"],
+                          c["decoder_runs"], None])  # fmt: skip
+    print_table(["task", "method", "s/image", "speed-up", "latent error", "decoder runs", memory.label], table)
+
+
+def print_understanding_table(row: dict, args, memory: Memory, peak: float):
+    print(f"\n## Understanding ({args.config}, one {row['image']} image, {args.decode_tokens} tokens decoded)")
+    print_table(
+        ["task", "image", "context tokens", "first token s", "decode tok/s", memory.label, "TFLOP/s", "% of peak"],
+        [[row["task"], row["image"], _lengths(row["context_tokens"]), row["first_token_s"], row["decode_tok_s"],
+          row["peak_mem_gib"], row["tflops"], 100 * row["tflops"] / peak]],
+    )  # fmt: skip
+
+
+def print_comparison_table(comparisons: list[dict]):
+    print("\n## Denoising step: optimised (batched CFG, cached contexts) vs sequential (no cache, one branch after "
+          "another)")
+    print("s/step: best of the timed steps, the two paths alternating step by step (CFG on in every one)")
+    print_table(
+        ["task", "CFG branches", "steps timed", "sequential s/step", "optimised s/step", "speed-up",
+         "speed-up (median)", "max abs dv (step 1)", "max abs v", "max abs dx (final)"],
+        [
+            [c["task"], c["cfg_branches"], c["steps_timed"], c["sequential_s_per_step"], c["optimised_s_per_step"],
+             f"{c['speedup']:.2f}x", f"{c['speedup_median']:.2f}x", c["max_abs_dv_step1"], c["max_abs_v_step1"],
+             c["max_abs_dx_final"]]
+            for c in comparisons
+        ],
+    )  # fmt: skip
 
 
 def print_model_summary(preset: str, flops: FlopModel, config: BagelConfig):
@@ -618,8 +917,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="Image width; multiple of 16. Default: --height.")
     parser.add_argument("--steps", type=int, default=50, help="Euler steps per image (default: 50, the original's).")
     parser.add_argument("--warmup_steps", type=int, default=6,
-                        help="Steps of the untimed warm-up call before each timed generation (default: 6, enough "
-                             "to run both the CFG and the conditional-only step shapes).")
+                        help="Steps of the untimed warm-up call before each timed generation call (default: 6, "
+                             "enough to run the CFG and conditional-only step shapes and, with TaylorSeer, its "
+                             "full and Taylor steps).")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="Timed calls of the context prefill and of the CFG denoising step, whose median is "
+                             "printed (default: 5).")
+    parser.add_argument("--step_caches", default=",".join(STEP_CACHES),
+                        help=f"Comma-separated step caches timed against the plain call, from {','.join(STEP_CACHES)} "
+                             "(taylorseer: the original's, enable_taylorseer=True; the others diffusers' hooks through "
+                             "pipe.enable_cache); 'none' for none (default: all).")
+    parser.add_argument("--num_layers", type=int, default=None,
+                        help="Decoder layers of the configuration instead of the preset's (e.g. 8 with --config small: "
+                             "the 8-layer model the original is compared on).")
     parser.add_argument("--decode_tokens", type=int, default=64, help="Tokens decoded in the understanding task (default: 64).")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"Comma-separated tasks to time, from {','.join(TASKS)} (default: all).")
@@ -627,8 +937,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Denoising steps timed for the optimised-vs-sequential comparison; 0 skips it "
                              "(default: 4).")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile each decoder layer for the generation tasks (off by default; the "
-                             "warm-up call pays the compilation).")
+                        help="Compile the denoising steps' layer stack (model.compile_denoising(): fullgraph, static "
+                             "shapes) for the generation tasks (off by default; the warm-up calls pay the compilation).")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="The device's peak TFLOP/s for the utilisation column (default: data sheet for known "
                              "GPUs, else a measured matmul).")
@@ -663,13 +973,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     limit = PRESETS[args.config]["max_latent_size"] * 16
     if max(args.height, args.width) > limit:
         parser.error(f"--height/--width must be at most {limit} for --config {args.config}.")
-    for name in ("steps", "decode_tokens", "warmup_steps"):
+    for name in ("steps", "decode_tokens", "warmup_steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}.")
     if args.compare_steps < 0:
         parser.error(f"--compare_steps must be >= 0, got {args.compare_steps}.")
+    caches = [c.strip() for c in args.step_caches.split(",") if c.strip()]
+    args.step_caches = [] if caches == ["none"] else caches
+    unknown = sorted(set(args.step_caches) - set(STEP_CACHES))
+    if unknown:
+        parser.error(f"--step_caches must name some of {','.join(STEP_CACHES)} (or none), got {unknown}.")
+    if args.num_layers is not None and args.num_layers < 1:
+        parser.error(f"--num_layers must be >= 1, got {args.num_layers}.")
     if args.quantize != "none":
         try:
             import torchao  # noqa: F401
@@ -695,7 +1012,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    config = build_config(args.config, tokenizer)
+    config = build_config(args.config, tokenizer, args.num_layers)
     with torch.device("meta"):
         meta_model = BagelForConditionalGeneration(config)
     flops = count_model(meta_model)
@@ -729,56 +1046,38 @@ def main(argv=None):
           f"peak {peak:.4g} TFLOP/s ({peak_source}); compile {'on' if args.compile else 'off'}")
 
     start = time.perf_counter()
-    pipe = build_pipeline(args.config, args.device, args.dtype, args.attn)
+    pipe = build_pipeline(args.config, args.device, args.dtype, args.attn, args.num_layers)
     if args.quantize != "none":
         quantize_decoder(pipe.model, args.quantize)
     print(f"built with random weights on {args.device} in {time.perf_counter() - start:.1f}s"
           + (f"; decoder weights quantised to {args.quantize}" if args.quantize != "none" else ""))
 
-    rows, comparisons = [], []
+    understanding, rows, comparisons = None, [], []
     with torch.no_grad():
         if "understand" in args.tasks:  # before any compilation: decoding changes shapes every token
-            rows.append(run_understanding(pipe, args, flops, clock, memory))
-        layers = pipe.model.model.language_model.layers
+            understanding = run_understanding(pipe, args, flops, clock, memory)
         if args.compile:
-            # One graph per shape (CFG and conditional-only steps, each context length); leave room for them.
+            # One graph per shape of denoising rows (CFG and conditional-only steps, TaylorSeer groups, each task).
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            for layer in layers:
-                layer.compile(dynamic=False)
-        for task in ("t2i", "edit"):
-            if task in args.tasks:
-                rows.append(run_generation(pipe, task, args, flops, clock, memory))
+            pipe.model.compile_denoising()
+        for name in ("t2i", "edit"):
+            if name in args.tasks:
+                task = make_task(name, args)
+                row, contexts, guidance = run_generation(pipe, task, args, clock, memory, peak)
+                rows.append(row)
                 if args.compare_steps:
-                    comparisons.append(run_comparison(pipe, task, args, clock))
-    rows.sort(key=lambda r: TASKS.index(r["task"]))
+                    comparisons.append(run_comparison(pipe, task, contexts, guidance, args, clock))
+                del contexts, guidance
 
-    print(f"\n## Speed ({args.config}, {args.steps} steps, {args.width}x{args.height})")
-    print_table(
-        ["task", "image", "CFG branches", "context tokens", "s/image", "s/step", "prefill s", "first token s",
-         "decode tok/s", memory.label, "TFLOP/s", "% of peak"],
-        [
-            [r["task"], r["image"], r["cfg_branches"], "/".join(str(c) for c in r["context_tokens"]), r["s_per_image"],
-             r["s_per_step"], r["prefill_s"], r["first_token_s"], r["decode_tok_s"], r["peak_mem_gib"], r["tflops"],
-             100 * r["tflops"] / peak]
-            for r in rows
-        ],
-    )
+    if rows:
+        print_generation_tables(rows, args, memory)
+    if understanding is not None:
+        print_understanding_table(understanding, args, memory, peak)
     if comparisons:
-        print("\n## Denoising step: optimised (batched CFG, cached contexts) vs sequential (no cache, one branch "
-              "after another)")
-        print("s/step: best of the timed steps, the two paths alternating step by step (CFG on in every one)")
-        print_table(
-            ["task", "CFG branches", "steps timed", "sequential s/step", "optimised s/step", "speed-up",
-             "speed-up (median)", "max abs dv (step 1)", "max abs v", "max abs dx (final)"],
-            [
-                [c["task"], c["cfg_branches"], c["steps_timed"], c["sequential_s_per_step"], c["optimised_s_per_step"],
-                 f"{c['speedup']:.2f}x", f"{c['speedup_median']:.2f}x", c["max_abs_dv_step1"], c["max_abs_v_step1"],
-                 c["max_abs_dx_final"]]
-                for c in comparisons
-            ],
-        )
-    report.update(device=device_name, dtype=str(args.dtype), quantize=args.quantize, peak_tflops=peak, peak_source=peak_source,
-                  memory=memory.label, tasks=rows, comparisons=comparisons)
+        print_comparison_table(comparisons)
+    tasks = rows + ([understanding] if understanding is not None else [])
+    report.update(device=device_name, dtype=str(args.dtype), quantize=args.quantize, peak_tflops=peak,
+                  peak_source=peak_source, memory=memory.label, tasks=tasks, comparisons=comparisons)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return report

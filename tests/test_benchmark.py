@@ -1,5 +1,6 @@
-"""examples/benchmark.py: a tiny run prints every figure of its tables, its two denoising paths agree, and the 7B
-configuration built on the meta device has BAGEL-7B-MoT's size. No timing is asserted."""
+"""examples/benchmark.py: a tiny run prints every figure of its tables (counted FLOPs, cache size and context lengths
+checked against what the engine guarantees), its two denoising paths agree, and the 7B configuration built on the
+meta device has BAGEL-7B-MoT's size. No timing is asserted: only that the figures are present, finite and >= 0."""
 
 import json
 import math
@@ -45,26 +46,59 @@ def _number(cell: str) -> float:
 
 def test_tiny_run_prints_every_figure_and_both_paths_agree(tmp_path):
     out = tmp_path / "figures.json"
+    # 6 steps: TaylorSeer runs its decoder in full on the first 5 steps and predicts the 6th; text-to-image's guidance
+    # stops before the last step (cfg_interval (0.4, 1]), so both step shapes run.
     stdout = _run(
-        "--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup_steps", "1", "--decode_tokens", "3",
-        "--compare_steps", "1", "--json", str(out),
+        "--config", "tiny", "--device", "cpu", "--steps", "6", "--warmup_steps", "1", "--decode_tokens", "3",
+        "--compare_steps", "1", "--repeats", "2", "--json", str(out),
     )  # fmt: skip
 
-    speed = {row["task"]: row for row in _table(stdout, "## Speed")}
-    assert set(speed) == {"t2i", "edit", "understand"}, stdout
-    memory = next(key for key in speed["t2i"] if key.startswith("peak"))
-    always = ["prefill s", memory, "TFLOP/s", "% of peak"]
-    for task in ("t2i", "edit"):
-        for key in always + ["s/image", "s/step"]:
-            _number(speed[task][key])
-        assert speed[task]["first token s"] == speed[task]["decode tok/s"] == "-"
-    for key in always + ["first token s", "decode tok/s"]:
-        _number(speed["understand"][key])
-    assert speed["understand"]["s/step"] == "-"
+    prefill = {row["task"]: row for row in _table(stdout, "## Context prefill and one CFG denoising step")}
+    assert set(prefill) == {"t2i", "edit"}, stdout
+    for task, row in prefill.items():
+        for key in ("prefill s", "step s", "step GFLOP/s", "GEMM GFLOP/s", "% of GEMM", "% of peak"):
+            _number(row[key])
+        for key in ("KV cache (bytes)", "prefill GFLOP", "prefill GFLOP (full + no-image alone)", "step GFLOP"):
+            assert _number(row[key]) > 0, (task, key)
     # text-to-image runs the full and no-text contexts (its no-image context is the full one); editing all three
-    assert speed["t2i"]["CFG branches"] == "2" and speed["edit"]["CFG branches"] == "3"
-    assert speed["t2i"]["context tokens"].endswith("/0")  # the no-text context of text-to-image is empty
-    assert len(speed["edit"]["context tokens"].split("/")) == 3
+    assert prefill["t2i"]["CFG branches"] == "2" and prefill["edit"]["CFG branches"] == "3"
+    t2i_lengths = [int(n) for n in prefill["t2i"]["context tokens"].split("/")]
+    edit_lengths = [int(n) for n in prefill["edit"]["context tokens"].split("/")]
+    assert len(t2i_lengths) == 2 and t2i_lengths[1] == 0  # the no-text context of text-to-image is empty
+    assert len(edit_lengths) == 3 and all(edit_lengths)
+    # The edit's no-text context (its image) is a prefix of the full one and shares its keys: the cache holds the full
+    # and the no-image contexts once each, nothing padded (tiny: 2 layers x K and V x 2 KV heads x 16 dims x 4 bytes).
+    per_key = 2 * 2 * 2 * 16 * 4
+    assert int(prefill["t2i"]["KV cache (bytes)"]) == per_key * t2i_lengths[0]
+    assert int(prefill["edit"]["KV cache (bytes)"]) == per_key * (edit_lengths[0] + edit_lengths[2])
+    # ... and the image is prefilled (ViT, VAE encoder, decoder) once, not once per branch that holds it (counted FLOPs)
+    edit = prefill["edit"]
+    assert _number(edit["prefill GFLOP"]) < 1.2 * _number(edit["prefill GFLOP (full + no-image alone)"])
+
+    whole = {(row["task"], row["method"]): row for row in _table(stdout, "## Whole generation")}
+    methods = ["plain", "taylorseer", "first_block", "diffusers_taylorseer", "mag"]
+    assert set(whole) == {(task, method) for task in ("t2i", "edit") for method in methods}
+    memory = next(key for key in whole["t2i", "plain"] if key.startswith("peak"))
+    # MagCache counts per cache context; text-to-image's guided group stops inside the schedule: not applicable
+    assert whole["t2i", "mag"]["s/image"] == "n/a"
+    for (task, method), row in whole.items():
+        if (task, method) == ("t2i", "mag"):
+            continue
+        for key in ("s/image", "speed-up", "latent error", "decoder runs"):
+            _number(row[key])
+        # a step cache never runs the decoder more often than the plain call
+        assert int(row["decoder runs"]) <= int(whole[task, "plain"]["decoder runs"])
+    for task in ("t2i", "edit"):
+        _number(whole[task, "plain"][memory])
+        assert int(whole[task, "plain"]["decoder runs"]) == 6
+        # the original's TaylorSeer predicts the 6th step (no decoder run), so the latents move, but by little
+        assert int(whole[task, "taylorseer"]["decoder runs"]) == 5
+        assert 0 < _number(whole[task, "taylorseer"]["latent error"]) < 1
+
+    (understand,) = _table(stdout, "## Understanding")
+    assert understand["task"] == "understand"
+    for key in ("first token s", "decode tok/s", memory, "TFLOP/s", "% of peak"):
+        _number(understand[key])
 
     comparison = {row["task"]: row for row in _table(stdout, "## Denoising step")}
     assert set(comparison) == {"t2i", "edit"}
@@ -78,7 +112,8 @@ def test_tiny_run_prints_every_figure_and_both_paths_agree(tmp_path):
     figures = json.loads(out.read_text())
     assert [t["task"] for t in figures["tasks"]] == ["t2i", "edit", "understand"]
     assert figures["tasks"][1]["cfg_branches"] == 3 and figures["comparisons"][1]["cfg_branches"] == 3
-    assert figures["peak_tflops"] > 0
+    assert figures["tasks"][1]["kv_cache_bytes"] == int(edit["KV cache (bytes)"])
+    assert figures["peak_tflops"] > 0 and all(t["gemm_gflop_per_s"] > 0 for t in figures["tasks"][:2])
     # the tiny configuration's size, counted from its modules, matches the counts derived from its config
     # (q, k, v with biases, o without, SwiGLU MLP, two layernorms and the q/k norms per layer, one final norm)
     hidden, mlp, head_dim, kv, layers = 64, 128, 16, 2 * 16, 2
@@ -110,8 +145,8 @@ def test_help_documents_every_flag():
     usage = _run("--help")
     options = usage[usage.index("options:") :]
     flags = re.findall(r"^  (--\w+)", options, flags=re.MULTILINE)
-    assert {"--config", "--device", "--dtype", "--attn", "--height", "--width", "--steps", "--tasks",
-            "--compare_steps", "--compile", "--meta_only", "--json"} <= set(flags)  # fmt: skip
+    assert {"--config", "--device", "--dtype", "--attn", "--height", "--width", "--steps", "--tasks", "--repeats",
+            "--step_caches", "--num_layers", "--compare_steps", "--compile", "--meta_only", "--json"} <= set(flags)  # fmt: skip
     for flag in flags:
         # every flag is followed by its description (on its own line or the next)
         text = options.split(flag, 1)[1].split("\n  --", 1)[0]
