@@ -51,6 +51,17 @@ def converted_dir(tmp_path_factory) -> Path:
     return out
 
 
+def load_pipeline(converted_dir: Path, attn_implementation: str | None = "sdpa"):
+    """A fresh BagelPipeline of the converted tiny checkpoint, progress bars off."""
+    from diffusers_bagel import BagelPipeline
+
+    pipeline = BagelPipeline.from_pretrained(converted_dir)
+    if attn_implementation is not None:
+        pipeline.model.set_attn_implementation(attn_implementation)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @pytest.fixture()
 def no_grad():
     with torch.no_grad():

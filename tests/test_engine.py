@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.cache_utils import Cache, DynamicCache, QuantizedLayer, StaticCache
 
-from conftest import assert_close_rel, load_expected
+from conftest import assert_close_rel, load_expected, load_pipeline
 from diffusers_bagel import BagelPipeline
 from diffusers_bagel.taylorseer import TaylorSeerState
 from transformers_bagel import BagelContext, unpack_latents
@@ -16,10 +16,7 @@ from transformers_bagel import BagelContext, unpack_latents
 
 @pytest.fixture(scope="module")
 def pipe(converted_dir):
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.model.set_attn_implementation("sdpa")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return load_pipeline(converted_dir)
 
 
 def _taylorseer_call(meta, expected):
@@ -98,9 +95,7 @@ def test_taylorseer_matches_original_and_skips_the_layers(pipe, no_grad):
 def test_call_after_taylorseer_equals_fresh_call(pipe, converted_dir, no_grad):
     meta, expected = load_expected("h_taylorseer_t2i")
     call = dict(_taylorseer_call(meta, expected), num_inference_steps=8)
-    fresh = BagelPipeline.from_pretrained(converted_dir)
-    fresh.model.set_attn_implementation("sdpa")
-    fresh.set_progress_bar_config(disable=True)
+    fresh = load_pipeline(converted_dir)
     reference = fresh(**call).images
     pipe(**call, enable_taylorseer=True)
     assert torch.equal(pipe(**call).images, reference)
@@ -278,9 +273,7 @@ def test_compiled_denoising_step_is_one_graph(converted_dir, no_grad):
     across steps) and matches eager."""
     from torch._dynamo.utils import counters
 
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.model.set_attn_implementation("sdpa")
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = load_pipeline(converted_dir)
     call = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 5, "cfg_interval": (0.0, 1.0),
             "output_type": "latent"}  # fmt: skip
     eager = pipeline(**call, generator=torch.Generator().manual_seed(0)).images

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
-from conftest import assert_close_rel
-from diffusers_bagel import BagelPipeline
+from conftest import assert_close_rel, load_pipeline
+
 
 
 CALL = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 20, "cfg_interval": (0.0, 1.0),
@@ -14,9 +14,7 @@ CALL = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 20,
 
 
 def _pipe(converted_dir):
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return load_pipeline(converted_dir, attn_implementation=None)
 
 
 @pytest.fixture(scope="module")

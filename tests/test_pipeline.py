@@ -6,17 +6,14 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import assert_close_rel, load_expected
-from diffusers_bagel import BagelPipeline, BagelPipelineOutput, FlowMatchEulerScheduler
+from conftest import assert_close_rel, load_expected, load_pipeline
+from diffusers_bagel import BagelPipelineOutput, FlowMatchEulerScheduler
 from transformers_bagel import BagelContext, pack_latents, unpack_latents
 
 
 @pytest.fixture(scope="module")
 def pipe(converted_dir):
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.model.set_attn_implementation("sdpa")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return load_pipeline(converted_dir)
 
 
 def _noise(batch, height, width, seed=0):
