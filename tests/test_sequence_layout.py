@@ -30,3 +30,20 @@ def test_noised_target_and_dropped_image_positions():
     config = BagelConfig()
     sequence = BagelSequence(config).add_text([7]).add_image(2, latent=True, noised=True).skip_image().add_text([8])
     assert sequence.position_ids == [0, 1, 2, 3, 3, 3, 3, 4, 5, 6]
+
+
+def test_processor_chat_inputs_are_the_builders_sequence(converted_dir):
+    """The processor lays out a chat (an image, then a question) as the builder does for the same segments."""
+    import PIL.Image
+
+    from transformers_bagel import BagelProcessor
+
+    processor = BagelProcessor.from_pretrained(converted_dir / "processor")
+    config = BagelConfig.from_pretrained(converted_dir / "model")
+    image = PIL.Image.new("RGB", (60, 40), (200, 30, 30))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    patches = int(inputs["image_grid_hw"].prod())
+    text = processor.tokenizer.encode("what is it?", add_special_tokens=False)
+    expected = BagelSequence(config).add_image(patches, latent=False).add_text(text)
+    assert inputs["input_ids"][0].tolist() == expected.input_ids

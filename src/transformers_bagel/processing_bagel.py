@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
+
+from .sequence_layout import BagelSequence
 
 
 logger = logging.get_logger(__name__)
@@ -65,6 +69,12 @@ class BagelProcessor(ProcessorMixin):
             setattr(self, name, token)
         self.image_token_id = self.token_ids["image_token"]
         self.latent_token_id = self.token_ids["latent_token"]
+        ids = self.token_ids
+        self._layout_ids = SimpleNamespace(
+            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], start_of_image_token_id=ids["image_start_token"],
+            end_of_image_token_id=ids["image_end_token"], image_token_id=ids["image_token"],
+            latent_token_id=ids["latent_token"],
+        )  # fmt: skip
 
     @staticmethod
     def _special_token_ids(tokenizer) -> dict[str, int]:
@@ -146,18 +156,8 @@ class BagelProcessor(ProcessorMixin):
             data["latent_grid_hw"] = grids
             vae_counts = (grids[:, 0] * grids[:, 1]).tolist()
 
-        vit_iter, vae_iter = iter(vit_counts), iter(vae_counts)
-        expanded = []
-        for row in rows:
-            out = []
-            for token in row:
-                if token == self.image_token_id:
-                    out += [token] * next(vit_iter)
-                elif token == self.latent_token_id:
-                    out += [token] * next(vae_iter)
-                else:
-                    out.append(token)
-            expanded.append(out)
+        counts = {self.image_token_id: iter(vit_counts), self.latent_token_id: iter(vae_counts)}
+        expanded = [self._expand(row, counts).input_ids for row in rows]
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         length = max(len(r) for r in expanded)
@@ -173,6 +173,22 @@ class BagelProcessor(ProcessorMixin):
             attention_mask = torch.tensor(attention_mask, dtype=torch.long)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
         return BatchFeature(data=data)
+
+    def _expand(self, row: list[int], counts: dict) -> BagelSequence:
+        """The row laid out by [`BagelSequence`]: each `<|vision_start|> placeholder <|vision_end|>` slot becomes an
+        image block of its image's token count; a bare placeholder expands in place; other tokens are kept."""
+        sequence = BagelSequence(self._layout_ids)
+        start, end = self._layout_ids.start_of_image_token_id, self._layout_ids.end_of_image_token_id
+        i = 0
+        while i < len(row):
+            token = row[i]
+            if token == start and i + 2 < len(row) and row[i + 1] in counts and row[i + 2] == end:
+                sequence.add_image(next(counts[row[i + 1]]), latent=row[i + 1] == self.latent_token_id)
+                i += 3
+                continue
+            sequence.add_tokens([token] * next(counts[token]) if token in counts else [token])
+            i += 1
+        return sequence
 
     @staticmethod
     def _check_counts(rows, token_id, images, argument, token):

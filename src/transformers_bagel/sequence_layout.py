@@ -1,7 +1,7 @@
 """The one builder of BAGEL's token sequences from text / ViT / VAE segments (SPEC.md section 3): token ids,
-positions and labels, used by the pipeline (guidance contexts) and the training collator (packed samples). The model
-derives image blocks and expert routing from the ids with [`bagel_token_layout`], which reproduces these positions for
-every sequence without noised targets; chat inputs reach it through the processor's template."""
+positions and labels, used by the processor (chat inputs: the template's text and its image slots), the pipeline
+(guidance contexts) and the training collator (packed samples). The model derives image blocks and expert routing from
+the ids with [`bagel_token_layout`], which reproduces these positions for every sequence without noised targets."""
 
 from dataclasses import dataclass, field
 
@@ -54,6 +54,15 @@ class BagelSequence:
         self.position_ids += [self.position] * len(tokens)
         if not noised:
             self.position += 1
+        return self
+
+    def add_tokens(self, ids: list[int]) -> "BagelSequence":
+        """Tokens taken as they are (a chat template's text, which writes its own `<|im_start|>` / `<|im_end|>`),
+        causal, one position each, no labels."""
+        self.input_ids += ids
+        self.labels += [IGNORE_INDEX] * len(ids)
+        self.position_ids += range(self.position, self.position + len(ids))
+        self.position += len(ids)
         return self
 
     def skip_image(self) -> "BagelSequence":
