@@ -121,17 +121,29 @@ def test_taylorseer_branches_count_their_own_steps(pipe, no_grad):
 
 
 def test_taylorseer_no_image_branch_equal_to_full_counts_its_own_steps(pipe, no_grad):
-    """Text-to-image with image guidance: the no-image context is the full one. Outside `cfg_interval` only the cond
-    branch advances, so with TaylorSeer the image branch is run as its own branch (as the original does), over the
-    full context's keys; with guidance at every step it equals the cond branch and is not run."""
+    """Text-to-image with image guidance: the no-image context is the full one. When guidance starts at the first
+    step, both branches count the same steps while the image branch is used, so its velocity is the cond branch's
+    and it is not run; when guidance starts later, the cond branch has counted steps the image branch has not, so
+    with TaylorSeer the image branch runs as its own branch (as the original does), over the full context's keys."""
     call = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 12, "cfg_img_scale": 1.5,
-            "enable_taylorseer": True, "output_type": "latent"}  # fmt: skip
+            "enable_taylorseer": True, "output_type": "latent", "latents": torch.randn(1, 16, 4, 4)}  # fmt: skip
     with LayerRuns(pipe) as runs:
-        pipe(**call, cfg_interval=(0.4, 1.0), callback_on_step_end=runs.callback)
+        late = pipe(**call, cfg_interval=(0.0, 0.8), callback_on_step_end=runs.callback).images
     assert max(runs.rows.values()) == 3
     with LayerRuns(pipe) as runs:
-        pipe(**call, cfg_interval=(0.0, 1.0), callback_on_step_end=runs.callback)
+        early = pipe(**call, cfg_interval=(0.4, 1.0), callback_on_step_end=runs.callback).images
     assert max(runs.rows.values()) == 2
+    # the reuse is exact: the same call with the image branch run as a branch of its own
+    guidance = pipe.prepare_guidance
+    pipe.prepare_guidance = lambda *args, **kwargs: guidance(*args, **{**kwargs, "reuse_full_for_image": False})
+    try:
+        with LayerRuns(pipe) as runs:
+            separate = pipe(**call, cfg_interval=(0.4, 1.0), callback_on_step_end=runs.callback).images
+    finally:
+        del pipe.prepare_guidance
+    assert max(runs.rows.values()) == 3
+    assert_close_rel(early, separate, 1e-5)
+    assert torch.isfinite(late).all()
 
 
 def _edit_contexts(pipe):

@@ -541,8 +541,8 @@ class BagelPipeline(DiffusionPipeline):
         original), which shares the full context's keys when it is a prefix of it and is prefilled on its own
         otherwise. Contexts are packed one after another, so nothing is padded. A no-image context identical to the
         full one would give the full branch's velocity exactly, so it is not run again unless
-        `reuse_full_for_image=False` (TaylorSeer with steps outside `cfg_interval`, where the two branches count
-        different steps).
+        `reuse_full_for_image=False` (TaylorSeer with guidance starting after the first step, where the two branches
+        count different steps).
 
         Args:
             cache (`Cache`, *optional*): the transformers cache to fill (a `DynamicCache` by default).
@@ -837,11 +837,12 @@ class BagelPipeline(DiffusionPipeline):
         # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
         sigmas = scheduler.sigmas.tolist()
         # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
-        # branch's velocity only when both run at every step.
-        always_guided = all(scheduler.cfg_active(sigma, cfg_interval) for sigma in sigmas[:-1])
+        # branch's velocity when both have run the same steps, i.e. when guidance starts at the first step (the flow
+        # times decrease, so the guided steps are then the first ones and the branch is not used after them).
+        guided_from_start = scheduler.cfg_active(sigmas[0], cfg_interval)
         guidance = self.prepare_guidance(
             contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
-            sample_posterior, reuse_full_for_image=not enable_taylorseer or always_guided,
+            sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
         )  # fmt: skip
         taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
         with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
