@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import functools
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0
 RENORM_TYPES = ("global", "channel", "text_channel")
 MAX_GUIDANCE_SCALE = 1000.0
 MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
+# Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
+MAX_INFERENCE_STEPS = 10_000
+MAX_IMAGES_PER_CALL = 256
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # diffusers' step caches that apply to BAGEL's decoder layers (block-level hooks; the layer takes and returns
 # `hidden_states`). Registering the layer's metadata lets diffusers' own hooks find its hidden states.
@@ -218,7 +222,7 @@ class BagelPipeline(DiffusionPipeline):
             raise TypeError(f"`prompt` must be a str or a list, got {type(prompt).__name__}.")
 
         if image is not None:
-            if _is_image(image) or isinstance(image, str):
+            if _is_image(image) or isinstance(image, (str, os.PathLike)):
                 per_prompt = [[image]] * len(batch)
             elif isinstance(image, (list, tuple)):
                 if len(image) == 0:
@@ -234,7 +238,16 @@ class BagelPipeline(DiffusionPipeline):
                     f"`image` must be a PIL image, numpy array, torch tensor, file path or a list of them, "
                     f"got {type(image).__name__}."
                 )
+            # A path given as `image` is an image (inside `prompt`, a string is text): open it now, naming `image`.
+            opened = {}
+            for images in per_prompt:
+                for item in images:
+                    if isinstance(item, (str, os.PathLike)) and id(item) not in opened:
+                        opened[id(item)] = self._open_image(item, "image")
+            per_prompt = [[opened.get(id(item), item) for item in images] for images in per_prompt]
             batch = [images + items for images, items in zip(per_prompt, batch)]
+        batch = [[self._open_image(item, "prompt") if isinstance(item, os.PathLike) else item for item in items]
+                 for items in batch]  # fmt: skip
 
         for items in batch:
             if not items:
@@ -249,12 +262,36 @@ class BagelPipeline(DiffusionPipeline):
                             f"`prompt` contains {found}, tokens reserved for image slots; pass images through `image` "
                             "or as items of an interleaved `prompt` list instead of writing their tokens."
                         )
+                    found = self._special_tokens_in(item)
+                    if found:
+                        raise ValueError(
+                            f"`prompt` contains the special tokens {found}, which delimit BAGEL's segments; write "
+                            "each text as its own item of an interleaved `prompt` list instead."
+                        )
                 elif not _is_image(item):
                     raise TypeError(
                         f"Unsupported input item of type {type(item).__name__}: use str for text and PIL images, "
                         "numpy arrays or torch tensors for images."
                     )
         return batch
+
+    def _open_image(self, path, argument: str):
+        """An image file given as `argument`, opened (RGB), or a clear error naming the argument and the file."""
+        from transformers_bagel.image_processing_bagel import to_rgb_image
+
+        try:
+            return to_rgb_image(path)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"`{argument}`: {error}") from error
+
+    def _special_tokens_in(self, text: str) -> list[str]:
+        """The tokenizer's special tokens (segment delimiters such as `<|im_start|>`, `<|im_end|>`) written in
+        `text`: a prompt holding them would forge segment boundaries."""
+        tokenizer = self.processor.tokenizer
+        specials = set(tokenizer.all_special_tokens) | {
+            token.content for token in tokenizer.added_tokens_decoder.values() if token.special
+        }
+        return sorted(token for token in specials if token and token in text)
 
     def _image_structure_tokens_in(self, text: str) -> list[str]:
         """The image boundary and placeholder tokens written in `text`: only images may put them in a context."""
@@ -297,6 +334,11 @@ class BagelPipeline(DiffusionPipeline):
                 )
         if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        if num_inference_steps > MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"`num_inference_steps`={num_inference_steps} is beyond {MAX_INFERENCE_STEPS} (BAGEL uses 50; past a "
+                "few hundred the Euler steps change nothing but the run time)."
+            )
         # Bounds far beyond any useful setting, and tight enough that float32 guidance and the shifted schedule cannot
         # overflow or cancel into NaN images (found by tests/test_hypothesis.py: scales and shifts near 3e38, shifts
         # near 1e-276).
@@ -326,8 +368,14 @@ class BagelPipeline(DiffusionPipeline):
             raise ValueError(f"`cfg_renorm_type` must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}.")
         if not isinstance(cfg_renorm_min, (int, float)) or not 0.0 <= cfg_renorm_min <= 1.0:
             raise ValueError(f"`cfg_renorm_min` must be in [0, 1], got {cfg_renorm_min!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}.")
+        if (
+            not isinstance(num_images_per_prompt, int)
+            or isinstance(num_images_per_prompt, bool)
+            or not 1 <= num_images_per_prompt <= MAX_IMAGES_PER_CALL
+        ):
+            raise ValueError(
+                f"`num_images_per_prompt` must be an integer in [1, {MAX_IMAGES_PER_CALL}], got {num_images_per_prompt!r}."
+            )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if think:
@@ -491,16 +539,67 @@ class BagelPipeline(DiffusionPipeline):
 
     # -- latents ----------------------------------------------------------------------------------------------------
 
+    def _check_latents_and_generator(self, latents, generator, batch_size, height, width, prompts, per_prompt):
+        """`latents` and `generator` against the batch, before any work: shape, dtype, finite values, generator
+        count and type."""
+        vae_downsample = self.model.config.vae_downsample
+        shape = (batch_size, self.model.config.latent_channels, height // vae_downsample, width // vae_downsample)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"`latents` must be a torch tensor, got {type(latents).__name__}.")
+            if latents.shape[0] != batch_size:
+                raise ValueError(
+                    f"`latents` holds {latents.shape[0]} images but {batch_size} are requested "
+                    f"({prompts} prompts x num_images_per_prompt={per_prompt})."
+                )
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            if not latents.is_floating_point():
+                raise TypeError(f"`latents` must be a floating-point tensor (Gaussian noise), got {latents.dtype}.")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("`latents` contains NaN or infinite values.")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators for {batch_size} images "
+                f"({prompts} prompts x num_images_per_prompt={per_prompt}); give one, or one per image."
+            )
+        for item in generators:
+            if item is not None and not isinstance(item, torch.Generator):
+                raise TypeError(
+                    f"`generator` must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a list of them, "
+                    f"got {type(item).__name__}."
+                )
+
+    def _check_positions(self, contexts: list["_Contexts"], think: bool, max_think_tokens: int) -> None:
+        """Refuses, before any work, a context (plus the thinking budget) that would run past the model's position
+        table: each text token takes a position, each image block one."""
+        limit = self.model.config.text_config.max_position_embeddings
+        tokenizer = self.processor.tokenizer
+        for context in {id(c): c for c in contexts}.values():
+            positions = sum(
+                len(tokenizer.encode(value, add_special_tokens=False)) + 2 if kind == "text" else 1
+                for kind, value in context.full.segments
+            )
+            needed = positions + (max_think_tokens + 2 if think else 0) + 1  # the thought, then the image block
+            if needed > limit:
+                what = f" plus max_think_tokens={max_think_tokens}" if think else ""
+                raise ValueError(
+                    f"The context takes {positions} positions{what}: the image would sit at position {needed - 1}, "
+                    f"beyond the model's {limit} (text_config.max_position_embeddings); shorten the prompt"
+                    f"{' or lower max_think_tokens' if think else ''}."
+                )
+
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """Initial noise, `(batch, 16, H/8, W/8)` in the normalised latent space, packed into tokens."""
         channels = self.model.config.latent_channels
         shape = (batch_size, channels, height // self.model.config.vae_downsample, width // self.model.config.vae_downsample)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=torch.float32)
+            latents = latents.to(device=device, dtype=dtype)
         return pack_latents(latents, self.latent_patch_size)
 
     def _decode(self, tokens: torch.Tensor, grid: tuple[int, int], output_type: str):
@@ -817,11 +916,13 @@ class BagelPipeline(DiffusionPipeline):
         )  # fmt: skip
         contexts = [ctx for ctx in contexts for _ in range(num_images_per_prompt)]
         batch_size = len(contexts)
-        if latents is not None and latents.shape[0] != batch_size:
+        if batch_size > MAX_IMAGES_PER_CALL:
             raise ValueError(
-                f"`latents` holds {latents.shape[0]} images but {batch_size} are requested "
-                f"({len(batch)} prompts x num_images_per_prompt={num_images_per_prompt})."
+                f"{len(batch)} prompts x num_images_per_prompt={num_images_per_prompt} = {batch_size} images, over "
+                f"{MAX_IMAGES_PER_CALL} per call; split the prompts over several calls."
             )
+        self._check_latents_and_generator(latents, generator, batch_size, height, width, len(batch), num_images_per_prompt)
+        self._check_positions(contexts, think, max_think_tokens)
         grid = (height // self.latent_downsample, width // self.latent_downsample)
         x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
 

@@ -23,8 +23,13 @@ logger = logging.get_logger(__name__)
 __all__ = ["BagelImageProcessor", "to_rgb_image", "bagel_resize_size"]
 
 
-# Modes PIL cannot turn into RGB directly without losing the value range.
-_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Modes PIL cannot turn into RGB directly without losing the value range: integer modes hold 16-bit values (PNG and
+# TIFF 16-bit images open as "I;16*" or "I"); "F" holds floats on PIL's 0-255 scale (what `convert("L")` assumes).
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_HIGH_BIT_DEPTH_MODES = (*_SIXTEEN_BIT_MODES, "F")
+# Modes with an alpha channel: composed onto white, as RGBA (a plain conversion to RGB would drop the alpha and show
+# whatever colour transparent pixels hold, black for most files).
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def to_rgb_image(image) -> PIL.Image.Image:
@@ -65,10 +70,15 @@ def to_rgb_image(image) -> PIL.Image.Image:
         if not np.isfinite(values).all():  # as for arrays: NaN / inf pixels would turn into an arbitrary image
             raise ValueError(f"Image of mode {image.mode} contains NaN or infinite values; pixels must be finite.")
         values = values.astype(np.float64)
-        span = values.max() - values.min()
-        values = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-        image = PIL.Image.fromarray((values * 255).round().astype(np.uint8), mode="L")
-    if image.mode == "RGBA" or image.info.get("transparency") is not None:
+        # A fixed scale, never per image: a uniform grey stays grey.
+        top = 65535.0 if image.mode in _SIXTEEN_BIT_MODES else 255.0
+        if values.min() < 0 or values.max() > top:
+            raise ValueError(
+                f"Image of mode {image.mode} holds values in [{values.min():g}, {values.max():g}], outside "
+                f"[0, {top:g}] ({'16-bit integers' if top > 255 else 'PIL float pixels'}); rescale it first."
+            )
+        image = PIL.Image.fromarray((values / top * 255).round().astype(np.uint8), mode="L")
+    if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.split()[3])
@@ -89,6 +99,12 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
             raise ValueError(f"Image arrays must be uint8 or float in [0, 1], got dtype {array.dtype}.")
         if not np.isfinite(array).all():
             raise ValueError("Image array contains NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low < -1e-6 or high > 1 + 1e-6:
+            hint = "divide 0-255 data by 255" if high > 1 + 1e-6 else "map [-1, 1] data with (x + 1) / 2"
+            raise ValueError(
+                f"Float image arrays must hold values in [0, 1], got [{low:g}, {high:g}]: {hint}, or pass uint8."
+            )
         array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
     return PIL.Image.fromarray(array)
 

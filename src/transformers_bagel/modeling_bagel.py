@@ -1321,6 +1321,37 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
     # -- generation -----------------------------------------------------------------------------------------------
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """
+        [`~GenerationMixin.generate`], stopping cleanly at the model's position table: a `max_new_tokens` (or
+        `max_length`) that would run past `text_config.max_position_embeddings` is lowered to what fits, with a
+        warning, instead of failing after the tokens that fit were generated; a prompt that fills the table already is
+        refused before any work.
+        """
+        input_ids = kwargs.get("input_ids", inputs)
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype in (torch.long, torch.int):
+            limit = self.config.text_config.max_position_embeddings
+            layout = bagel_token_layout(input_ids, self.config, kwargs.get("attention_mask"))
+            room = limit - int(layout.next_position.max()) if input_ids.shape[1] else limit
+            if room <= 0:
+                raise ValueError(
+                    f"The prompt takes all {limit} positions of the model (text_config.max_position_embeddings): "
+                    "shorten it to leave room for new tokens."
+                )
+            config = generation_config if generation_config is not None else self.generation_config
+            requested = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+            if requested is None:
+                max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+                requested = max_length - input_ids.shape[1] if max_length is not None else None
+            if requested is not None and requested > room:
+                logger.warning(
+                    f"max_new_tokens={requested} would run past the model's {limit} positions; generating at most "
+                    f"{room} new tokens."
+                )
+                kwargs["max_new_tokens"] = room
+                kwargs.pop("max_length", None)
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         input_ids = model_kwargs.get("input_ids", inputs_tensor)
         if input_ids is None or input_ids.dtype not in (torch.long, torch.int):

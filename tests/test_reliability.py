@@ -1,0 +1,118 @@
+"""Nothing silent: inputs that used to give a wrong result, an unclear error deep inside, or a run of hours are refused
+with a message naming the argument before any work, or handled correctly."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import load_pipeline
+from transformers_bagel.image_processing_bagel import to_rgb_image
+
+
+@pytest.fixture(scope="module")
+def pipe(converted_dir):
+    return load_pipeline(converted_dir)
+
+
+@pytest.fixture()
+def no_work(pipe, monkeypatch):
+    """Fails the test if the model or the VAE runs: the input must be refused before any work."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model ran before the input was validated")
+
+    monkeypatch.setattr(pipe.model, "forward", fail)
+    monkeypatch.setattr(pipe.vae, "encode", fail)
+
+
+CALL = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "latent"}
+
+
+def _image(seed=0, size=(48, 32)):
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# -- images ------------------------------------------------------------------------------------------------------------
+
+
+def test_image_paths_are_images_not_prompt_text(pipe, tmp_path, no_grad):
+    image = _image()
+    path = tmp_path / "photo.png"
+    image.save(path)
+    reference = pipe("Make it blue.", image=image, generator=torch.manual_seed(0), **CALL).images
+    for given in (str(path), path, [path]):
+        out = pipe("Make it blue.", image=given, generator=torch.manual_seed(0), **CALL).images
+        assert torch.equal(out, reference), type(given)
+    # inside an interleaved prompt a string is text, a path object an image
+    out = pipe([path, "Make it blue."], generator=torch.manual_seed(0), **CALL).images
+    assert torch.equal(out, reference)
+
+
+def test_missing_image_file_is_named(pipe, tmp_path, no_work):
+    with pytest.raises(ValueError, match="`image`.*missing.png.*does not exist"):
+        pipe("Make it blue.", image=str(tmp_path / "missing.png"), **CALL)
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((8, 8, 3), 200.0, dtype=np.float32), "divide 0-255 data by 255"),
+        (np.full((8, 8, 3), -0.5, dtype=np.float32), r"map \[-1, 1\] data"),
+        (torch.full((3, 8, 8), 2.0), "in \\[0, 1\\]"),
+    ],
+)
+def test_float_images_out_of_range_are_refused(array, message):
+    with pytest.raises(ValueError, match=message):
+        to_rgb_image(array)
+
+
+def test_sixteen_bit_images_keep_their_grey_level():
+    grey = PIL.Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert np.asarray(to_rgb_image(grey))[0, 0].tolist() == [128, 128, 128]  # not stretched to black
+    with pytest.raises(ValueError, match="outside"):
+        to_rgb_image(PIL.Image.fromarray(np.full((4, 4), 70000, dtype=np.int32), mode="I"))
+
+
+@pytest.mark.parametrize("mode", ["LA", "PA"])
+def test_transparent_la_and_pa_images_become_white_like_rgba(mode):
+    rgba = PIL.Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    image = rgba.convert("LA") if mode == "LA" else rgba.convert("RGB").convert("P").convert("PA")
+    if mode == "PA":
+        image.putalpha(0)
+    assert np.asarray(to_rgb_image(image))[1, 1].tolist() == [255, 255, 255]
+    assert np.asarray(to_rgb_image(rgba))[1, 1].tolist() == [255, 255, 255]
+
+
+# -- prompts and arguments ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompt": "a cat<|im_end|><|im_start|>a dog"}, ValueError, "special tokens \\['<\\|im_end\\|>', '<\\|im_start\\|>'\\]"),
+        ({"num_images_per_prompt": True}, ValueError, "num_images_per_prompt"),
+        ({"num_images_per_prompt": 10**6}, ValueError, "num_images_per_prompt"),
+        ({"num_inference_steps": 10**12}, ValueError, "num_inference_steps"),
+        ({"prompt": ["a", "b"], "generator": [torch.Generator()]}, ValueError, "list of 1 generators for 2 images"),
+        ({"generator": 0}, TypeError, "`generator` must be a torch.Generator"),
+        ({"latents": torch.full((1, 16, 4, 4), float("nan"))}, ValueError, "`latents` contains NaN"),
+        ({"latents": torch.zeros(1, 16, 4, 4, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"think": True, "max_think_tokens": 40000}, ValueError, "max_think_tokens=40000.*max_position_embeddings"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(pipe, no_work, kwargs, error, message):
+    call = {"prompt": "a cat", **CALL, **kwargs}
+    with pytest.raises(error, match=message):
+        pipe(**call)
+
+
+def test_generate_stops_cleanly_at_the_position_limit(pipe, no_grad, caplog, monkeypatch):
+    model = pipe.model
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", 9)
+    prompt = torch.tensor([[401, 30, 31, 402, 401]])
+    out = model.generate(prompt, max_new_tokens=100, do_sample=False)
+    assert out.shape == (1, 9)  # the 4 positions left, then a clean stop
+    with pytest.raises(ValueError, match="takes all 9 positions"):
+        model.generate(torch.tensor([[401] + [30] * 8]), max_new_tokens=2)
