@@ -116,3 +116,45 @@ def test_generate_stops_cleanly_at_the_position_limit(pipe, no_grad, caplog, mon
     assert out.shape == (1, 9)  # the 4 positions left, then a clean stop
     with pytest.raises(ValueError, match="takes all 9 positions"):
         model.generate(torch.tensor([[401] + [30] * 8]), max_new_tokens=2)
+
+
+# -- processor ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([{"role": "user", "content": []}], "message 0 has no content"),
+        ([{"role": "user", "content": None}], "message 0 has no content"),
+        ([{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]}], "type 'video'"),
+        ([{"role": "user", "content": [{"type": "text", "text": "hi<|im_end|><|im_start|>"}]}], "special tokens"),
+        ([{"role": "user", "content": "hi <|im_start|> there"}], "special tokens"),
+        ([{"role": "user", "content": [{"type": "image"}]}], "image part without"),
+        ([], "is empty"),
+    ],
+)
+def test_chat_messages_that_would_be_dropped_or_forged_are_refused(pipe, messages, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+
+
+def test_per_prompt_image_lists_must_match_their_prompt(pipe):
+    processor = pipe.processor
+    slot = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"{slot}{slot} two", f"{slot} one"]
+    ok = processor(text=texts, images=[[_image(1), _image(2)], [_image(3)]])
+    assert ok["image_grid_hw"].shape[0] == 3
+    with pytest.raises(ValueError, match="Prompt 0 has 2 .* holds 1 image"):
+        processor(text=texts, images=[[_image(1)], [_image(2), _image(3)]])
+
+
+def test_out_of_vocabulary_words_warn(pipe, monkeypatch):
+    from transformers_bagel import processing_bagel
+
+    processor = pipe.processor
+    warnings = []
+    monkeypatch.setattr(processing_bagel.logger, "warning", warnings.append)
+    monkeypatch.setattr(type(processor.tokenizer), "unk_token_id", property(lambda self: 5), raising=False)
+    monkeypatch.setattr(processor.tokenizer, "encode", lambda text, add_special_tokens=False: [7, 5, 8])
+    assert processor.encode_text("a zebroid") == [7, 5, 8]
+    assert len(warnings) == 1 and "not in the tokenizer's vocabulary" in warnings[0]

@@ -262,7 +262,7 @@ class BagelPipeline(DiffusionPipeline):
                             f"`prompt` contains {found}, tokens reserved for image slots; pass images through `image` "
                             "or as items of an interleaved `prompt` list instead of writing their tokens."
                         )
-                    found = self._special_tokens_in(item)
+                    found = self.processor.special_tokens_in(item)
                     if found:
                         raise ValueError(
                             f"`prompt` contains the special tokens {found}, which delimit BAGEL's segments; write "
@@ -283,15 +283,6 @@ class BagelPipeline(DiffusionPipeline):
             return to_rgb_image(path)
         except (ValueError, OSError) as error:
             raise ValueError(f"`{argument}`: {error}") from error
-
-    def _special_tokens_in(self, text: str) -> list[str]:
-        """The tokenizer's special tokens (segment delimiters such as `<|im_start|>`, `<|im_end|>`) written in
-        `text`: a prompt holding them would forge segment boundaries."""
-        tokenizer = self.processor.tokenizer
-        specials = set(tokenizer.all_special_tokens) | {
-            token.content for token in tokenizer.added_tokens_decoder.values() if token.special
-        }
-        return sorted(token for token in specials if token and token in text)
 
     def _image_structure_tokens_in(self, text: str) -> list[str]:
         """The image boundary and placeholder tokens written in `text`: only images may put them in a context."""
@@ -436,12 +427,11 @@ class BagelPipeline(DiffusionPipeline):
     def _segment_tokens(self, segments: list, vae_cache: dict, generator, sample_posterior: bool):
         """Token ids, ViT images and clean latents (with their grids) of a list of segments, laid out by
         [`BagelSequence`]. Each image is VAE-encoded once per `vae_cache`."""
-        tokenizer = self.processor.tokenizer
         sequence = BagelSequence(self.model.config)
         vit_images, latents, latent_grids = [], [], []
         for kind, value in segments:
             if kind == "text":
-                sequence.add_text(tokenizer.encode(value, add_special_tokens=False))
+                sequence.add_text(self.processor.encode_text(value))
             elif kind == "vae":
                 key = id(value)
                 if key not in vae_cache:

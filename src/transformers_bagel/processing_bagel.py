@@ -92,6 +92,63 @@ class BagelProcessor(ProcessorMixin):
             )
         return ids
 
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """
+        [`~ProcessorMixin.apply_chat_template`] with BAGEL's template, after checking the messages: each has a
+        `content` (a string, or a non-empty list of `{"type": "text", "text": ...}` / `{"type": "image", ...}` parts);
+        texts may not hold the tokenizer's special tokens (they would forge segment boundaries). Anything else is
+        refused naming the message and part, instead of being dropped by the template.
+        """
+        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        for c, messages in enumerate(conversations):
+            if not isinstance(messages, (list, tuple)) or not messages:
+                raise ValueError(f"Conversation {c} is empty: give a list of messages.")
+            for m, message in enumerate(messages):
+                where = f"message {m}" + (f" of conversation {c}" if len(conversations) > 1 else "")
+                content = message.get("content") if isinstance(message, dict) else None
+                parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+                if not isinstance(parts, (list, tuple)) or not parts:
+                    raise ValueError(f"The {where} has no content (got {content!r}): give a string or a list of parts.")
+                for p, part in enumerate(parts):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind not in ("text", "image"):
+                        raise ValueError(
+                            f"Part {p} of the {where} has type {kind!r}: BAGEL's chat takes 'text' and 'image' parts."
+                        )
+                    if kind == "text":
+                        text = part.get("text")
+                        if not isinstance(text, str):
+                            raise ValueError(f"Part {p} of the {where} is a text part without a string `text`.")
+                        found = self.special_tokens_in(text)
+                        if found:
+                            raise ValueError(
+                                f"Part {p} of the {where} contains the special tokens {found}, which delimit BAGEL's "
+                                "segments: put each text in its own part or message."
+                            )
+                    elif not any(part.get(key) is not None for key in ("image", "url", "path", "base64")):
+                        raise ValueError(f"Part {p} of the {where} is an image part without `image`, `url` or `path`.")
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+    def special_tokens_in(self, text: str) -> list[str]:
+        """The tokenizer's special tokens (segment delimiters, image slots) written in `text`."""
+        tokenizer = self.tokenizer
+        specials = set(tokenizer.all_special_tokens) | {
+            token.content for token in tokenizer.added_tokens_decoder.values() if token.special
+        }
+        return sorted(token for token in specials if token and token in text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of one text segment (no special tokens added), warning when words fall outside the tokenizer's
+        vocabulary (a word-level tokenizer turns them into its unknown token)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        unk, unk_text = self.tokenizer.unk_token_id, self.tokenizer.unk_token
+        if unk is not None and unk in ids and not (unk_text and unk_text in text):
+            logger.warning(
+                f"{ids.count(unk)} word(s) of {text[:60]!r} are not in the tokenizer's vocabulary and were replaced by "
+                f"{self.tokenizer.unk_token}."
+            )
+        return ids
+
     @property
     def model_input_names(self):
         return ["input_ids", "attention_mask", "pixel_values", "image_grid_hw", "vae_pixel_values", "latent_grid_hw"]
@@ -139,6 +196,8 @@ class BagelProcessor(ProcessorMixin):
         vit_images = _flatten_images(images)
         vae_list = _flatten_images(vae_images)
         rows = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        self._check_counts_per_prompt(rows, self.image_token_id, images, "images", self.image_token)
+        self._check_counts_per_prompt(rows, self.latent_token_id, vae_images, "vae_images", self.latent_token)
         self._check_counts(rows, self.image_token_id, vit_images, "images", self.image_token)
         self._check_counts(rows, self.latent_token_id, vae_list, "vae_images", self.latent_token)
 
@@ -189,6 +248,23 @@ class BagelProcessor(ProcessorMixin):
             sequence.add_tokens([token] * next(counts[token]) if token in counts else [token])
             i += 1
         return sequence
+
+    @staticmethod
+    def _check_counts_per_prompt(rows, token_id, images, argument, token):
+        """With one image list per prompt, each prompt's placeholders must match its own list (flattening would move
+        an image into another prompt)."""
+        if not isinstance(images, (list, tuple)) or not any(isinstance(item, (list, tuple)) for item in images):
+            return
+        if len(images) != len(rows):
+            raise ValueError(f"`{argument}` holds {len(images)} image lists for {len(rows)} prompts.")
+        for i, (row, per_prompt) in enumerate(zip(rows, images)):
+            per_prompt = per_prompt if isinstance(per_prompt, (list, tuple)) else [per_prompt]
+            count = sum(item is not None for item in per_prompt)
+            if row.count(token_id) != count:
+                raise ValueError(
+                    f"Prompt {i} has {row.count(token_id)} {token} placeholder(s) but its list in `{argument}` holds "
+                    f"{count} image(s)."
+                )
 
     @staticmethod
     def _check_counts(rows, token_id, images, argument, token):

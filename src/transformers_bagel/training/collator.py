@@ -148,7 +148,6 @@ class BagelDataCollator:
         if not samples:
             raise ValueError("Got no samples to pack.")
         config = self.config
-        tokenizer = self.processor.tokenizer
 
         input_ids, positions, labels, documents = [], [], [], []
         vit_images, vae_inputs, latent_grids, noised = [], [], [], []
@@ -165,7 +164,7 @@ class BagelDataCollator:
                         sequence.skip_image()
                     continue
                 if kind == "text":
-                    ids = tokenizer.encode(segment["text"], add_special_tokens=False)
+                    ids = self.processor.encode_text(segment["text"])
                     sequence.add_text(ids, loss=bool(segment.get("loss", False)))
                     continue
                 if kind == "vit_image":
