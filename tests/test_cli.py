@@ -241,7 +241,9 @@ def test_push_rewrites_the_card_for_the_repo_and_uploads_the_folder(converted_di
         (["chat", "--checkpoint", "{ckpt}", "--prompt", "", "--max_new_tokens", "2"], "question is empty"),
         (["push", "--folder", "{empty}", "--repo_id", "me/x"], "is not a converted BAGEL folder"),
         (["push", "--folder", "{ckpt}", "--repo_id", "no-owner"], "must look like owner/name"),
-        (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}/out"], "not a BAGEL release folder"),
+        (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}_out"], "not a BAGEL release folder"),
+        (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}/out"], "never writes into its input"),
+        (["convert", "--input_dir", "{empty}", "--output_dir", "{ckpt}"], "is not empty; pass overwrite=True"),
         (["paint"], "invalid choice"),
     ],
 )

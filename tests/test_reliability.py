@@ -158,3 +158,49 @@ def test_out_of_vocabulary_words_warn(pipe, monkeypatch):
     monkeypatch.setattr(processor.tokenizer, "encode", lambda text, add_special_tokens=False: [7, 5, 8])
     assert processor.encode_text("a zebroid") == [7, 5, 8]
     assert len(warnings) == 1 and "not in the tokenizer's vocabulary" in warnings[0]
+
+
+# -- converter ---------------------------------------------------------------------------------------------------------
+
+
+def test_conversion_is_atomic_and_never_mixes_old_and_new(tmp_path, monkeypatch):
+    from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
+    from transformers_bagel import convert_bagel_to_hf
+
+    out = tmp_path / "converted"
+    convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    (out / "model" / "stale-shard.safetensors").write_bytes(b"old")
+    with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
+        convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES)
+
+    def killed(folder):
+        raise KeyboardInterrupt  # the process dies while writing
+
+    monkeypatch.setattr(convert_bagel_to_hf, "_write_model_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, overwrite=True)
+    assert (out / "model" / "stale-shard.safetensors").exists()  # the old folder is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # and no half-written folder is left
+    monkeypatch.undo()
+    convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB", overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # replaced as a whole: no stale shard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
+
+
+def test_conversion_image_sizes_fit_the_position_tables(tmp_path):
+    from conftest import ORIGINAL_DIR
+    from transformers_bagel import BagelProcessor
+    from transformers_bagel.convert_bagel_to_hf import convert, resolve_image_sizes
+
+    # the tiny model's latent table holds 16 x 16 tokens of 16 px: 256 px; its ViT table 70 x 14 px
+    sizes = resolve_image_sizes(None, 256, 980)
+    assert sizes == {"vae_max_image_size": 256, "vae_min_image_size": 256, "vit_max_image_size": 980,
+                     "vit_min_image_size": 224}  # fmt: skip
+    with pytest.raises(ValueError, match="`vae_max_image_size`=1024 exceeds what the model's position table holds"):
+        resolve_image_sizes({"vae_max_image_size": 1024}, 256, 980)
+    with pytest.raises(ValueError, match="overlaps input_dir"):
+        convert(ORIGINAL_DIR, ORIGINAL_DIR / "out")
+    out = convert(ORIGINAL_DIR, tmp_path / "derived", max_shard_size="1MB")
+    processor = BagelProcessor.from_pretrained(out / "processor")
+    assert processor.image_processor.vae_max_image_size == 256

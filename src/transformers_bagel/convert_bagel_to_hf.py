@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -236,14 +238,73 @@ def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch
     return model, tokenizer, vae_params
 
 
+def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    """Refuses, before any work, an output folder that is the input folder (or inside it, or holds it), a file, a
+    non-empty folder unless `overwrite`, or a place that cannot be written."""
+    source, target = input_dir.resolve(), output_dir.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} overlaps input_dir {str(input_dir)!r}: the conversion never writes into "
+            "its input; choose another folder."
+        )
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is a file, not a folder.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(
+            f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace it as a whole."
+        )
+    existing = next(parent for parent in (target, *target.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"output_dir {str(output_dir)!r} cannot be written ({str(existing)!r} is read-only).")
+
+
+def resolve_image_sizes(image_sizes: dict | None, max_image_size: int, vit_max_image_size: int) -> dict:
+    """The image processor's sizes: given ones are checked against the model's position tables; missing ones are
+    the 7B's, lowered to what the tables hold (a small model's latent table holds less than 1024 px)."""
+    tables = {"vae_max_image_size": max_image_size, "vit_max_image_size": vit_max_image_size}
+    given = dict(image_sizes or {})
+    unknown = sorted(set(given) - set(BAGEL_7B_IMAGE_SIZES))
+    if unknown:
+        raise ValueError(f"Unknown image sizes {unknown}; known: {sorted(BAGEL_7B_IMAGE_SIZES)}.")
+    sizes = {}
+    for name, default in BAGEL_7B_IMAGE_SIZES.items():
+        value = given.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        sizes[name] = value if value is not None else default
+    for kind in ("vae", "vit"):
+        top, low = f"{kind}_max_image_size", f"{kind}_min_image_size"
+        limit = tables[top]
+        if sizes[top] > limit:
+            if top in given:
+                raise ValueError(
+                    f"`{top}`={sizes[top]} exceeds what the model's position table holds ({limit} px); lower it."
+                )
+            logger.warning(f"{top} lowered from {sizes[top]} to {limit}, the largest side the model's table holds.")
+            sizes[top] = limit
+        if sizes[low] > sizes[top]:
+            if low in given:
+                raise ValueError(f"`{low}`={sizes[low]} is larger than `{top}`={sizes[top]}.")
+            sizes[low] = sizes[top]
+    return sizes
+
+
 def convert(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str = "5GB",
     image_sizes: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Converts `input_dir` (original layout) into `output_dir` (diffusers layout). Returns `output_dir`."""
+    """
+    Converts `input_dir` (original layout) into `output_dir` (diffusers layout). Returns `output_dir`.
+
+    The folder is written atomically: everything is built in a temporary folder beside `output_dir` and moved into
+    place at the end, so a killed conversion leaves no half-written folder (and an `overwrite` replaces the old folder
+    as a whole: no stale shard or component survives). A non-empty `output_dir` is refused unless `overwrite=True`;
+    the input folder is never written. Image sizes not given are the 7B's, lowered to what the model's tables hold.
+    """
     from diffusers_bagel.convert_flux_vae import load_flux_vae
     from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
 
@@ -251,32 +312,58 @@ def convert(
     from .processing_bagel import BagelProcessor
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    sizes = dict(BAGEL_7B_IMAGE_SIZES, **(image_sizes or {}))
+    check_output_dir(input_dir, output_dir, overwrite)
 
     model, tokenizer, vae_params = load_original_model(input_dir, dtype=dtype)
+    config = model.config
+    sizes = resolve_image_sizes(
+        image_sizes, config.max_image_size, config.vit_max_num_patch_per_side * config.vision_config.patch_size
+    )
     vae = load_flux_vae(input_dir / "ae.safetensors", params=vae_params, dtype=dtype)
     image_processor = BagelImageProcessor(
-        vit_patch_size=model.config.vision_config.patch_size,
-        vae_stride=model.config.latent_downsample,
-        vit_max_num_patch_per_side=model.config.vit_max_num_patch_per_side,
+        vit_patch_size=config.vision_config.patch_size,
+        vae_stride=config.latent_downsample,
+        vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
         **sizes,
     )
     processor = BagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.generation_config = GenerationConfig(
-        bos_token_id=model.config.bos_token_id,
-        eos_token_id=model.config.eos_token_id,
-        pad_token_id=model.config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir / "model", max_shard_size=max_shard_size)
-    vae.save_pretrained(output_dir / "vae")
-    FlowMatchEulerScheduler().save_pretrained(output_dir / "scheduler")
-    processor.save_pretrained(output_dir / "processor")
-    write_model_card(output_dir)
-    _write_model_index(output_dir)  # last: its presence marks a complete conversion
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
+        vae.save_pretrained(staging / "vae")
+        FlowMatchEulerScheduler().save_pretrained(staging / "scheduler")
+        processor.save_pretrained(staging / "processor")
+        write_model_card(staging, model_id=output_dir.name)
+        _write_model_index(staging)
+        _replace_folder(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     logger.info(f"Converted {input_dir} into {output_dir}")
     return output_dir
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Moves `new` to `target`, replacing a previous `target` as a whole (renames on one filesystem)."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+    os.replace(target, old / target.name)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None) -> Path:
@@ -335,14 +422,22 @@ def main(argv=None, prog=None):
     parser.add_argument("--output_dir", required=True, help="Where to write the converted folder.")
     parser.add_argument("--dtype", type=_parse_dtype, default=torch.float32, help="float32 (default), bfloat16, float16.")
     parser.add_argument("--max_shard_size", type=_parse_shard_size, default="5GB", help="Safetensors shard size.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace a non-empty --output_dir as a whole (refused otherwise).")
     for name, default in BAGEL_7B_IMAGE_SIZES.items():
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"Image processor {name} (default {default}).")
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"Image processor {name} (default {default}, lowered to what the model's position "
+                                 "table holds).")
     args = parser.parse_args(argv)
-    sizes = {name: getattr(args, name) for name in BAGEL_7B_IMAGE_SIZES}
+    sizes = {name: getattr(args, name) for name in BAGEL_7B_IMAGE_SIZES if getattr(args, name) is not None}
     for name, value in sizes.items():
         if value <= 0:
             parser.error(f"--{name} must be positive, got {value}")
-    out = convert(args.input_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, image_sizes=sizes)
+    try:
+        out = convert(args.input_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      image_sizes=sizes, overwrite=args.overwrite)  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"Converted checkpoint written to {out}")
 
 
@@ -351,6 +446,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "check_output_dir",
+    "resolve_image_sizes",
     "convert",
     "convert_key",
     "convert_state_dict",
