@@ -37,8 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("text_to_image", "edit", "understanding", "interleaved")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows each flag's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     add = parser.add_argument
     # model and data
     add("--checkpoint", type=Path, default=None, help="Converted BAGEL folder (model/, processor/, vae/). Default: tiny test model.")
@@ -58,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     # optimisation (the original's defaults)
     add("--max_steps", type=int, default=1000, help="Optimiser steps.")
     add("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
-    add("--warmup_steps", type=int, default=2000, help="Linear warm-up steps.")
+    add("--warmup_steps", type=int, default=None,
+        help="Linear warm-up steps (default: the original's 2000, capped at a tenth of --max_steps).")
     add("--lr_scheduler", choices=("constant", "cosine"), default="constant", help="Schedule after warm-up.")
     add("--min_lr", type=float, default=1e-7, help="Final learning rate of the cosine schedule.")
     add("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step.")
@@ -129,8 +134,27 @@ def parse_columns(pairs) -> dict:
     return columns
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_steps < 1:
+        parser.error(f"--max_steps must be >= 1, got {args.max_steps}.")
+    if args.warmup_steps is None:
+        args.warmup_steps = min(2000, args.max_steps // 10)
+    elif not 0 <= args.warmup_steps <= args.max_steps:
+        parser.error(
+            f"--warmup_steps {args.warmup_steps} must be in [0, --max_steps {args.max_steps}]: a longer warm-up keeps "
+            "the learning rate near 0 for the whole run."
+        )
+    if args.logging_steps < 1 or args.save_steps < 1:
+        parser.error("--logging_steps and --save_steps must be >= 1.")
+    if args.bf16 and (args.use_cpu or not torch.cuda.is_available() or not torch.cuda.is_bf16_supported()):
+        parser.error("--bf16 needs a CUDA GPU with bfloat16 support (none is used here); drop --bf16 to train in float32.")
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from diffusers import AutoencoderKL
 
     from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
@@ -241,7 +265,9 @@ def main(argv=None):
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "losses": losses}
         (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"trained {trainer.state.global_step} steps, final loss {losses[-1] if losses else float('nan'):.4f}")
+        # A run shorter than --logging_steps logs no loss: Trainer's mean training loss then stands for it.
+        final_loss = losses[-1] if losses else result.training_loss
+        print(f"trained {trainer.state.global_step} steps, final loss {final_loss:.4f}")
         print(f"{'LoRA adapter' if args.lora else 'model'}: {final}")
 
 if __name__ == "__main__":

@@ -310,3 +310,18 @@ def test_train_example_help_names_every_flag():
             assert action.help, action.option_strings
             assert action.option_strings[0] in result.stdout
     assert "accelerate launch" in result.stdout and "torchrun" in result.stdout
+
+
+def test_train_example_refuses_frictions_and_shows_defaults():
+    build_parser, _ = _example_main()
+    module = sys.modules[build_parser.__module__]
+    assert module.parse_args(["--max_steps", "1000"]).warmup_steps == 100  # the original's 2000, capped at 10%
+    assert module.parse_args(["--max_steps", "50000"]).warmup_steps == 2000
+    for argv, message in ((["--max_steps", "10", "--warmup_steps", "20"], "--warmup_steps 20 must be in"),
+                          (["--bf16", "--use_cpu"], "--bf16 needs a CUDA GPU")):  # fmt: skip
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), *argv], capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    help_text = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--help"], capture_output=True,
+                               text=True, timeout=120).stdout  # fmt: skip
+    assert "(default: 1000)" in help_text and "(default: 0.0001)" in help_text
