@@ -203,22 +203,36 @@ def test_build_messages_orders_thinking_history_images_and_question():
 # -- push, without touching the network ----------------------------------------------------------------------------------
 
 
-def test_push_rewrites_the_card_for_the_repo_and_uploads_the_folder(converted_dir, tmp_path, capsys, monkeypatch):
+def test_push_uploads_the_folder_with_a_card_for_the_repo(converted_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     folder = tmp_path / "to-push"
     shutil.copytree(converted_dir, folder)
+    local_card = (folder / "README.md").read_text()
     calls = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: calls.append(("create", a, k)) or
                         "https://hub.example/me/bagel-tiny")  # fmt: skip
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **k: calls.append(("upload", (), k)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, **k: calls.append(("commit", (), k)))
     code, out, err = _run(["push", "--folder", folder, "--repo_id", "me/bagel-tiny", "--private"], capsys)
     assert code == 0, err
     assert calls[0] == ("create", ("me/bagel-tiny",), {"private": True, "repo_type": "model", "exist_ok": True})
-    assert calls[1][0] == "upload" and calls[1][2]["folder_path"] == str(folder)
-    assert calls[1][2]["repo_id"] == "me/bagel-tiny"
-    assert 'BagelPipeline.from_pretrained("me/bagel-tiny"' in (folder / "README.md").read_text()
+    assert calls[1][0] == "commit" and calls[1][2]["repo_id"] == "me/bagel-tiny"
+    operations = {op.path_in_repo: op for op in calls[1][2]["operations"]}
+    local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(operations) == local  # every file once, the card included
+    assert 'BagelPipeline.from_pretrained("me/bagel-tiny"' in operations["README.md"].path_or_fileobj.decode()
+    assert (folder / "README.md").read_text() == local_card  # the local folder is not rewritten
     assert out == "uploaded " + str(folder) + " to https://hub.example/me/bagel-tiny\n"
+
+
+def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
+    def offline(self, *args, **kwargs):
+        raise OSError("Max retries exceeded with url: /api/repos/create\n(long stack of details)")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    code, _, err = _run(["push", "--folder", converted_dir, "--repo_id", "me/bagel-tiny"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "could not upload to the Hub repo 'me/bagel-tiny' (OSError: Max retries exceeded" in err
 
 
 # -- errors a user can act on --------------------------------------------------------------------------------------------
@@ -240,6 +254,9 @@ def test_push_rewrites_the_card_for_the_repo_and_uploads_the_folder(converted_di
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "is not a readable image"),
         (["chat", "--checkpoint", "{ckpt}", "--prompt", "", "--max_new_tokens", "2"], "question is empty"),
         (["push", "--folder", "{empty}", "--repo_id", "me/x"], "is not a converted BAGEL folder"),
+        pytest.param(["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--device", "cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--device", "potato"], "is not a device name"),
         (["push", "--folder", "{ckpt}", "--repo_id", "no-owner"], "must look like owner/name"),
         (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}_out"], "not a BAGEL release folder"),
         (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}/out"], "never writes into its input"),

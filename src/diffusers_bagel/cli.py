@@ -63,6 +63,12 @@ def load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"`dtype` must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as error:
+        raise ValueError(f"`device` {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from error
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` {device!r} was asked for, but CUDA is not available on this machine; use cpu.")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
@@ -401,9 +407,9 @@ def _run_chat(args):
 
 
 def _run_push(args):
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    from transformers_bagel.convert_bagel_to_hf import write_model_card
+    from transformers_bagel.convert_bagel_to_hf import model_card_text
 
     folder = args.folder
     if not (folder / "model_index.json").is_file() or not (folder / "model" / "config.json").is_file():
@@ -412,12 +418,22 @@ def _run_push(args):
         )
     if args.repo_id.count("/") != 1 or any(not part for part in args.repo_id.split("/")):
         raise ValueError(f"--repo_id must look like owner/name, got {args.repo_id!r}.")
-    write_model_card(folder, model_id=args.repo_id)
+    # The card names the repo in its snippets: it is uploaded from memory, the local folder is left as it is.
+    card = model_card_text(args.repo_id).encode("utf-8")
+    operations = [
+        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder).as_posix() != "README.md"
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     api = HfApi(token=args.token)
-    url = api.create_repo(args.repo_id, private=args.private, repo_type="model", exist_ok=True)
-    api.upload_folder(
-        folder_path=str(folder), repo_id=args.repo_id, repo_type="model", commit_message=args.commit_message
-    )
+    try:
+        url = api.create_repo(args.repo_id, private=args.private, repo_type="model", exist_ok=True)
+        api.create_commit(repo_id=args.repo_id, repo_type="model", operations=operations,
+                          commit_message=args.commit_message)  # fmt: skip
+    except Exception as error:  # network, authentication, permissions: one line, not the HTTP stack
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not upload to the Hub repo {args.repo_id!r} ({type(error).__name__}: {reason}).") from error
     print(f"uploaded {folder} to {url}")
 
 

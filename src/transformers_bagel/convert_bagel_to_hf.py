@@ -372,16 +372,20 @@ def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None)
     converted folder. `model_id` is the name the usage snippets load from: the Hub repo id when pushing, the folder
     name by default. Returns the card's path.
     """
+    output_dir = Path(output_dir)
+    path = output_dir / "README.md"
+    path.write_text(model_card_text(model_id or output_dir.name), encoding="utf-8")
+    return path
+
+
+def model_card_text(model_id: str) -> str:
+    """The Hub model card (from the `model_card.md` template shipped with this package) for `model_id`."""
     from importlib.resources import files
 
-    output_dir = Path(output_dir)
-    model_id = model_id or output_dir.name
     if not isinstance(model_id, str) or not model_id.strip() or any(c.isspace() for c in model_id):
         raise ValueError(f"`model_id` must be a repo id or folder name without spaces, got {model_id!r}.")
     template = files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-    path = output_dir / "README.md"
-    path.write_text(template.replace("{{ model_id }}", model_id), encoding="utf-8")
-    return path
+    return template.replace("{{ model_id }}", model_id)
 
 
 def _write_model_index(output_dir: Path):
@@ -454,5 +458,6 @@ __all__ = [
     "load_original_model",
     "build_config",
     "write_model_card",
+    "model_card_text",
     "main",
 ]
