@@ -204,3 +204,42 @@ def test_conversion_image_sizes_fit_the_position_tables(tmp_path):
     out = convert(ORIGINAL_DIR, tmp_path / "derived", max_shard_size="1MB")
     processor = BagelProcessor.from_pretrained(out / "processor")
     assert processor.image_processor.vae_max_image_size == 256
+
+
+# -- LoRA --------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_local_adapter_is_not_looked_up_on_the_hub(pipe, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from transformers_bagel.training import load_bagel_lora
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local path was sent to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in ("runs/missing", str(tmp_path / "nope"), "./adapter", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_bagel_lora(pipe, path)
+
+
+def test_adapter_matching_no_module_is_refused(converted_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from transformers_bagel import BagelForConditionalGeneration
+    from transformers_bagel.training import load_bagel_lora
+
+    model = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
+    # an adapter on modules this model names differently once saved: rename its keys so that nothing matches
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["llm2vae"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    save_file({k.replace("llm2vae", "other_head"): v for k, v in weights.items()},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"))  # fmt: skip
+    fresh = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
+    with pytest.raises(ValueError, match="changes nothing in this model"):
+        load_bagel_lora(fresh, str(tmp_path / "adapter"))

@@ -27,7 +27,11 @@ load_bagel_lora(pipe, "my-lora", merge=True)         # folds the adapter into pi
 ```
 """
 
+import os
+from pathlib import Path
+
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import load_peft_weights
 from transformers.utils import logging
 
 
@@ -97,16 +101,51 @@ def load_bagel_lora(target, adapter_path: str, adapter_name: str = "default", me
     Returns:
         The `peft.PeftModel` (unmerged) or the merged model. A pipeline's `.model` is the model object in both cases.
     """
+    if _looks_local(adapter_path) and not Path(adapter_path).expanduser().is_dir():
+        # A local-looking path is never sent to the Hub (where it would spend retries before failing the same way).
+        raise FileNotFoundError(f"LoRA adapter folder {str(adapter_path)!r} does not exist.")
     is_pipeline = not hasattr(target, "predict_velocity") and hasattr(target, "model")
     model = target.model if is_pipeline else target
     peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, **kwargs)
     peft_model.eval()
+    # peft loads an adapter whose saved weights match no module with a warning only: the model would run unchanged.
+    saved = load_peft_weights(str(adapter_path))
+    loaded = {name for name, _ in peft_model.named_parameters()}
+    matched = [key for key in saved if _with_adapter_name(key, adapter_name) in loaded]
+    if not matched:
+        raise ValueError(
+            f"The adapter in {str(adapter_path)!r} changes nothing in this model: none of its {len(saved)} weights "
+            "matches a module (an adapter of another model, or saved with other module names)."
+        )
     if not merge:
         return peft_model
     merged = peft_model.merge_and_unload()
     if is_pipeline:
         target.model = merged
     return merged
+
+
+def _with_adapter_name(saved_key: str, adapter_name: str) -> str:
+    """A saved adapter key (peft drops the adapter name: `...lora_A.weight`) as the model names the parameter
+    (`...lora_A.<adapter_name>.weight`)."""
+    module, leaf = saved_key.rsplit(".", 1)
+    return f"{module}.{adapter_name}.{leaf}"
+
+
+def _looks_local(path) -> bool:
+    """Whether `path` names a local folder rather than a Hub repo id (`owner/name`)."""
+    if isinstance(path, os.PathLike):
+        return True
+    text = str(path)
+    first = text.split("/", 1)[0]
+    return (
+        os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.count("/") != 1
+        or text.endswith("/")
+        or os.sep != "/" and os.sep in text
+        or Path(first).is_dir()
+    )
 
 
 __all__ = [
