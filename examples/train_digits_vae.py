@@ -1,7 +1,7 @@
 """
 Train the tiny FLUX-layout VAE of the digits BAGEL on scikit-learn's digits (64x64 RGB, train split only).
 
-    python examples/train_digits_vae.py --output_dir outputs/digits/vae [--max_steps 400] [--time_budget_minutes 6]
+    python examples/train_digits_vae.py --output_dir outputs/digits/vae [--vae_max_steps 400] [--time_budget_minutes 6]
 
 The autoencoder is diffusers' `AutoencoderKL` with FLUX's latent space (16 channels, 8x downsampling, no quant convs);
 after training, `shift_factor` and `scaling_factor` are set from the statistics of the training latents. Prints the

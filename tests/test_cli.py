@@ -114,7 +114,10 @@ def test_convert_writes_exactly_the_expected_files_and_a_valid_model_card(tmp_pa
     assert card.data.license == "apache-2.0"
     assert card.data.pipeline_tag == "any-to-any"
     assert card.data.library_name == "diffusers"
-    assert card.data.base_model == "ByteDance-Seed/BAGEL-7B-MoT"
+    # the tiny model is not BAGEL-7B-MoT: its card says what it is, with its own size
+    assert card.data.base_model is None and "It is not ByteDance-Seed/BAGEL-7B-MoT" in card.text
+    assert "2 decoder layers of width 64" in card.text and "7B parameters" not in card.text
+    assert "transformers>=5.24,<5.25" in card.text and "--checkpoint bagel-tiny-hf " in card.text
     assert {"bagel", "text-to-image", "image-to-image", "image-text-to-text"} <= set(card.data.tags)
     assert "{{" not in card.text and 'from_pretrained("bagel-tiny-hf"' in card.text
     assert "arXiv:2505.14683" in card.text and "@article{deng2025bagel" in card.text
@@ -220,7 +223,10 @@ def test_push_uploads_the_folder_with_a_card_for_the_repo(converted_dir, tmp_pat
     operations = {op.path_in_repo: op for op in calls[1][2]["operations"]}
     local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert sorted(operations) == local  # every file once, the card included
-    assert 'BagelPipeline.from_pretrained("me/bagel-tiny"' in operations["README.md"].path_or_fileobj.decode()
+    card = operations["README.md"].path_or_fileobj.decode()
+    assert 'BagelPipeline.from_pretrained("me/bagel-tiny"' in card
+    # the command line takes a folder: the card downloads the repo first, then passes the folder
+    assert "huggingface-cli download me/bagel-tiny --local-dir bagel-tiny" in card and "--checkpoint bagel-tiny " in card
     assert (folder / "README.md").read_text() == local_card  # the local folder is not rewritten
     assert out == "uploaded " + str(folder) + " to https://hub.example/me/bagel-tiny\n"
 
@@ -272,3 +278,12 @@ def test_bad_input_exits_2_with_a_message(argv, message, converted_dir, tmp_path
     code, _, err = _run(argv, capsys)
     assert code == 2
     assert message in err, err
+
+
+def test_model_card_of_the_7b_names_the_release():
+    from transformers_bagel import BagelConfig
+    from transformers_bagel.convert_bagel_to_hf import model_card_text
+
+    card = model_card_text("me/bagel-7b", BagelConfig())
+    assert "base_model: ByteDance-Seed/BAGEL-7B-MoT" in card and "The weights are the original ones" in card
+    assert "7.6B parameters are active per token, 14.6B in total." in card

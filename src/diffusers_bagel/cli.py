@@ -419,7 +419,9 @@ def _run_push(args):
     if args.repo_id.count("/") != 1 or any(not part for part in args.repo_id.split("/")):
         raise ValueError(f"--repo_id must look like owner/name, got {args.repo_id!r}.")
     # The card names the repo in its snippets: it is uploaded from memory, the local folder is left as it is.
-    card = model_card_text(args.repo_id).encode("utf-8")
+    from transformers_bagel import BagelConfig
+
+    card = model_card_text(args.repo_id, BagelConfig.from_pretrained(folder / "model")).encode("utf-8")
     operations = [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in sorted(folder.rglob("*"))

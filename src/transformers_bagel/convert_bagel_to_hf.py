@@ -340,7 +340,7 @@ def convert(
         vae.save_pretrained(staging / "vae")
         FlowMatchEulerScheduler().save_pretrained(staging / "scheduler")
         processor.save_pretrained(staging / "processor")
-        write_model_card(staging, model_id=output_dir.name)
+        write_model_card(staging, model_id=output_dir.name, config=config)
         _write_model_index(staging)
         _replace_folder(staging, output_dir)
     except BaseException:
@@ -366,26 +366,64 @@ def _replace_folder(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None) -> Path:
+def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None, config: BagelConfig | None = None) -> Path:
     """
     Writes the Hub model card (`README.md`, from the `model_card.md` template shipped with this package) into a
     converted folder. `model_id` is the name the usage snippets load from: the Hub repo id when pushing, the folder
-    name by default. Returns the card's path.
+    name by default; `config` (read from `model/config.json` when omitted) gives the model's size. Returns the card's
+    path.
     """
     output_dir = Path(output_dir)
+    if config is None:
+        config = BagelConfig.from_pretrained(output_dir / "model")
     path = output_dir / "README.md"
-    path.write_text(model_card_text(model_id or output_dir.name), encoding="utf-8")
+    path.write_text(model_card_text(model_id or output_dir.name, config), encoding="utf-8")
     return path
 
 
-def model_card_text(model_id: str) -> str:
-    """The Hub model card (from the `model_card.md` template shipped with this package) for `model_id`."""
+def model_card_text(model_id: str, config: BagelConfig) -> str:
+    """The Hub model card (from the `model_card.md` template shipped with this package) for `model_id`, describing
+    the model of `config`: BAGEL-7B-MoT's card for the 7B, the model's own size otherwise."""
     from importlib.resources import files
 
     if not isinstance(model_id, str) or not model_id.strip() or any(c.isspace() for c in model_id):
         raise ValueError(f"`model_id` must be a repo id or folder name without spaces, got {model_id!r}.")
+    with torch.device("meta"):
+        meta = BagelForConditionalGeneration(config)
+    total = sum(p.numel() for p in meta.parameters())
+    # Active per token, as "7B active" counts it: one expert of the decoder, the embeddings and the LM head.
+    active = sum(p.numel() for n, p in meta.model.language_model.named_parameters() if "_moe_gen" not in n)
+    active += meta.lm_head.weight.numel()
+    text = config.text_config
+    is_7b = (text.hidden_size, text.num_hidden_layers) == (3584, 28)
+
+    def billions(count):
+        return f"{count / 1e9:.1f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
+
+    if is_7b:
+        intro = (
+            "This folder is [ByteDance-Seed/BAGEL-7B-MoT](https://huggingface.co/ByteDance-Seed/BAGEL-7B-MoT) "
+            "converted by the\n`bagel-hf` project into the layout of `transformers` and `diffusers`. The weights are "
+            "the original ones, renamed\ntensor by tensor; nothing was retrained."
+        )
+        base_model = "base_model: ByteDance-Seed/BAGEL-7B-MoT\n"
+    else:
+        intro = (
+            f"This folder is a BAGEL model ({text.num_hidden_layers} decoder layers of width {text.hidden_size}) in "
+            "the layout of `transformers` and\n`diffusers`, written by the `bagel-hf` project. It is not "
+            "ByteDance-Seed/BAGEL-7B-MoT: the usage below is the same,\nthe published evaluation numbers are the "
+            "7B's, not this model's."
+        )
+        base_model = ""
+    size = f"{billions(active)} parameters are active per token, {billions(total)} in total."
+    local_dir = model_id.rsplit("/", 1)[-1] if "/" in model_id else model_id
+    download = f"huggingface-cli download {model_id} --local-dir {local_dir}\n" if "/" in model_id else ""
     template = files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-    return template.replace("{{ model_id }}", model_id)
+    values = {"model_id": model_id, "intro": intro, "base_model": base_model, "size": size, "local_dir": local_dir,
+              "download": download}  # fmt: skip
+    for key, value in values.items():
+        template = template.replace("{{ " + key + " }}", value)
+    return template
 
 
 def _write_model_index(output_dir: Path):
