@@ -243,3 +243,77 @@ def test_adapter_matching_no_module_is_refused(converted_dir, tmp_path):
     fresh = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
     with pytest.raises(ValueError, match="changes nothing in this model"):
         load_bagel_lora(fresh, str(tmp_path / "adapter"))
+
+
+# -- more inputs that used to fail deep inside -------------------------------------------------------------------------
+
+
+def test_lone_surrogates_and_numpy_sizes(pipe, no_grad):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        pipe("a cat \ud800", **CALL)
+    call = dict(CALL, height=np.int64(32), width=np.int32(32), num_inference_steps=np.int64(2))
+    assert pipe("a cat", generator=torch.manual_seed(0), **call).images.shape == (1, 16, 4, 4)
+
+
+def test_callback_latents_of_a_wrong_shape(pipe, no_grad):
+    def callback(pipeline, step, timestep, kwargs):
+        return {"latents": torch.zeros(1, 16, 3, 3)}
+
+    with pytest.raises(ValueError, match="returned `latents` of shape \\(1, 16, 3, 3\\) at step 0"):
+        pipe("a cat", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"], **CALL)
+
+
+def test_model_inputs_checked_before_the_embedding(pipe, no_grad):
+    model = pipe.model
+    vocab = model.model.language_model.embed_tokens.num_embeddings
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[401, vocab]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[-1, 401]]))
+    with pytest.raises(ValueError, match="does not fit `input_ids`"):
+        model(input_ids=torch.tensor([[401, 30, 402]]), attention_mask=torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="`labels` of shape"):
+        model(input_ids=torch.tensor([[401, 30, 402]]), labels=torch.tensor([[30, 402]]))
+
+
+def test_training_inputs_nan_timesteps_empty_prompts_and_string_dropout(pipe, converted_dir):
+    from transformers_bagel.training import BagelDataCollator, text_to_image_sample
+
+    config = pipe.model.config
+    with pytest.raises(ValueError, match="text_cond_dropout_prob must be a number"):
+        BagelDataCollator(pipe.processor, config, text_cond_dropout_prob="0.1")
+    collator = BagelDataCollator(pipe.processor, config)
+    image = _image(size=(32, 32))
+    with pytest.raises(ValueError, match="Text segment 0 is empty"):
+        collator([text_to_image_sample("  ", image)])
+    batch = collator([text_to_image_sample("a red cat", image)])
+    vae = pipe.vae
+    pixels = batch.pop("vae_pixel_values")
+    latents = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    from transformers_bagel import pack_latents
+
+    batch["latents"] = pack_latents(latents, 2).reshape(-1, 64)
+    with pytest.raises(ValueError, match="`timesteps` must hold 1 values in \\[0, 1\\]"):
+        pipe.model(**batch, timesteps=torch.tensor([float("nan")]))
+
+
+def test_truncated_image_is_named(tmp_path):
+    path = tmp_path / "cut.png"
+    _image(size=(64, 64)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.png"):
+        to_rgb_image(str(path))
+    with pytest.raises(ValueError, match="cut.png.*could not be decoded"):
+        to_rgb_image(PIL.Image.open(path))  # opened lazily: decoding fails at first use
+
+
+def test_cli_output_checked_before_loading(converted_dir, tmp_path, capsys):
+    from diffusers_bagel.cli import main
+
+    (tmp_path / "folder.png").mkdir()
+    for output, message in ((tmp_path / "folder.png", "is a folder"), (tmp_path / "file" / "x.png", "not a writable")):
+        if "file" in str(output):
+            (tmp_path / "file").write_text("a file, not a folder")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["generate", "--checkpoint", str(converted_dir / "missing"), "--prompt", "x", "--output", str(output)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

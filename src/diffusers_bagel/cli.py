@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -324,16 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _output_paths(output: Path, count: int) -> list[Path]:
+    """The PNG paths to write, checked before any work: a .png name, not a folder, in a writable place."""
     if output.suffix.lower() != ".png":
         raise ValueError(f"--output must be a .png path, got {str(output)!r}.")
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+    paths = [output] if count == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--output {str(path)!r} is a folder; give a .png file path.")
+        existing = next(parent for parent in path.resolve().parents if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ValueError(f"--output {str(path)!r} cannot be written ({str(existing)!r} is not a writable folder).")
+    return paths
 
 
 def _run_image(args, images=None):
-    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
     paths = _output_paths(args.output, args.num_images)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
     output = pipe(
         args.prompt,
         image=images,

@@ -158,6 +158,15 @@ def _one_call_at_a_time_with_step_cache(call):
     return wrapper
 
 
+def _as_int(value):
+    """A numpy / torch integer scalar as a Python int (for the argument checks); anything else unchanged."""
+    if isinstance(value, (np.integer, torch.Tensor)) and not isinstance(value, bool):
+        if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_floating_point()):
+            return value
+        return int(value)
+    return value
+
+
 def _is_image(item) -> bool:
     return isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor))
 
@@ -256,6 +265,13 @@ class BagelPipeline(DiffusionPipeline):
                 if isinstance(item, str):
                     if not item.strip() and len(items) == 1:
                         raise ValueError("A prompt is empty.")
+                    try:
+                        item.encode("utf-8")
+                    except UnicodeEncodeError as error:
+                        raise ValueError(
+                            f"`prompt` holds characters that are not valid text ({error.reason} at position "
+                            f"{error.start}: a lone surrogate {item[error.start]!r})."
+                        ) from error
                     found = self._image_structure_tokens_in(item)
                     if found:
                         raise ValueError(
@@ -873,6 +889,10 @@ class BagelPipeline(DiffusionPipeline):
                 "`enable_taylorseer=True` and a diffusers step cache (`enable_cache`) both skip decoder layers; use "
                 "one of them (`pipe.disable_cache()`)."
             )
+        # numpy / torch integers (sizes read from an array, a config) are integers too.
+        height, width, num_inference_steps, num_images_per_prompt, max_think_tokens = (
+            _as_int(value) for value in (height, width, num_inference_steps, num_images_per_prompt, max_think_tokens)
+        )
         batch = self._normalize_prompts(prompt, image)
         editing = any(not isinstance(item, str) for items in batch for item in items)
         preset = EDIT_PRESET if editing else TEXT_TO_IMAGE_PRESET
@@ -946,7 +966,15 @@ class BagelPipeline(DiffusionPipeline):
                         callback_kwargs["latents"] = unpack_latents(x, grid, self.latent_patch_size)
                     callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
                     if callback_outputs and "latents" in callback_outputs:
-                        x = pack_latents(callback_outputs["latents"], self.latent_patch_size)
+                        returned = callback_outputs["latents"]
+                        expected = tuple(unpack_latents(x, grid, self.latent_patch_size).shape)
+                        if not isinstance(returned, torch.Tensor) or tuple(returned.shape) != expected:
+                            shape = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
+                            raise ValueError(
+                                f"`callback_on_step_end` returned `latents` of shape {shape} at step {i}; "
+                                f"expected {expected}."
+                            )
+                        x = pack_latents(returned.to(x.dtype), self.latent_patch_size)
                 progress_bar.update()
         del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
 

@@ -49,7 +49,7 @@ def to_rgb_image(image) -> PIL.Image.Image:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
-        except (OSError, PIL.UnidentifiedImageError) as error:
+        except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Image file {str(path)!r} could not be decoded: {error}") from error
     elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
@@ -62,6 +62,12 @@ def to_rgb_image(image) -> PIL.Image.Image:
         raise TypeError(
             f"Images must be PIL images, numpy arrays, torch tensors or file paths, got {type(image).__name__}."
         )
+    else:
+        try:
+            image.load()  # a lazily opened image decodes here: a truncated file fails now, naming it
+        except (OSError, PIL.Image.DecompressionBombError) as error:
+            name = getattr(image, "filename", "") or "a PIL image"
+            raise ValueError(f"Image {name!r} could not be decoded: {error}") from error
 
     if image.width < 1 or image.height < 1:
         raise ValueError(f"Image has an empty size {image.size}.")

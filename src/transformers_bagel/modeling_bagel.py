@@ -908,6 +908,28 @@ class BagelModel(BagelPreTrainedModel):
             latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, 0, **kwargs,
         )  # fmt: skip
 
+    def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Refuses ids the embedding table cannot hold and masks that do not fit them, before the embedding's
+        IndexError or a broadcast error deep inside."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
+        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}.")
+        if input_ids.numel():
+            vocab = self.language_model.embed_tokens.num_embeddings
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
+        if attention_mask is not None and (
+            attention_mask.dim() != 2
+            or attention_mask.shape[0] != input_ids.shape[0]
+            or attention_mask.shape[1] < input_ids.shape[1]
+        ):
+            raise ValueError(
+                f"`attention_mask` of shape {tuple(attention_mask.shape)} does not fit `input_ids` of shape "
+                f"{tuple(input_ids.shape)} (expected (batch, cached + new tokens))."
+            )
+
     def _check_position_limit(self, max_position: int) -> None:
         limit = self.config.text_config.max_position_embeddings
         if max_position >= limit:
@@ -924,6 +946,7 @@ class BagelModel(BagelPreTrainedModel):
         """Embeds text, ViT and latent tokens, builds BAGEL's layout and mask, and runs the decoder (every forward but
         denoising)."""
         if input_ids is not None:
+            self._check_input_ids(input_ids, attention_mask)
             layout = bagel_token_layout(input_ids, self.config, attention_mask, position_offset, text_only=text_only)
             if position_ids is None:
                 position_ids = layout.position_ids
@@ -1199,6 +1222,11 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         See [`BagelModel.forward`] for the other arguments.
         """
         denoising = context is not None and not update_cache
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` of shape {tuple(labels.shape)} must be aligned with `input_ids` of shape "
+                f"{tuple(input_ids.shape)} (-100 where there is no target)."
+            )
         training_targets = noised_latent_images is not None and bool(noised_latent_images.any())
         if training_targets:
             if latents is None or latent_grid_hw is None:
@@ -1289,7 +1317,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             t = shift * t / (1 + (shift - 1) * t)
         else:
             t = torch.as_tensor(timesteps, dtype=torch.float32, device=device).reshape(-1)
-            if t.numel() != num_targets or bool(((t < 0) | (t > 1)).any()):
+            if t.numel() != num_targets or not bool(((t >= 0) & (t <= 1)).all()):  # NaN fails both comparisons
                 raise ValueError(f"`timesteps` must hold {num_targets} values in [0, 1] (one per target image).")
         per_image_t = torch.zeros(lengths.numel(), device=device)
         per_image_t[is_target] = t

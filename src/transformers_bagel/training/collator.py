@@ -79,8 +79,8 @@ class BagelDataCollator:
             ("vit_cond_dropout_prob", vit_cond_dropout_prob),
             ("vae_cond_dropout_prob", vae_cond_dropout_prob),
         ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}.")
         self.processor = processor

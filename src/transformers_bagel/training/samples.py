@@ -217,6 +217,11 @@ def validate_sample(sample: dict) -> dict:
             raise ValueError(f"Segment {index} has type {kind!r}; expected one of {SEGMENT_TYPES}{where}.")
         if kind == "text" and not isinstance(segment.get("text"), str):
             raise ValueError(f"Text segment {index} needs a 'text' string{where}.")
+        if kind == "text" and not segment["text"].strip():
+            raise ValueError(
+                f"Text segment {index} is empty{where}: an empty prompt would be trained on as a condition (leave "
+                "condition dropout to the collator's text_cond_dropout_prob instead)."
+            )
         if kind == "vit_image" and segment.get("image") is None:
             raise ValueError(f"Missing image in segment {index} (vit_image){where}.")
         if kind == "vae_image" and all(segment.get(key) is None for key in ("image", "vae_moments", "latents")):
