@@ -317,3 +317,15 @@ def test_cli_output_checked_before_loading(converted_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["generate", "--checkpoint", str(converted_dir / "missing"), "--prompt", "x", "--output", str(output)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_half_precision_vae_runs_in_float32_on_the_cpu(converted_dir, no_grad):
+    pipeline = load_pipeline(converted_dir)
+    pipeline.vae.to(torch.bfloat16)
+    pipeline("a cat", generator=torch.manual_seed(0), **dict(CALL, output_type="pt"))
+    assert pipeline.vae.dtype == torch.float32
+    kept = load_pipeline(converted_dir)
+    kept.vae.to(torch.bfloat16)
+    kept.vae_float32_on_cpu = False
+    kept("a cat", generator=torch.manual_seed(0), **dict(CALL, output_type="pt"))
+    assert kept.vae.dtype == torch.bfloat16
