@@ -596,10 +596,14 @@ class BagelPipeline(DiffusionPipeline):
         limit = self.model.config.text_config.max_position_embeddings
         tokenizer = self.processor.tokenizer
         for context in {id(c): c for c in contexts}.values():
-            positions = sum(
-                len(tokenizer.encode(value, add_special_tokens=False)) + 2 if kind == "text" else 1
-                for kind, value in context.full.segments
-            )
+            # Positions only: an image block takes one whatever its size (its tokens are not needed here).
+            sequence = BagelSequence(self.model.config)
+            for kind, value in context.full.segments:
+                if kind == "text":
+                    sequence.add_text(tokenizer.encode(value, add_special_tokens=False))
+                else:
+                    sequence.add_image(0, latent=kind == "vae")
+            positions = sequence.position
             needed = positions + (max_think_tokens + 2 if think else 0) + 1  # the thought, then the image block
             if needed > limit:
                 what = f" plus max_think_tokens={max_think_tokens}" if think else ""
