@@ -329,3 +329,21 @@ def test_half_precision_vae_runs_in_float32_on_the_cpu(converted_dir, no_grad):
     kept.vae_float32_on_cpu = False
     kept("a cat", generator=torch.manual_seed(0), **dict(CALL, output_type="pt"))
     assert kept.vae.dtype == torch.bfloat16
+
+
+def test_config_that_disagrees_with_the_weights_is_refused(converted_dir, tmp_path):
+    import json
+    import shutil
+
+    from transformers_bagel import BagelForConditionalGeneration
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted_dir / "model", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 1
+    config["text_config"].pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit its configuration: 28 unexpected keys"):
+        BagelForConditionalGeneration.from_pretrained(folder)
+    model = BagelForConditionalGeneration.from_pretrained(folder, strict=False)
+    assert model.config.text_config.num_hidden_layers == 1

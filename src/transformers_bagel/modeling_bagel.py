@@ -419,6 +419,28 @@ class BagelPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": BagelDecoderLayer, "attentions": BagelAttention}
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, output_loading_info: bool = False, **kwargs):
+        """
+        [`~PreTrainedModel.from_pretrained`], refusing weights that do not fit the configuration: missing, unexpected
+        or mismatched tensors (a `config.json` whose layer count disagrees with the checkpoint would otherwise load with
+        a log line and give a different model). `strict=False` loads anyway, as transformers does.
+        """
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {
+            kind.replace("_", " "): sorted(str(key) for key in info.get(kind) or [])
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(kind)
+        }
+        if strict and problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            listed = "; ".join(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})" for kind, keys in problems.items())
+            raise ValueError(
+                f"The weights in {str(where)!r} do not fit its configuration: {listed}. Check config.json (layer "
+                "counts, sizes) against the checkpoint, or pass strict=False to load anyway."
+            )
+        return (model, info) if output_loading_info else model
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
