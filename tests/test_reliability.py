@@ -347,3 +347,11 @@ def test_config_that_disagrees_with_the_weights_is_refused(converted_dir, tmp_pa
         BagelForConditionalGeneration.from_pretrained(folder)
     model = BagelForConditionalGeneration.from_pretrained(folder, strict=False)
     assert model.config.text_config.num_hidden_layers == 1
+
+
+def test_model_from_the_pipeline_folder_names_the_subfolder(converted_dir):
+    from transformers_bagel import BagelForConditionalGeneration
+
+    with pytest.raises(ValueError, match="subfolder='model'"):
+        BagelForConditionalGeneration.from_pretrained(converted_dir)
+    assert BagelForConditionalGeneration.from_pretrained(converted_dir, subfolder="model").config.model_type == "bagel"

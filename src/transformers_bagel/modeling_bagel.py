@@ -1,6 +1,7 @@
 """BAGEL: a Mixture-of-Transformer-Experts decoder shared by understanding (text, ViT tokens) and generation (VAE
 latent tokens), with a SigLIP NaViT encoder and flow-matching heads."""
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -426,6 +427,18 @@ class BagelPreTrainedModel(PreTrainedModel):
         or mismatched tensors (a `config.json` whose layer count disagrees with the checkpoint would otherwise load with
         a log line and give a different model). `strict=False` loads anyway, as transformers does.
         """
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if (
+            isinstance(where, (str, os.PathLike))
+            and not kwargs.get("subfolder")
+            and os.path.isfile(os.path.join(where, "model_index.json"))
+            and not os.path.isfile(os.path.join(where, "config.json"))
+        ):
+            raise ValueError(
+                f"{str(where)!r} is a converted BAGEL pipeline folder: load the model from its `model` subfolder "
+                f"({cls.__name__}.from_pretrained(path, subfolder='model')), or the whole pipeline with "
+                "BagelPipeline.from_pretrained(path)."
+            )
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {
             kind.replace("_", " "): sorted(str(key) for key in info.get(kind) or [])
@@ -433,7 +446,6 @@ class BagelPreTrainedModel(PreTrainedModel):
             if info.get(kind)
         }
         if strict and problems:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             listed = "; ".join(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})" for kind, keys in problems.items())
             raise ValueError(
                 f"The weights in {str(where)!r} do not fit its configuration: {listed}. Check config.json (layer "
