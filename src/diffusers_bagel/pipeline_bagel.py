@@ -678,32 +678,11 @@ class BagelPipeline(DiffusionPipeline):
         spans = {"cond": [], "text": [], "image": []}
         vae_cache, done = {}, {}
         for prompt in contexts:
-            if id(prompt) in done:  # num_images_per_prompt repeats one prompt's contexts: prefill them once
-                for kind, span in done[id(prompt)].items():
-                    spans[kind].append(span)
-                continue
-            full = prompt.full.segments
-            wanted = {"cond": len(full)}
-            if use_text and _is_prefix(prompt.no_text, prompt.full):
-                wanted["text"] = len(prompt.no_text.segments)
-            if use_image and _is_prefix(prompt.no_image, prompt.full):
-                wanted["image"] = len(prompt.no_image.segments)
-            span, done_at = context.new_span(), 0
-            prefilled = {0: span}
-            for cut in sorted(set(wanted.values())):
-                if cut > done_at:
-                    span = self._prefill_segments(context, span, full[done_at:cut], vae_cache, generator, sample_posterior)
-                    done_at = cut
-                prefilled[cut] = span
-            mine = {kind: prefilled[cut] for kind, cut in wanted.items()}
-            for kind, separate in (("text", prompt.no_text), ("image", prompt.no_image)):
-                needed = use_text if kind == "text" else use_image
-                if needed and kind not in mine:
-                    mine[kind] = self._prefill_segments(
-                        context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior
-                    )
-            done[id(prompt)] = mine
-            for kind, span in mine.items():
+            if id(prompt) not in done:  # num_images_per_prompt repeats one prompt's contexts: prefill them once
+                done[id(prompt)] = self._prefill_prompt(
+                    context, prompt, use_text, use_image, vae_cache, generator, sample_posterior
+                )
+            for kind, span in done[id(prompt)].items():
                 spans[kind].append(span)
         return _Guidance(
             context=context,
@@ -718,6 +697,33 @@ class BagelPipeline(DiffusionPipeline):
             cfg_renorm_type=cfg_renorm_type,
             cfg_renorm_min=cfg_renorm_min,
         )
+
+    def _prefill_prompt(
+        self, context: BagelContext, prompt: "_Contexts", use_text: bool, use_image: bool, vae_cache: dict, generator,
+        sample_posterior: bool,
+    ) -> dict[str, BagelContextSpan]:  # fmt: skip
+        """The spans of one prompt's branches: the full context prefilled once, cut where a guidance context is its
+        prefix; a guidance context that is not a prefix is prefilled as a span of its own."""
+        full = prompt.full.segments
+        cuts = {"cond": len(full)}
+        if use_text and _is_prefix(prompt.no_text, prompt.full):
+            cuts["text"] = len(prompt.no_text.segments)
+        if use_image and _is_prefix(prompt.no_image, prompt.full):
+            cuts["image"] = len(prompt.no_image.segments)
+        span, done_at = context.new_span(), 0
+        at_cut = {0: span}
+        for cut in sorted(set(cuts.values())):
+            if cut > done_at:
+                span = self._prefill_segments(context, span, full[done_at:cut], vae_cache, generator, sample_posterior)
+                done_at = cut
+            at_cut[cut] = span
+        spans = {kind: at_cut[cut] for kind, cut in cuts.items()}
+        for kind, needed, separate in (("text", use_text, prompt.no_text), ("image", use_image, prompt.no_image)):
+            if needed and kind not in spans:
+                spans[kind] = self._prefill_segments(
+                    context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior
+                )
+        return spans
 
     def guided_velocity(
         self,
