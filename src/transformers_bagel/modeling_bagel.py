@@ -951,7 +951,7 @@ class BagelModel(BagelPreTrainedModel):
             raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}.")
         if input_ids.numel():
             vocab = self.language_model.embed_tokens.num_embeddings
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(value) for value in torch.stack(torch.aminmax(input_ids)).tolist())  # one host read
             if low < 0 or high >= vocab:
                 raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
         if attention_mask is not None and (
