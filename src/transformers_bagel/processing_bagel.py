@@ -9,6 +9,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
+from .checkpoint_files import check_json_files, check_tokenizer_files, is_pipeline_root, local_folder
 from .sequence_layout import BagelSequence
 
 
@@ -76,6 +77,25 @@ class BagelProcessor(ProcessorMixin):
             latent_token_id=ids["latent_token"],
         )  # fmt: skip
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        [`~ProcessorMixin.from_pretrained`]; a local folder without tokenizer files, or with a truncated one, is
+        refused naming the folder or file (transformers would suggest installing sentencepiece, or raise a bare
+        `JSONDecodeError`).
+        """
+        if not kwargs.get("subfolder") and local_folder(pretrained_model_name_or_path) is not None:
+            if is_pipeline_root(pretrained_model_name_or_path):
+                raise ValueError(
+                    f"{str(pretrained_model_name_or_path)!r} is a converted BAGEL pipeline folder: load the processor "
+                    f"from its `processor` subfolder ({cls.__name__}.from_pretrained(path, subfolder='processor'))."
+                )
+        folder = local_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+        if folder is not None:
+            check_tokenizer_files(folder)
+            check_json_files(folder, ["processor_config.json", "preprocessor_config.json"])
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @staticmethod
     def _special_token_ids(tokenizer) -> dict[str, int]:
         ids, missing = {}, []
@@ -96,8 +116,9 @@ class BagelProcessor(ProcessorMixin):
         """
         [`~ProcessorMixin.apply_chat_template`] with BAGEL's template, after checking the messages: each has a
         `content` (a string, or a non-empty list of `{"type": "text", "text": ...}` / `{"type": "image", ...}` parts);
-        texts may not hold the tokenizer's special tokens (they would forge segment boundaries). Anything else is
-        refused naming the message and part, instead of being dropped by the template.
+        texts may not hold the tokenizer's special tokens (they would forge segment boundaries); with `tokenize=True`
+        each image part names its image. Anything else is refused naming the message and part, instead of being
+        dropped by the template.
         """
         conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
         for c, messages in enumerate(conversations):
@@ -125,8 +146,14 @@ class BagelProcessor(ProcessorMixin):
                                 f"Part {p} of the {where} contains the special tokens {found}, which delimit BAGEL's "
                                 "segments: put each text in its own part or message."
                             )
-                    elif not any(part.get(key) is not None for key in ("image", "url", "path", "base64")):
-                        raise ValueError(f"Part {p} of the {where} is an image part without `image`, `url` or `path`.")
+                    elif kwargs.get("tokenize") and not any(
+                        part.get(key) is not None for key in ("image", "url", "path", "base64")
+                    ):
+                        # Rendering text only, a bare {"type": "image"} is a slot for an image given to the processor.
+                        raise ValueError(
+                            f"Part {p} of the {where} is an image part without `image`, `url` or `path` (needed with "
+                            "tokenize=True, which loads the images from the messages)."
+                        )
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def special_tokens_in(self, text: str) -> list[str]:
