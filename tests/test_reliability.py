@@ -138,6 +138,14 @@ def test_chat_messages_that_would_be_dropped_or_forged_are_refused(pipe, message
         pipe.processor.apply_chat_template(messages, tokenize=True, return_dict=True)
 
 
+def test_bare_image_parts_render_a_slot_for_the_processor_images(pipe):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    text = pipe.processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == "<|vision_start|><|image_pad|><|vision_end|><|im_start|>what is it?<|im_end|><|im_start|>"
+    inputs = pipe.processor(text=[text], images=[_image(1)], return_tensors="pt")
+    assert inputs["image_grid_hw"].shape[0] == 1
+
+
 def test_per_prompt_image_lists_must_match_their_prompt(pipe):
     processor = pipe.processor
     slot = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -165,6 +173,7 @@ def test_out_of_vocabulary_words_warn(pipe, monkeypatch):
 
 def test_conversion_is_atomic_and_never_mixes_old_and_new(tmp_path, monkeypatch):
     from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
+    from diffusers_bagel import pipeline_folder
     from transformers_bagel import convert_bagel_to_hf
 
     out = tmp_path / "converted"
@@ -177,7 +186,7 @@ def test_conversion_is_atomic_and_never_mixes_old_and_new(tmp_path, monkeypatch)
     def killed(folder):
         raise KeyboardInterrupt  # the process dies while writing
 
-    monkeypatch.setattr(convert_bagel_to_hf, "_write_model_index", killed)
+    monkeypatch.setattr(pipeline_folder, "write_pipeline_folder_files", killed)
     with pytest.raises(KeyboardInterrupt):
         convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, overwrite=True)
     assert (out / "model" / "stale-shard.safetensors").exists()  # the old folder is untouched
@@ -355,3 +364,105 @@ def test_model_from_the_pipeline_folder_names_the_subfolder(converted_dir):
     with pytest.raises(ValueError, match="subfolder='model'"):
         BagelForConditionalGeneration.from_pretrained(converted_dir)
     assert BagelForConditionalGeneration.from_pretrained(converted_dir, subfolder="model").config.model_type == "bagel"
+
+
+# -- broken files and non-finite numbers ---------------------------------------------------------------------------
+
+
+def _copy(converted_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(converted_dir, folder)
+    return folder
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_shard_is_named_before_loading(converted_dir, tmp_path, keep):
+    from diffusers_bagel import BagelPipeline
+
+    folder = _copy(converted_dir, tmp_path)
+    shard = sorted((folder / "model").glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: max(int(len(data) * keep), 4)])
+    with pytest.raises(OSError, match=f"{shard.name}' is not a complete safetensors file"):
+        BagelPipeline.from_pretrained(folder)
+
+
+def test_missing_or_truncated_tokenizer_is_named(converted_dir, tmp_path):
+    from transformers_bagel import BagelProcessor
+
+    folder = _copy(converted_dir, tmp_path)
+    tokenizer = folder / "processor" / "tokenizer.json"
+    data = tokenizer.read_bytes()
+    tokenizer.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="tokenizer.json' is not a valid JSON file"):
+        BagelProcessor.from_pretrained(folder / "processor")
+    tokenizer.unlink()
+    with pytest.raises(OSError, match="holds no tokenizer"):  # not transformers' "install sentencepiece"
+        BagelProcessor.from_pretrained(folder, subfolder="processor")
+
+
+def test_non_finite_weights_are_named_instead_of_a_black_image_or_token_zero(converted_dir, no_grad):
+    pipeline = load_pipeline(converted_dir)
+    prompt = pipeline.processor(text=["<|im_start|>what is it?<|im_end|><|im_start|>"], return_tensors="pt")
+    assert pipeline.model.generate(**prompt, max_new_tokens=2, do_sample=False).shape[1] == prompt["input_ids"].shape[1] + 2
+    pipeline.model.model.language_model.layers[0].mlp.up_proj.weight[3, 3] = float("nan")
+    blamed = "model.language_model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(RuntimeError, match=f"denoised latents hold NaN.*{blamed}"):
+        pipeline("a cat", **CALL)
+    for sample in (False, True):
+        with pytest.raises(RuntimeError, match=f"logits hold NaN.*{blamed}"):
+            pipeline.model.generate(**prompt, max_new_tokens=2, do_sample=sample)
+
+    vae_broken = load_pipeline(converted_dir)
+    vae_broken.vae.decoder.conv_out.bias[0] = float("inf")
+    with pytest.raises(RuntimeError, match="VAE's decoded images hold NaN.*decoder.conv_out.bias"):
+        vae_broken("a cat", **dict(CALL, output_type="pil"))
+
+
+def test_non_finite_latents_from_finite_weights_blame_the_inputs(pipe, no_grad):
+    def poison(pipeline, step, timestep, kwargs):
+        return {"latents": torch.full_like(kwargs["latents"], float("nan"))}
+
+    with pytest.raises(RuntimeError, match="weights are finite, so an input holds NaN"):
+        pipe("a cat", callback_on_step_end=poison, callback_on_step_end_tensor_inputs=["latents"], **CALL)
+
+
+def test_converter_refuses_non_finite_weights(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import ORIGINAL_DIR
+    from transformers_bagel.convert_bagel_to_hf import convert
+
+    source = tmp_path / "original"
+    shutil.copytree(ORIGINAL_DIR, source)
+    tensors = load_file(source / "ema.safetensors")
+    name = sorted(tensors)[7]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, source / "ema.safetensors")
+    with pytest.raises(ValueError, match="1 tensors of .*ema.safetensors hold NaN or inf"):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_grid_and_patches_are_checked_against_each_other(pipe, no_grad):
+    text = "<|vision_start|><|image_pad|><|vision_end|><|im_start|>what?<|im_end|>"
+    inputs = pipe.processor(text=[text], images=[_image(0)], return_tensors="pt")
+    rows, cols = inputs["image_grid_hw"][0].tolist()
+    pipe.model(**inputs)
+    for grid, message in [
+        (torch.tensor([[rows, cols + 1]]), "has .* patches but image_grid_hw describes"),
+        (torch.tensor([[-rows, -cols]]), "below 1x1"),
+        (torch.tensor([[0, cols]]), "below 1x1"),
+        (torch.tensor([[float(rows), float(cols)]]), "integer tensor of shape \\(num_images, 2\\)"),
+        (torch.tensor([rows, cols]), "integer tensor of shape \\(num_images, 2\\)"),
+        ([[rows, cols]], "integer tensor .* got a list"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe.model(**dict(inputs, image_grid_hw=grid))
+    with pytest.raises(ValueError, match="pixel_values must be packed patches of shape"):
+        pipe.model(**dict(inputs, pixel_values=inputs["pixel_values"][:, :10]))

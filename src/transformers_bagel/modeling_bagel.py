@@ -11,7 +11,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationMixin, LogitsProcessorList
 from transformers.masking_utils import and_masks, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
@@ -28,8 +28,10 @@ from transformers.utils.generic import is_flash_attention_requested
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
+from .checkpoint_files import check_weight_files, is_pipeline_root, local_folder
 from .configuration_bagel import BagelConfig, BagelTextConfig
 from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache, BranchKeys
+from .numerics import FiniteLogitsCheck
 from .modeling_bagel_vision import BagelVisionEmbeddings, BagelVisionModel, flattened_grid_position_ids
 
 
@@ -425,20 +427,19 @@ class BagelPreTrainedModel(PreTrainedModel):
         """
         [`~PreTrainedModel.from_pretrained`], refusing weights that do not fit the configuration: missing, unexpected
         or mismatched tensors (a `config.json` whose layer count disagrees with the checkpoint would otherwise load with
-        a log line and give a different model). `strict=False` loads anyway, as transformers does.
+        a log line and give a different model). `strict=False` loads anyway, as transformers does. A truncated shard
+        of a local folder is named before anything is read.
         """
         where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if (
-            isinstance(where, (str, os.PathLike))
-            and not kwargs.get("subfolder")
-            and os.path.isfile(os.path.join(where, "model_index.json"))
-            and not os.path.isfile(os.path.join(where, "config.json"))
-        ):
+        if isinstance(where, (str, os.PathLike)) and not kwargs.get("subfolder") and is_pipeline_root(where):
             raise ValueError(
                 f"{str(where)!r} is a converted BAGEL pipeline folder: load the model from its `model` subfolder "
                 f"({cls.__name__}.from_pretrained(path, subfolder='model')), or the whole pipeline with "
                 "BagelPipeline.from_pretrained(path)."
             )
+        folder = local_folder(where, kwargs.get("subfolder"))
+        if folder is not None:
+            check_weight_files(folder)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {
             kind.replace("_", " "): sorted(str(key) for key in info.get(kind) or [])
@@ -1388,7 +1389,8 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         [`~GenerationMixin.generate`], stopping cleanly at the model's position table: a `max_new_tokens` (or
         `max_length`) that would run past `text_config.max_position_embeddings` is lowered to what fits, with a
         warning, instead of failing after the tokens that fit were generated; a prompt that fills the table already is
-        refused before any work.
+        refused before any work. NaN or +inf logits at the first new token (non-finite weights or inputs) raise a
+        `RuntimeError` naming the parameters to blame, instead of decoding token 0 for ever.
         """
         input_ids = kwargs.get("input_ids", inputs)
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype in (torch.long, torch.int):
@@ -1412,7 +1414,9 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
                 )
                 kwargs["max_new_tokens"] = room
                 kwargs.pop("max_length", None)
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(FiniteLogitsCheck(self))
+        return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         input_ids = model_kwargs.get("input_ids", inputs_tensor)

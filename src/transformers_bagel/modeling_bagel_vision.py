@@ -13,6 +13,27 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def patch_grids(image_grid_hw) -> list[tuple[int, int]]:
+    """The (rows, columns) of each image of `image_grid_hw`, refusing anything but an integer `(num_images, 2)`
+    tensor of grids of at least 1x1 (read from the device once)."""
+    if (
+        not isinstance(image_grid_hw, torch.Tensor)
+        or image_grid_hw.dim() != 2
+        or image_grid_hw.shape[-1] != 2
+        or image_grid_hw.is_floating_point()
+    ):
+        described = (
+            f"{image_grid_hw.dtype} tensor of shape {tuple(image_grid_hw.shape)}"
+            if isinstance(image_grid_hw, torch.Tensor)
+            else type(image_grid_hw).__name__
+        )
+        raise ValueError(f"image_grid_hw must be an integer tensor of shape (num_images, 2), got a {described}.")
+    grids = [(int(rows), int(cols)) for rows, cols in image_grid_hw.tolist()]
+    if any(rows < 1 or cols < 1 for rows, cols in grids):
+        raise ValueError(f"image_grid_hw holds a patch grid below 1x1: {[list(grid) for grid in grids]}.")
+    return grids
+
+
 def flattened_grid_position_ids(
     grid_hw: torch.Tensor, max_side: int, interpolate: bool = False, device=None
 ) -> torch.Tensor:
@@ -30,7 +51,7 @@ def flattened_grid_position_ids(
     """
     device = device if device is not None else grid_hw.device
     ids = []
-    for rows, cols in grid_hw.tolist():
+    for rows, cols in patch_grids(grid_hw):
         if rows > max_side or cols > max_side:
             raise ValueError(
                 f"An image of {rows}x{cols} patches does not fit the {max_side}x{max_side} position table; "
@@ -133,7 +154,13 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
 
         Returns a [`BaseModelOutput`] whose `last_hidden_state` is packed like the input: `(total_patches, hidden)`.
         """
-        lengths = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
+        patch_dim = self.config.num_channels * self.config.patch_size**2
+        if pixel_values.dim() != 2 or pixel_values.shape[-1] != patch_dim:
+            raise ValueError(
+                f"pixel_values must be packed patches of shape (total_patches, {patch_dim}) (num_channels x "
+                f"patch_size**2), as BagelImageProcessor returns them; got {tuple(pixel_values.shape)}."
+            )
+        lengths = [rows * cols for rows, cols in patch_grids(image_grid_hw)]
         if sum(lengths) != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values has {pixel_values.shape[0]} patches but image_grid_hw describes {sum(lengths)}."
@@ -160,4 +187,4 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_states[valid])
 
 
-__all__ = ["BagelVisionModel", "BagelVisionPreTrainedModel", "flattened_grid_position_ids"]
+__all__ = ["BagelVisionModel", "BagelVisionPreTrainedModel", "flattened_grid_position_ids", "patch_grids"]
