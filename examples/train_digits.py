@@ -29,8 +29,9 @@ from train_digits_vae import add_vae_arguments, positive_float, positive_int, re
 from transformers import GenerationConfig, TrainerCallback
 
 from diffusers_bagel import BagelPipeline
+from diffusers_bagel.pipeline_folder import write_pipeline_folder_files
 from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
-from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS, _write_model_index
+from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS
 from transformers_bagel.digits import (
     TASK_KINDS,
     DigitsTaskDataset,
@@ -80,7 +81,7 @@ def save_checkpoint(path: Path, model, vae, processor, dtype: torch.dtype) -> Pa
     vae.save_pretrained(path / "vae")
     FlowMatchEulerScheduler().save_pretrained(path / "scheduler")
     processor.save_pretrained(path / "processor")
-    _write_model_index(path)
+    write_pipeline_folder_files(path)
     return path
 
 

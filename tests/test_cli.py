@@ -97,6 +97,9 @@ def test_convert_writes_exactly_the_expected_files_and_a_valid_model_card(tmp_pa
     assert files == {
         "README.md",
         "model_index.json",
+        "pipeline_bagel.py",  # diffusers' custom-pipeline route
+        "config.json",  # these two only point transformers' Auto classes at the subfolders
+        "processor_config.json",
         "model/config.json",
         "model/generation_config.json",
         "model/model.safetensors.index.json",

@@ -308,7 +308,7 @@ def test_converted_folder_layout(converted_dir):
     import json
 
     index = json.loads((converted_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "BagelPipeline"
+    assert index["_class_name"] == ["pipeline_bagel", "BagelPipeline"]  # diffusers' custom-pipeline form
     assert index["model"] == ["transformers_bagel.modeling_bagel", "BagelForConditionalGeneration"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert (converted_dir / "scheduler" / "scheduler_config.json").is_file()

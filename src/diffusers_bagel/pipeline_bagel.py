@@ -26,9 +26,11 @@ from transformers_bagel.modeling_bagel import (
     pack_latents,
     unpack_latents,
 )
+from transformers_bagel.numerics import non_finite_message
 from transformers_bagel.processing_bagel import BagelProcessor
 from transformers_bagel.sequence_layout import BagelSequence
 
+from .pipeline_folder import pipeline_index_class_name
 from .pipeline_output import BagelPipelineOutput
 from .scheduling_flow_match_euler import FlowMatchEulerScheduler
 from .taylorseer import TaylorSeerState, TaylorSeerStepCache
@@ -199,6 +201,15 @@ class BagelPipeline(DiffusionPipeline):
         self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
 
     # -- properties -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """[`~ConfigMixin.load_config`]; a converted folder's custom-pipeline class name (`["pipeline_bagel",
+        "BagelPipeline"]`, for `DiffusionPipeline.from_pretrained`) is read as this class, so that loading through
+        `BagelPipeline` runs no code from the folder and needs no `trust_remote_code`."""
+        loaded = super().load_config(*args, **kwargs)
+        pipeline_index_class_name(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     @property
     def latent_patch_size(self) -> int:
@@ -626,11 +637,17 @@ class BagelPipeline(DiffusionPipeline):
         return pack_latents(latents, self.latent_patch_size)
 
     def _decode(self, tokens: torch.Tensor, grid: tuple[int, int], output_type: str):
+        # One check each after the loop and after the VAE (a synchronisation each): NaN would otherwise come out as a
+        # black image.
+        if not bool(torch.isfinite(tokens).all()):
+            raise RuntimeError(non_finite_message("The denoised latents hold", self.model, "model"))
         latents = unpack_latents(tokens, grid, self.latent_patch_size)
         if output_type == "latent":
             return latents
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         decoded = self.vae.decode(latents.to(self.vae.dtype)).sample
+        if not bool(torch.isfinite(decoded).all()):
+            raise RuntimeError(non_finite_message("The VAE's decoded images hold", self.vae, "VAE"))
         images = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images

@@ -9,6 +9,9 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+PIPELINE_FOLDER_KEY = "bagel_pipeline_folder"
+"""Key of the root `config.json` of a converted pipeline folder (its components' subfolders), see `from_dict`."""
+
 
 @strict
 class BagelTextConfig(Qwen2Config):
@@ -149,6 +152,18 @@ class BagelConfig(PreTrainedConfig):
         """Largest generated image side in pixels."""
         return self.max_latent_size * self.latent_downsample
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """[`~PreTrainedConfig.from_dict`], refusing the root `config.json` of a converted pipeline folder (which
+        only marks the folder: the model's configuration is in its `model` subfolder)."""
+        if PIPELINE_FOLDER_KEY in config_dict:
+            raise ValueError(
+                "This is the root of a converted BAGEL pipeline folder: load the model with "
+                "`from_pretrained(path, subfolder='model')`, the processor with `subfolder='processor'`, or the whole "
+                "pipeline with `diffusers_bagel.BagelPipeline.from_pretrained(path)`."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     def _check_values(self):
         def refuse(field, value, why):
             raise ValueError(f"BagelConfig.{field}={value!r} is invalid: {why}")
@@ -197,4 +212,4 @@ class BagelConfig(PreTrainedConfig):
             seen[value] = field
 
 
-__all__ = ["BagelConfig", "BagelTextConfig"]
+__all__ = ["BagelConfig", "BagelTextConfig", "PIPELINE_FOLDER_KEY"]

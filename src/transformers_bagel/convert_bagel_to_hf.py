@@ -2,7 +2,7 @@
 Convert a BAGEL checkpoint in the original release layout (`ByteDance-Seed/BAGEL-7B-MoT`: `ema.safetensors`,
 `ae.safetensors`, `llm_config.json`, `vit_config.json`, tokenizer files) into one folder in diffusers layout:
 
-    OUT/model_index.json
+    OUT/model_index.json, OUT/pipeline_bagel.py, OUT/config.json   (see diffusers_bagel.pipeline_folder)
     OUT/model/       BagelForConditionalGeneration (sharded safetensors)
     OUT/vae/         diffusers AutoencoderKL (FLUX autoencoder)
     OUT/scheduler/   FlowMatchEulerScheduler
@@ -194,7 +194,7 @@ def build_config(input_dir: Path, tokenizer) -> tuple[BagelConfig, dict]:
 def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """
     Builds [`BagelForConditionalGeneration`] from an original release folder, refusing a checkpoint whose tensors do
-    not match the model exactly (missing or unexpected keys, wrong shapes). Returns `(model, tokenizer, vae_params)`.
+    not match the model exactly (missing or unexpected keys, wrong shapes, NaN / inf values). Returns `(model, tokenizer, vae_params)`.
     """
     input_dir = Path(input_dir)
     for name in ("llm_config.json", "vit_config.json", "ema.safetensors"):  # before the tokenizer's own, vaguer error
@@ -226,6 +226,13 @@ def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch
     if wrong_shapes:
         raise ValueError("Tensor shapes do not match the configs: " + "; ".join(wrong_shapes[:20]))
     state_dict = {key: value.to(dtype) for key, value in state_dict.items()}
+    non_finite = [key for key, value in state_dict.items() if not bool(torch.isfinite(value).all())]
+    if non_finite:
+        cause = "" if dtype in (torch.float32, torch.bfloat16) else f" (or values beyond {dtype}'s range)"
+        raise ValueError(
+            f"{len(non_finite)} tensors of {input_dir / 'ema.safetensors'} hold NaN or inf{cause}: "
+            f"{', '.join(non_finite[:5])}{' ...' if len(non_finite) > 5 else ''}. The checkpoint is corrupt."
+        )
     model.load_state_dict(state_dict, strict=True, assign=True)
     # Non-persistent buffers (RoPE inverse frequencies) are not in the checkpoint: rebuild them off the meta device.
     for module in model.modules():
@@ -305,6 +312,7 @@ def convert(
     as a whole: no stale shard or component survives). A non-empty `output_dir` is refused unless `overwrite=True`;
     the input folder is never written. Image sizes not given are the 7B's, lowered to what the model's tables hold.
     """
+    from diffusers_bagel import pipeline_folder
     from diffusers_bagel.convert_flux_vae import load_flux_vae
     from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
 
@@ -341,7 +349,7 @@ def convert(
         FlowMatchEulerScheduler().save_pretrained(staging / "scheduler")
         processor.save_pretrained(staging / "processor")
         write_model_card(staging, model_id=output_dir.name, config=config)
-        _write_model_index(staging)
+        pipeline_folder.write_pipeline_folder_files(staging)  # model_index.json, pipeline_bagel.py, config.json
         _replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -424,23 +432,6 @@ def model_card_text(model_id: str, config: BagelConfig) -> str:
     for key, value in values.items():
         template = template.replace("{{ " + key + " }}", value)
     return template
-
-
-def _write_model_index(output_dir: Path):
-    """diffusers' `model_index.json`, naming each component's library module and class."""
-    import diffusers
-
-    index = {
-        "_class_name": "BagelPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "model": ["transformers_bagel.modeling_bagel", "BagelForConditionalGeneration"],
-        "processor": ["transformers_bagel.processing_bagel", "BagelProcessor"],
-        "scheduler": ["diffusers_bagel.scheduling_flow_match_euler", "FlowMatchEulerScheduler"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    with open(output_dir / "model_index.json", "w", encoding="utf-8") as handle:
-        json.dump(index, handle, indent=2, sort_keys=True)
-        handle.write("\n")
 
 
 def _parse_dtype(name: str) -> torch.dtype:
