@@ -2,14 +2,17 @@
 Gradio app for BAGEL with the original demo's three tabs: text to image, image editing and image understanding, each
 with a thinking toggle and every sampling parameter.
 
-    python examples/app.py [--checkpoint CONVERTED_DIR] [--host 127.0.0.1] [--port 7860]
+    python examples/app.py [--checkpoint CONVERTED_DIR | random-tiny] [--host 127.0.0.1] [--port 7860]
 
-Without --checkpoint the tiny random-weight test model is converted once into outputs/tiny-bagel and served (its
-pictures are noise and its answers gibberish; every control works). Needs `pip install -e ".[app]"` (gradio).
+Without --checkpoint it serves the shipped digits BAGEL (checkpoints/tiny-bagel-digits), with digit example prompts;
+`--checkpoint random-tiny` serves the random-weight test model (its pictures are noise, its answers gibberish; every
+control works). The page says which model is loaded. Needs `pip install -e ".[app]"` (gradio).
 """
 
 import argparse
+import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -26,7 +29,9 @@ from diffusers_bagel.cli import answer, build_messages, load_pipeline  # noqa: E
 from diffusers_bagel.pipeline_bagel import EDIT_PRESET, RENORM_TYPES, TEXT_TO_IMAGE_PRESET  # noqa: E402
 
 
-__all__ = ["build_demo", "main"]
+__all__ = ["build_demo", "describe_model", "main", "pick_examples", "public_error"]
+
+logger = logging.getLogger("bagel.app")
 
 # System fonts only: the default theme would ask the browser to fetch web fonts.
 THEME = gr.themes.Default(
@@ -40,11 +45,51 @@ def _generator(seed: float):
     return torch.Generator().manual_seed(seed) if seed > 0 else None
 
 
+# Example inputs of each tab: the first set whose words the loaded tokenizer knows (the digits BAGEL's word-level
+# tokenizer knows only its own few words; a BPE tokenizer knows everything, so the general set is shown).
+EXAMPLES = (
+    {"t2i": "A red cat sitting on a wooden table.", "edit": "Make it a snowy winter night.",
+     "understand": "What is in this image?"},
+    {"t2i": "a handwritten digit seven", "edit": "change the digit to three", "understand": "Which digit is this?"},
+)  # fmt: skip
+
+
+def pick_examples(processor) -> dict:
+    """The first set of `EXAMPLES` with no word outside `processor`'s tokenizer vocabulary."""
+    tokenizer = processor.tokenizer
+    for examples in EXAMPLES:
+        ids = [i for text in examples.values() for i in tokenizer.encode(text, add_special_tokens=False)]
+        if tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids:
+            return examples
+    return EXAMPLES[0]
+
+
+def describe_model(pipe, name: str) -> str:
+    """One line naming the loaded model: its folder name, size, largest image and device."""
+    config = pipe.model.config
+    parameters = sum(p.numel() for p in pipe.model.parameters())
+    size = f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+    return (
+        f"Model: **{name}** ({size} parameters, {config.text_config.num_hidden_layers} decoder layers, images up to "
+        f"{config.max_image_size} px, {pipe.model.dtype} on {pipe.model.device.type})"
+    )
+
+
+def public_error(error: Exception) -> gr.Error:
+    """The page's error for `error`: the message of a refused input (without server paths); anything else is logged
+    on the server and shown as a generic failure."""
+    if isinstance(error, (ValueError, TypeError)):
+        message = re.sub(r"(?<![\w.:/])/(?:[^/\s'\"]+/)+([^/\s'\"]*)", r"\1", str(error))
+        return gr.Error(message)
+    logger.error("generation failed", exc_info=error)
+    return gr.Error(f"The model failed ({type(error).__name__}); the server log has the details.")
+
+
 def _run_pipeline(pipe, **kwargs):
     try:
         output = pipe(**kwargs)
-    except (ValueError, TypeError) as error:
-        raise gr.Error(str(error)) from error
+    except Exception as error:
+        raise public_error(error) from error
     thinking = output.text[0] if output.text else ""
     return output.images[0], thinking
 
@@ -106,8 +151,9 @@ def _sampling_controls(pipe, preset: dict, num_inference_steps: int, prefix: str
     return controls
 
 
-def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
-    """The three-tab Blocks app around a loaded [`BagelPipeline`]."""
+def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -> gr.Blocks:
+    """The three-tab Blocks app around a loaded [`BagelPipeline`] (`model_name` is shown on the page)."""
+    examples = pick_examples(pipe.processor)
 
     def text_to_image(prompt, think, *values):
         params = dict(zip(t2i_names, values))
@@ -136,7 +182,7 @@ def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
         try:
             messages = build_messages(question, [image], think=think)
         except ValueError as error:
-            raise gr.Error(str(error)) from error
+            raise public_error(error) from error
         streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure = []
 
@@ -155,16 +201,17 @@ def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
             yield text
         thread.join()
         if failure:
-            raise gr.Error(str(failure[0]))
+            raise public_error(failure[0])
         yield text
 
     with gr.Blocks(title="BAGEL") as demo:
         gr.Markdown(
             "# BAGEL\nText to image, image editing and image understanding with one model "
-            "([paper](https://arxiv.org/abs/2505.14683))."
+            "([paper](https://arxiv.org/abs/2505.14683)).\n\n" + describe_model(pipe, model_name),
+            elem_id="model-line",
         )
         with gr.Tab("Text to Image", id="t2i"):
-            t2i_prompt = gr.Textbox(label="Prompt", value="A red cat sitting on a wooden table.", elem_id="t2i-prompt")
+            t2i_prompt = gr.Textbox(label="Prompt", value=examples["t2i"], elem_id="t2i-prompt")
             t2i_think = gr.Checkbox(label="Thinking", value=False, elem_id="t2i-think")
             t2i = _sampling_controls(pipe, TEXT_TO_IMAGE_PRESET, num_inference_steps, "t2i")
             t2i_thinking = gr.Textbox(label="Thinking process", visible=False, elem_id="t2i-thinking")
@@ -176,7 +223,7 @@ def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     edit_input = gr.Image(label="Input image", type="pil", elem_id="edit-input")
-                    edit_prompt = gr.Textbox(label="Prompt", value="Make it a snowy winter night.", elem_id="edit-prompt")
+                    edit_prompt = gr.Textbox(label="Prompt", value=examples["edit"], elem_id="edit-prompt")
                 with gr.Column():
                     edit_image = gr.Image(
                         label="Result", type="pil", format="png", interactive=False, elem_id="edit-image"
@@ -189,7 +236,7 @@ def build_demo(pipe, num_inference_steps: int = 50) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     und_input = gr.Image(label="Input image", type="pil", elem_id="und-input")
-                    und_question = gr.Textbox(label="Prompt", value="What is in this image?", elem_id="und-question")
+                    und_question = gr.Textbox(label="Prompt", value=examples["understand"], elem_id="und-question")
                 with gr.Column():
                     und_answer = gr.Textbox(label="Result", lines=12, elem_id="und-answer")
             und_think = gr.Checkbox(label="Thinking", value=False, elem_id="und-think")
@@ -243,9 +290,10 @@ def main():
     checkpoint = resolve_checkpoint(args.checkpoint, parser)
     pipe = load_pipeline(checkpoint, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
-    demo = build_demo(pipe, args.num_inference_steps)
+    demo = build_demo(pipe, args.num_inference_steps, model_name=checkpoint.name)
     print(f"serving {checkpoint} on http://{args.host}:{args.port}", flush=True)
-    demo.queue().launch(server_name=args.host, server_port=args.port, theme=THEME, ssr_mode=False, show_error=True)
+    # show_error=False: refused inputs reach the page as gr.Error; other exceptions (tracebacks, server paths) do not.
+    demo.queue().launch(server_name=args.host, server_port=args.port, theme=THEME, ssr_mode=False, show_error=False)
 
 
 if __name__ == "__main__":
