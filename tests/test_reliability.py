@@ -466,3 +466,54 @@ def test_image_grid_and_patches_are_checked_against_each_other(pipe, no_grad):
             pipe.model(**dict(inputs, image_grid_hw=grid))
     with pytest.raises(ValueError, match="pixel_values must be packed patches of shape"):
         pipe.model(**dict(inputs, pixel_values=inputs["pixel_values"][:, :10]))
+
+
+def test_image_urls_go_through_transformers_loader_and_failures_name_the_url(pipe, monkeypatch, no_grad):
+    from transformers_bagel import image_processing_bagel
+
+    fetched = []
+
+    def fake_load_image(url):  # no network in tests: transformers' loader is replaced
+        fetched.append(url)
+        if "missing" in url:
+            raise OSError("404 Not Found")
+        return _image(4)
+
+    monkeypatch.setattr(image_processing_bagel, "load_image", fake_load_image)
+    assert to_rgb_image("https://example.org/cat.png").size == _image(4).size
+    with pytest.raises(ValueError, match="Image URL 'https://example.org/missing.png' could not be loaded: 404"):
+        pipe("make it red", image="https://example.org/missing.png", **CALL)
+    assert fetched == ["https://example.org/cat.png", "https://example.org/missing.png"]
+
+
+def test_non_callable_step_callback_is_refused_before_work(pipe, no_work):
+    with pytest.raises(TypeError, match="`callback_on_step_end` must be a callable"):
+        pipe("a cat", callback_on_step_end=5, **CALL)
+
+
+def test_processor_padding_and_truncation_arguments_are_honoured_or_refused(pipe):
+    processor = pipe.processor
+    texts = ["<|im_start|>hi<|im_end|>", "<|im_start|>hello there friend<|im_end|>"]
+    longest = processor(text=texts)["input_ids"].shape[1]
+    padded = processor(text=texts, padding="max_length", max_length=longest + 5)
+    assert padded["input_ids"].shape == (2, longest + 5) and padded["attention_mask"].sum(1).tolist()[1] == longest
+    assert processor(text=texts, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    rows = processor(text=texts, padding=False, return_tensors=None)["input_ids"]
+    assert [len(r) for r in rows] == [len(processor.tokenizer.encode(t)) for t in texts]
+    assert "attention_mask" not in processor(text=texts, return_attention_mask=False)
+    with pytest.raises(ValueError, match="cannot be returned as one tensor"):
+        processor(text=texts, padding=False)
+    with pytest.raises(ValueError, match="more than max_length=3; BAGEL's prompts are not truncated"):
+        processor(text=texts, truncation=True, max_length=3)
+    assert processor(text=texts, truncation=True, max_length=longest)["input_ids"].shape[1] == longest
+    with pytest.raises(ValueError, match="padding='max_length' needs `max_length`"):
+        processor(text=texts, padding="max_length")
+    with pytest.raises(ValueError, match="`padding` must be"):
+        processor(text=texts, padding="middle")
+
+
+def test_empty_ids_and_misshapen_embeddings_are_refused(pipe, no_grad):
+    with pytest.raises(ValueError, match="holds no tokens"):
+        pipe.model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"`inputs_embeds` must be \(batch, sequence, 64\)"):
+        pipe.model(inputs_embeds=torch.zeros(1, 3, 7))

@@ -338,7 +338,13 @@ class BagelPipeline(DiffusionPipeline):
         max_think_tokens=1000,
         think_do_sample=False,
         think_temperature=0.3,
+        callback_on_step_end=None,
     ):
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                "`callback_on_step_end` must be a callable `(pipe, step, timestep, callback_kwargs) -> dict`, got "
+                f"{type(callback_on_step_end).__name__}."
+            )
         stride = self.latent_downsample
         limit = self.model.config.max_image_size
         for name, value in (("height", height), ("width", width)):
@@ -944,7 +950,7 @@ class BagelPipeline(DiffusionPipeline):
         self.check_inputs(
             height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
-            think, max_think_tokens, think_do_sample, think_temperature,
+            think, max_think_tokens, think_do_sample, think_temperature, callback_on_step_end,
         )  # fmt: skip
         device = self._execution_device
 
@@ -963,7 +969,7 @@ class BagelPipeline(DiffusionPipeline):
         self.check_inputs(
             height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
-            think, max_think_tokens, think_do_sample, think_temperature,
+            think, max_think_tokens, think_do_sample, think_temperature, callback_on_step_end,
         )  # fmt: skip
         contexts = [ctx for ctx in contexts for _ in range(num_images_per_prompt)]
         batch_size = len(contexts)

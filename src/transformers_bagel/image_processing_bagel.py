@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import load_image
 from transformers.utils import logging
 
 
@@ -35,13 +36,18 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def to_rgb_image(image) -> PIL.Image.Image:
     """
     Turns one image into an RGB PIL image the way the original BAGEL data code does: transparent images are composed
-    onto white, every other mode is converted to RGB. Also accepts a path, an `np.ndarray` (`(H, W)`, `(H, W, C)` with
+    onto white, every other mode is converted to RGB. Also accepts a path, an http(s) URL, an `np.ndarray` (`(H, W)`, `(H, W, C)` with
     C in 1, 3, 4; uint8, or float in [0, 1]) or a `torch.Tensor` (`(C, H, W)` or `(H, W)`; uint8, or float in [0, 1]).
 
     Raises:
         `TypeError` for anything else; `ValueError` for arrays of an unusable shape or an unreadable file.
     """
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        try:
+            image = load_image(image)  # transformers' loader: fetched as its processors fetch a URL
+        except Exception as error:  # requests' connection errors, PIL's decoding errors
+            raise ValueError(f"Image URL {image!r} could not be loaded: {error}") from error
+    elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"Image file {str(path)!r} does not exist.")

@@ -950,11 +950,15 @@ class BagelModel(BagelPreTrainedModel):
             raise ValueError(f"`input_ids` must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
         if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
             raise TypeError(f"`input_ids` must hold integer token ids, got {input_ids.dtype}.")
-        if input_ids.numel():
-            vocab = self.language_model.embed_tokens.num_embeddings
-            low, high = (int(value) for value in torch.stack(torch.aminmax(input_ids)).tolist())  # one host read
-            if low < 0 or high >= vocab:
-                raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
+        if not input_ids.numel():
+            raise ValueError(
+                f"`input_ids` of shape {tuple(input_ids.shape)} holds no tokens: give at least one (a prompt from "
+                "`processor.apply_chat_template(..., add_generation_prompt=True)` ends with `<|im_start|>`)."
+            )
+        vocab = self.language_model.embed_tokens.num_embeddings
+        low, high = (int(value) for value in torch.stack(torch.aminmax(input_ids)).tolist())  # one host read
+        if low < 0 or high >= vocab:
+            raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
         if attention_mask is not None and (
             attention_mask.dim() != 2
             or attention_mask.shape[0] != input_ids.shape[0]
@@ -991,6 +995,12 @@ class BagelModel(BagelPreTrainedModel):
             inputs_embeds = self.language_model.embed_tokens(input_ids)
         else:
             layout, block_ids, gen_token_mask = None, None, None
+            hidden = self.config.text_config.hidden_size
+            if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden):
+                raise ValueError(
+                    f"`inputs_embeds` must be (batch, sequence, {hidden}) (text_config.hidden_size), got shape "
+                    f"{tuple(inputs_embeds.shape)}."
+                )
 
         if pixel_values is not None:
             if image_grid_hw is None:

@@ -199,6 +199,13 @@ class BagelProcessor(ProcessorMixin):
             vae_images: images for the `<|vision_pad|>` placeholders (VAE), flat in order or one list per prompt.
             return_tensors (`str`, defaults to `"pt"`): only `"pt"` (or `None` for lists) is supported.
             padding_side (`str`, defaults to `"left"`): side on which shorter prompts are padded.
+            padding (`bool` or `str`, defaults to `True`): `True` / `"longest"` pads to the longest prompt,
+                `"max_length"` to `max_length`, `False` / `"do_not_pad"` not at all (lists, or equal lengths).
+            max_length (`int`, *optional*), pad_to_multiple_of (`int`, *optional*): as for tokenizers, counted after
+                the image placeholders are expanded.
+            truncation (`bool`, *optional*): prompts are never cut (a cut could split an image block): with
+                `truncation=True`, a prompt longer than `max_length` is refused instead.
+            return_attention_mask (`bool`, defaults to `True`): whether to return `attention_mask`.
 
         Returns:
             [`BatchFeature`] with `input_ids`, `attention_mask`, and for ViT images `pixel_values` and
@@ -207,7 +214,22 @@ class BagelProcessor(ProcessorMixin):
         for key in ("videos", "audio"):
             if kwargs.pop(key, None) is not None:
                 raise ValueError(f"BAGEL does not take {key}.")
-        ignored = {key for key in kwargs if key not in ("padding", "truncation", "return_attention_mask")}
+        padding = kwargs.pop("padding", True)
+        truncation = kwargs.pop("truncation", None)
+        max_length = kwargs.pop("max_length", None)
+        pad_to_multiple_of = kwargs.pop("pad_to_multiple_of", None)
+        return_attention_mask = kwargs.pop("return_attention_mask", True)
+        padding = {True: "longest", False: "do_not_pad", None: "longest"}.get(padding, padding)
+        if padding not in ("longest", "max_length", "do_not_pad"):
+            raise ValueError(f"`padding` must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}.")
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs `max_length`.")
+        if truncation not in (None, False, "do_not_truncate") and max_length is None:
+            raise ValueError("`truncation` needs `max_length`.")
+        ignored = set(kwargs)
         if ignored:
             logger.warning_once(f"BagelProcessor ignores the arguments {sorted(ignored)}.")
         if text is None:
@@ -245,11 +267,27 @@ class BagelProcessor(ProcessorMixin):
         counts = {self.image_token_id: iter(vit_counts), self.latent_token_id: iter(vae_counts)}
         expanded = [self._expand(row, counts).input_ids for row in rows]
 
+        longest = max(len(r) for r in expanded)
+        if truncation not in (None, False, "do_not_truncate") and longest > max_length:
+            # A cut could fall inside an image block, which the model cannot take: say so rather than cut.
+            raise ValueError(
+                f"A prompt takes {longest} tokens (images expanded), more than max_length={max_length}; BAGEL's "
+                "prompts are not truncated (a cut could split an image block): shorten the text or use fewer images."
+            )
+        length = max(longest, max_length) if padding == "max_length" else longest
+        if pad_to_multiple_of and padding != "do_not_pad":
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        if padding == "do_not_pad":
+            if return_tensors == "pt" and len({len(r) for r in expanded}) > 1:
+                raise ValueError(
+                    "padding=False with prompts of different lengths cannot be returned as one tensor: pass "
+                    "return_tensors=None for lists, or pad."
+                )
+            length = 0
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        length = max(len(r) for r in expanded)
         input_ids, attention_mask = [], []
         for row in expanded:
-            pad = length - len(row)
+            pad = max(length - len(row), 0)
             ids = [pad_id] * pad + row if padding_side == "left" else row + [pad_id] * pad
             mask = [0] * pad + [1] * len(row) if padding_side == "left" else [1] * len(row) + [0] * pad
             input_ids.append(ids)
@@ -257,7 +295,7 @@ class BagelProcessor(ProcessorMixin):
         if return_tensors == "pt":
             input_ids = torch.tensor(input_ids, dtype=torch.long)
             attention_mask = torch.tensor(attention_mask, dtype=torch.long)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
+        data = {"input_ids": input_ids, **({"attention_mask": attention_mask} if return_attention_mask else {}), **data}
         return BatchFeature(data=data)
 
     def _expand(self, row: list[int], counts: dict) -> BagelSequence:
