@@ -32,7 +32,12 @@ from .checkpoint_files import check_weight_files, is_pipeline_root, local_folder
 from .configuration_bagel import BagelConfig, BagelTextConfig
 from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache, BranchKeys
 from .numerics import FiniteLogitsCheck
-from .modeling_bagel_vision import BagelVisionEmbeddings, BagelVisionModel, flattened_grid_position_ids
+from .modeling_bagel_vision import (
+    BagelVisionEmbeddings,
+    BagelVisionModel,
+    flattened_grid_position_ids,
+    in_tree_initialize_weights,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -456,11 +461,14 @@ class BagelPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """Qwen2's rules (normal linear layers and embeddings of std `initializer_range`, zero biases, unit RMSNorms,
+        RoPE tables) and the fixed sin-cos latent position table; the ViT follows SigLIP's (its own `_init_weights`)."""
         super()._init_weights(module)
         if isinstance(module, BagelPositionEmbedding):
             init.copy_(module.pos_embed, sincos_2d_position_table(module.hidden_size, module.side))
-        elif isinstance(module, BagelVisionEmbeddings):
-            init.normal_(module.position_embedding.weight, std=module.config.hidden_size**-0.5)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        in_tree_initialize_weights(super(), module)
 
 
 class BagelTextModel(BagelPreTrainedModel):

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 from transformers import SiglipVisionConfig
+from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import PreTrainedModel
@@ -68,6 +69,16 @@ def flattened_grid_position_ids(
     return torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def in_tree_initialize_weights(parent, module) -> None:
+    """
+    `PreTrainedModel._initialize_weights` as transformers runs it for its own models. For code outside transformers
+    it skips every module without parameters of its own (a guard for remote code that writes weights in place), so the
+    rules written for containers (attention, MLP, embeddings) would never run. BAGEL's `_init_weights` writes only
+    through `transformers.initialization`, which leaves loaded weights alone, so the guard is not needed.
+    """
+    parent._initialize_weights(module, is_custom_code=False)
+
+
 class BagelVisionEmbeddings(nn.Module):
     """
     Patch embedding as a linear layer over already-patchified pixels (flatten order `(p, q, c)`), plus SigLIP's learned
@@ -103,24 +114,29 @@ class BagelVisionPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        from transformers import initialization as init
-
-        if isinstance(module, BagelVisionEmbeddings):
+        """SigLIP's rules: LeCun-normal linear layers (the patch embedding included) with zero biases, the position
+        table with std `hidden_size**-0.5`, Xavier-uniform attention and MLP weights, MLP biases of std 1e-6, unit
+        LayerNorms. Leaves first, then their containers (transformers' order), so a container's rule wins."""
+        if isinstance(module, nn.Linear):
+            init.lecun_normal_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, BagelVisionEmbeddings):
             init.normal_(module.position_embedding.weight, std=self.config.hidden_size**-0.5)
-            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range)
-            init.zeros_(module.patch_embedding.bias)
         elif isinstance(module, SiglipAttention):
             for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
                 init.xavier_uniform_(proj.weight)
                 init.zeros_(proj.bias)
         elif isinstance(module, SiglipMLP):
-            init.xavier_uniform_(module.fc1.weight)
-            init.xavier_uniform_(module.fc2.weight)
-            init.normal_(module.fc1.bias, std=1e-6)
-            init.normal_(module.fc2.bias, std=1e-6)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+            for fc in (module.fc1, module.fc2):
+                init.xavier_uniform_(fc.weight)
+                init.normal_(fc.bias, std=1e-6)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        in_tree_initialize_weights(super(), module)
 
 
 class BagelVisionModel(BagelVisionPreTrainedModel):
@@ -187,4 +203,10 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_states[valid])
 
 
-__all__ = ["BagelVisionModel", "BagelVisionPreTrainedModel", "flattened_grid_position_ids", "patch_grids"]
+__all__ = [
+    "BagelVisionModel",
+    "BagelVisionPreTrainedModel",
+    "flattened_grid_position_ids",
+    "in_tree_initialize_weights",
+    "patch_grids",
+]
