@@ -276,14 +276,22 @@ class BagelAttention(nn.Module):
         self.is_causal = True
         q_out = config.num_attention_heads * self.head_dim
         kv_out = config.num_key_value_heads * self.head_dim
-        for suffix in ("", "_moe_gen"):
-            setattr(self, f"q_proj{suffix}", nn.Linear(config.hidden_size, q_out, bias=True))
-            setattr(self, f"k_proj{suffix}", nn.Linear(config.hidden_size, kv_out, bias=True))
-            setattr(self, f"v_proj{suffix}", nn.Linear(config.hidden_size, kv_out, bias=True))
-            setattr(self, f"o_proj{suffix}", nn.Linear(q_out, config.hidden_size, bias=False))
-            norm = (lambda: Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps)) if config.qk_norm else nn.Identity
-            setattr(self, f"q_norm{suffix}", norm())
-            setattr(self, f"k_norm{suffix}", norm())
+        hidden = config.hidden_size
+        # Understanding expert (Qwen2's projections)
+        self.q_proj = nn.Linear(hidden, q_out, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_out, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_out, bias=True)
+        self.o_proj = nn.Linear(q_out, hidden, bias=False)
+        # Generation expert: same shapes, its own weights
+        self.q_proj_moe_gen = nn.Linear(hidden, q_out, bias=True)
+        self.k_proj_moe_gen = nn.Linear(hidden, kv_out, bias=True)
+        self.v_proj_moe_gen = nn.Linear(hidden, kv_out, bias=True)
+        self.o_proj_moe_gen = nn.Linear(q_out, hidden, bias=False)
+        # q/k RMSNorm over the head dim, one pair per expert (none without qk_norm)
+        self.q_norm = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.q_norm_moe_gen = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm_moe_gen = Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
