@@ -174,9 +174,9 @@ def test_image_placeholders_expand_to_the_patch_count(processor):
     rows, cols = out["image_grid_hw"][0].tolist()
     ids = out["input_ids"][0].tolist()
     assert ids.count(processor.image_token_id) == rows * cols == out["pixel_values"].shape[0]
-    start, end = ids.index(processor.token_ids["image_start_token"]), ids.index(processor.token_ids["image_end_token"])
+    start, end = ids.index(processor.token_ids["start_of_image_token_id"]), ids.index(processor.token_ids["end_of_image_token_id"])
     assert end - start - 1 == rows * cols
-    assert ids[-1] == processor.token_ids["bos_token"]
+    assert ids[-1] == processor.token_ids["bos_token_id"]
 
 
 def test_vae_placeholders_expand_to_latent_tokens(processor):
@@ -297,7 +297,7 @@ def test_image_question_prefilled_at_once_equals_context_by_context(auto_loaded,
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     ids = inputs["input_ids"]
-    end = ids[0].tolist().index(processor.token_ids["image_end_token"]) + 1
+    end = ids[0].tolist().index(processor.token_ids["end_of_image_token_id"]) + 1
     full = model(**inputs).logits[0, -1]
 
     cache = DynamicCache(config=model.config)

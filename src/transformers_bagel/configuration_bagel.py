@@ -9,6 +9,39 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+SPECIAL_TOKENS = {
+    "bos_token_id": "<|im_start|>",
+    "eos_token_id": "<|im_end|>",
+    "start_of_image_token_id": "<|vision_start|>",
+    "end_of_image_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "latent_token_id": "<|vision_pad|>",
+    "pad_token_id": "<|endoftext|>",
+}
+"""BAGEL's special tokens (Qwen2's), by the `BagelConfig` field holding each one's id: the one table of them."""
+
+
+def special_token_ids(tokenizer, fields=tuple(SPECIAL_TOKENS)) -> dict[str, int]:
+    """
+    The ids of BAGEL's special tokens in `tokenizer`, by config field (`fields`: which of `SPECIAL_TOKENS`).
+
+    Raises:
+        `ValueError` naming the tokens the tokenizer lacks (a word-level tokenizer maps them to its unknown token).
+    """
+    ids, missing = {}, []
+    for field in fields:
+        token_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[field])
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            missing.append(SPECIAL_TOKENS[field])
+        ids[field] = token_id
+    if missing:
+        raise ValueError(
+            f"The tokenizer lacks BAGEL's special tokens {missing}; add them with "
+            "`tokenizer.add_special_tokens({'additional_special_tokens': [...]})` and resize the embeddings."
+        )
+    return ids
+
+
 PIPELINE_FOLDER_KEY = "bagel_pipeline_folder"
 """Key of the root `config.json` of a converted pipeline folder (its components' subfolders), see `from_dict`."""
 
@@ -212,4 +245,4 @@ class BagelConfig(PreTrainedConfig):
             seen[value] = field
 
 
-__all__ = ["BagelConfig", "BagelTextConfig", "PIPELINE_FOLDER_KEY"]
+__all__ = ["BagelConfig", "BagelTextConfig", "PIPELINE_FOLDER_KEY", "SPECIAL_TOKENS", "special_token_ids"]

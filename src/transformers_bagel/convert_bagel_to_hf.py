@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, SiglipVisionConfig
 from transformers.utils import logging
 
-from .configuration_bagel import BagelConfig, BagelTextConfig
+from .configuration_bagel import SPECIAL_TOKENS, BagelConfig, BagelTextConfig, special_token_ids  # noqa: F401 (SPECIAL_TOKENS re-exported)
 from .modeling_bagel import BagelForConditionalGeneration
 
 
@@ -53,15 +53,6 @@ BAGEL_7B_IMAGE_SIZES = {
     "vae_min_image_size": 512,
     "vit_max_image_size": 980,
     "vit_min_image_size": 224,
-}
-SPECIAL_TOKENS = {
-    "bos_token_id": "<|im_start|>",
-    "eos_token_id": "<|im_end|>",
-    "start_of_image_token_id": "<|vision_start|>",
-    "end_of_image_token_id": "<|vision_end|>",
-    "image_token_id": "<|image_pad|>",
-    "latent_token_id": "<|vision_pad|>",
-    "pad_token_id": "<|endoftext|>",
 }
 # Original key prefix -> HF key prefix (everything else keeps its name).
 KEY_PREFIXES = [
@@ -170,15 +161,10 @@ def build_config(input_dir: Path, tokenizer) -> tuple[BagelConfig, dict]:
     latent_channels = vae_params.get("z_channels", 16) if vae_params else 16
     vae_downsample = vae_params.get("downsample", 8) if vae_params else 8
 
-    token_ids = {}
-    missing = []
-    for field, token in SPECIAL_TOKENS.items():
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            missing.append(token)
-        token_ids[field] = token_id
-    if missing:
-        raise ValueError(f"The tokenizer in {input_dir} lacks BAGEL's special tokens {missing}.")
+    try:
+        token_ids = special_token_ids(tokenizer)
+    except ValueError as error:
+        raise ValueError(f"The tokenizer in {input_dir}: {error}") from None
 
     config = BagelConfig(
         text_config=text_config,

@@ -10,6 +10,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from .checkpoint_files import check_json_files, check_tokenizer_files, is_pipeline_root, local_folder
+from .configuration_bagel import SPECIAL_TOKENS, special_token_ids
 from .sequence_layout import BagelSequence
 
 
@@ -35,15 +36,8 @@ BAGEL_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
 )
-
-_REQUIRED_TOKENS = {
-    "bos_token": "<|im_start|>",
-    "eos_token": "<|im_end|>",
-    "image_start_token": "<|vision_start|>",
-    "image_end_token": "<|vision_end|>",
-    "image_token": "<|image_pad|>",
-    "latent_token": "<|vision_pad|>",
-}
+# The special tokens a processor needs (padding uses the tokenizer's own pad token).
+LAYOUT_TOKEN_FIELDS = tuple(field for field in SPECIAL_TOKENS if field != "pad_token_id")
 
 
 class BagelProcessor(ProcessorMixin):
@@ -65,17 +59,12 @@ class BagelProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = BAGEL_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self.token_ids = self._special_token_ids(tokenizer)
-        for name, token in _REQUIRED_TOKENS.items():
-            setattr(self, name, token)
-        self.image_token_id = self.token_ids["image_token"]
-        self.latent_token_id = self.token_ids["latent_token"]
-        ids = self.token_ids
-        self._layout_ids = SimpleNamespace(
-            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], start_of_image_token_id=ids["image_start_token"],
-            end_of_image_token_id=ids["image_end_token"], image_token_id=ids["image_token"],
-            latent_token_id=ids["latent_token"],
-        )  # fmt: skip
+        # Ids by BagelConfig field (`bos_token_id`, `image_token_id`, ...), the names BagelSequence lays rows out with.
+        self.token_ids = special_token_ids(tokenizer, LAYOUT_TOKEN_FIELDS)
+        self.image_token, self.latent_token = SPECIAL_TOKENS["image_token_id"], SPECIAL_TOKENS["latent_token_id"]
+        self.image_token_id = self.token_ids["image_token_id"]
+        self.latent_token_id = self.token_ids["latent_token_id"]
+        self._layout_ids = SimpleNamespace(**self.token_ids)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -95,22 +84,6 @@ class BagelProcessor(ProcessorMixin):
             check_tokenizer_files(folder)
             check_json_files(folder, ["processor_config.json", "preprocessor_config.json"])
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    @staticmethod
-    def _special_token_ids(tokenizer) -> dict[str, int]:
-        ids, missing = {}, []
-        for name, token in _REQUIRED_TOKENS.items():
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is None or token_id == tokenizer.unk_token_id:
-                missing.append(token)
-            else:
-                ids[name] = token_id
-        if missing:
-            raise ValueError(
-                f"The tokenizer lacks BAGEL's special tokens {missing}; add them with "
-                "`tokenizer.add_special_tokens({'additional_special_tokens': [...]})` and resize the embeddings."
-            )
-        return ids
 
     def apply_chat_template(self, conversation, *args, **kwargs):
         """
@@ -339,14 +312,6 @@ class BagelProcessor(ProcessorMixin):
                 f"The text has {placeholders} {token} placeholder(s) but {len(images)} image(s) were passed as "
                 f"`{argument}`; give exactly one image per placeholder."
             )
-
-    def batch_decode(self, *args, **kwargs):
-        """Forwards to the tokenizer's `batch_decode`."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        """Forwards to the tokenizer's `decode`."""
-        return self.tokenizer.decode(*args, **kwargs)
 
 
 def _flatten_images(images) -> list:
