@@ -325,3 +325,37 @@ def test_train_example_refuses_frictions_and_shows_defaults():
     help_text = subprocess.run([sys.executable, str(ROOT / "examples" / "train.py"), "--help"], capture_output=True,
                                text=True, timeout=120).stdout  # fmt: skip
     assert "(default: 1000)" in help_text and "(default: 0.0001)" in help_text
+
+
+def test_multi_process_normalisation_uses_the_global_token_counts(small_config, processor, tmp_path):
+    """Two processes, as the original: each loss is `sum * world / total` with the token counts of both processes
+    (the other process's counts come from a stand-in gather)."""
+    from types import SimpleNamespace
+
+    model = _model(small_config)
+    trainer = _trainer(model, processor, tmp_path, 1)
+    batch = trainer.data_collator(_dataset()[:4])
+    ce_local = int((batch["labels"][:, 1:] != -100).sum())
+    grid = batch["latent_grid_hw"][batch["noised_latent_images"]]
+    mse_local = int((grid[:, 0] * grid[:, 1]).sum())
+    other = torch.tensor([[3.0 * ce_local, 5.0 * mse_local]])  # the other process holds 3x / 5x the tokens
+    trainer.accelerator = SimpleNamespace(
+        num_processes=2, device=torch.device("cpu"), gather=lambda local: torch.cat([local, other]),
+        unwrap_model=lambda m: m,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, dict(batch), return_outputs=True)[1]
+    torch.manual_seed(0)
+    mean = model(**batch)
+    torch.testing.assert_close(loss.ce_loss, mean.ce_loss * ce_local * 2 / (4 * ce_local), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.mse_loss, mean.mse_loss * mse_local * 2 / (6 * mse_local), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.loss, loss.ce_loss + loss.mse_loss)
+
+
+def test_model_takes_transformers_num_items_in_batch(small_config, processor, tmp_path):
+    model = _model(small_config)
+    batch = _trainer(model, processor, tmp_path, 1).data_collator(_dataset()[1::2])  # understanding samples only
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    mean = model(**batch).ce_loss
+    torch.testing.assert_close(model(**batch, num_items_in_batch=4 * labelled).ce_loss, mean / 4)
+    torch.testing.assert_close(model(**batch, num_items_in_batch=torch.tensor(2 * labelled)).ce_loss, mean / 2)

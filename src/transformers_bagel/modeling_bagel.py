@@ -1200,6 +1200,13 @@ class _DenoisingInputs:
     branch_keys: BranchKeys
 
 
+def _normaliser(given, local_count) -> torch.Tensor | int:
+    """The count a loss sum is divided by: `given` (a `num_items_in_batch`), else the local count (a mean)."""
+    if given is None:
+        return local_count
+    return given.to(torch.float32) if isinstance(given, torch.Tensor) else float(given)
+
+
 class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
     """
     BAGEL with its two heads: `lm_head` (text logits, used by `generate`) and `llm2vae` (flow velocity of latent
@@ -1275,6 +1282,11 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             `config.timestep_shift`, as the original training.
         ce_weight (`float`, defaults to 1.0), mse_weight (`float`, defaults to 1.0):
             `loss = ce_weight * ce_loss + mse_weight * mse_loss`.
+        num_items_in_batch (`int`, `torch.Tensor` or `dict`, *optional*):
+            transformers' loss normaliser: the cross entropy is its sum over the labelled tokens divided by this count
+            instead of their mean (as every transformers causal LM). A dict `{"ce": n_text_tokens, "mse":
+            n_latent_tokens}` normalises both losses (the MSE's sum over target latent tokens, averaged over their
+            channels, divided by `"mse"`); [`BagelTrainer`] passes the original's global token counts this way.
         context (`BagelContext`, *optional*), context_spans, update_cache, step_cache:
             Prefill into, or denoise against, contexts packed in one cache (see [`BagelModel.forward`]). A denoising
             forward (`update_cache=False`) returns `velocity` (the flow velocity `llm2vae(h)` of every latent token,
@@ -1283,6 +1295,10 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         See [`BagelModel.forward`] for the other arguments.
         """
         denoising = context is not None and not update_cache
+        normalisers = kwargs.pop("num_items_in_batch", None)  # a loss argument: never passed on to the layers
+        if normalisers is not None and not isinstance(normalisers, dict):
+            normalisers = {"ce": normalisers}
+        normalisers = normalisers or {}
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"`labels` of shape {tuple(labels.shape)} must be aligned with `input_ids` of shape "
@@ -1330,7 +1346,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
                 logits_kept = self.lm_head(hidden_states[:, :-1][keep])
                 ce_loss = nn.functional.cross_entropy(
                     logits_kept.float(), shift_labels[keep].to(logits_kept.device), reduction="sum"
-                ) / keep.sum()
+                ) / _normaliser(normalisers.get("ce"), keep.sum())
             else:
                 ce_loss = hidden_states.sum() * 0.0
         else:
@@ -1339,7 +1355,11 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         if training_targets:
             latent_hidden = hidden_states[input_ids == self.config.latent_token_id]
             prediction = self.llm2vae(latent_hidden[target_tokens])
-            mse_loss = (prediction.float() - velocity_target.float()).pow(2).mean()
+            squared = (prediction.float() - velocity_target.float()).pow(2)
+            if normalisers.get("mse") is None:
+                mse_loss = squared.mean()
+            else:
+                mse_loss = squared.mean(-1).sum() / _normaliser(normalisers["mse"], squared.shape[0])
 
         loss = None
         if ce_loss is not None or mse_loss is not None:

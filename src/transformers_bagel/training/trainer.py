@@ -168,10 +168,10 @@ class BagelTrainer(Trainer):
 
     - batches holding raw VAE images (`vae_pixel_values`) or cached posterior moments (`vae_moments`) get their clean
       latents in the training step from the frozen `vae` (posterior sample as the original, or the mean);
-    - the loss is `ce_weight * CE + mse_weight * MSE`, each a mean over its tokens (CE over labelled tokens, MSE over
-      target latent tokens and channels); in multi-process runs each is normalised by the token count summed over all
-      processes, as the original (`sum * world / total`); gradient accumulation divides by the number of micro-batches,
-      as the original;
+    - the loss is the model's own, `ce_weight * CE + mse_weight * MSE`, each a mean over its tokens (CE over labelled
+      tokens, MSE over target latent tokens and channels); in multi-process runs the trainer passes the token counts
+      summed over all processes as the model's `num_items_in_batch`, as the original normalises (`sum * world /
+      total`); gradient accumulation divides by the number of micro-batches, as the original;
     - `ce_loss` and `mse_loss` are logged beside `loss`;
     - a seeded [`BagelDataCollator`] gets the epoch, and a [`BagelEMACallback`] among the callbacks resumes its averages
       from the checkpoint given to `train(resume_from_checkpoint=...)`.
@@ -232,34 +232,39 @@ class BagelTrainer(Trainer):
         )
         return inputs
 
-    def _global_scale(self, local_count: torch.Tensor) -> torch.Tensor:
-        """`local * world / global` token-count factor turning a per-process mean into the original's global
-        normalisation; 1 in single-process runs."""
+    def _loss_normalisers(self, inputs: dict) -> dict | None:
+        """The original's normalisation of a multi-process run, as the model's `num_items_in_batch`: each loss sum is
+        divided by its token count summed over all processes, over the number of processes (`sum * world / total`).
+        None in single-process runs (each loss is then its micro-batch mean, as the original). This is what Trainer
+        lacks: its own `num_items_in_batch` counts text labels only, and over the accumulated micro-batches."""
         world = self.accelerator.num_processes
         if world <= 1:
-            return torch.ones((), device=local_count.device)
-        total = self.accelerator.gather(local_count.reshape(1).float()).sum()
-        return local_count.float() * world / total.clamp(min=1)
+            return None
+        device = self.accelerator.device
+        labels, noised = inputs.get("labels"), inputs.get("noised_latent_images")
+        ce = (labels[:, 1:] != IGNORE_INDEX).sum() if labels is not None else torch.zeros((), device=device)
+        if noised is not None:
+            grid = inputs["latent_grid_hw"]
+            mse = (grid[:, 0] * grid[:, 1])[noised.to(grid.device)].sum()
+        else:
+            mse = torch.zeros((), device=device)
+        # One gather of both counts, the same shape on every process whatever its batch holds.
+        totals = self.accelerator.gather(torch.stack([ce.float().to(device), mse.float().to(device)])[None]).sum(0)
+        return {"ce": (totals[0] / world).clamp(min=1 / world), "mse": (totals[1] / world).clamp(min=1 / world)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Trainer's `num_items_in_batch` is not used: the original normalises per micro-batch (see `__init__`).
         inputs = self._latents(model, dict(inputs))
-        outputs = model(**inputs)
-        loss = 0.0
-        labels = inputs.get("labels")
-        if outputs.ce_loss is not None and labels is not None:
-            count = (labels[:, 1:] != IGNORE_INDEX).sum()
-            ce = outputs.ce_loss * self._global_scale(count)
-            loss = loss + self.ce_weight * ce
-            self._record("ce_loss", ce, model)
-        if outputs.mse_loss is not None:
-            grid, noised = inputs["latent_grid_hw"], inputs["noised_latent_images"]
-            count = (grid[:, 0] * grid[:, 1])[noised.to(grid.device)].sum()
-            mse = outputs.mse_loss * self._global_scale(count)
-            loss = loss + self.mse_weight * mse
-            self._record("mse_loss", mse, model)
-        if not isinstance(loss, torch.Tensor):
+        normalisers = self._loss_normalisers(inputs)
+        if normalisers is not None:
+            inputs["num_items_in_batch"] = normalisers
+        outputs = model(**inputs, ce_weight=self.ce_weight, mse_weight=self.mse_weight)
+        if outputs.loss is None:
             raise ValueError("The batch has neither text labels nor target images: there is no loss to train on.")
-        return (loss, outputs) if return_outputs else loss
+        for name in ("ce_loss", "mse_loss"):
+            if getattr(outputs, name) is not None:
+                self._record(name, getattr(outputs, name), model)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _record(self, name: str, value: torch.Tensor, model):
         if model.training:  # evaluation losses are reported by `evaluate` itself
