@@ -7,6 +7,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from quickstart import ROOT, default_checkpoint
+from transformers_bagel.image_processing_bagel import to_rgb_image
 
 
 __all__ = ["ROOT", "base_parser", "checkpoint_from", "demo_image", "load_image"]
@@ -42,9 +43,5 @@ def demo_image(width: int = 160, height: int = 120) -> PIL.Image.Image:
 
 
 def load_image(path) -> PIL.Image.Image:
-    """The image at `path` (any mode; the processor converts it), or the drawn demo scene when `path` is None."""
-    if path is None:
-        return demo_image()
-    with PIL.Image.open(path) as opened:
-        opened.load()
-        return opened.copy()
+    """The image at `path` (a file or an http(s) URL, as RGB), or the drawn demo scene when `path` is None."""
+    return demo_image() if path is None else to_rgb_image(path)

@@ -260,7 +260,7 @@ def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--steps", "0"], "expected a positive integer"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_renorm_type", "local"], "invalid choice"),
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{empty}/none.png"], "no such file"),
-        (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "is not a readable image"),
+        (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "could not be decoded"),
         (["chat", "--checkpoint", "{ckpt}", "--prompt", "", "--max_new_tokens", "2"], "question is empty"),
         (["push", "--folder", "{empty}", "--repo_id", "me/x"], "is not a converted BAGEL folder"),
         pytest.param(["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--device", "cuda"], "CUDA is not available",

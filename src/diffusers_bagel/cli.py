@@ -370,16 +370,14 @@ def _run_image(args, images=None):
 
 
 def _open_images(paths) -> list:
-    import PIL.Image
+    from transformers_bagel.image_processing_bagel import to_rgb_image
 
     images = []
     for path in paths:
         try:
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                images.append(opened.copy())
-        except (OSError, PIL.UnidentifiedImageError) as error:
-            raise ValueError(f"--image {str(path)!r} is not a readable image: {error}") from error
+            images.append(to_rgb_image(path))
+        except ValueError as error:
+            raise ValueError(f"--image: {error}") from error
     return images
 
 

@@ -8,6 +8,7 @@ PIL, so the pixels are the ones the original model saw. No torchvision is needed
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -36,8 +37,9 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 def to_rgb_image(image) -> PIL.Image.Image:
     """
     Turns one image into an RGB PIL image the way the original BAGEL data code does: transparent images are composed
-    onto white, every other mode is converted to RGB. Also accepts a path, an http(s) URL, an `np.ndarray` (`(H, W)`, `(H, W, C)` with
-    C in 1, 3, 4; uint8, or float in [0, 1]) or a `torch.Tensor` (`(C, H, W)` or `(H, W)`; uint8, or float in [0, 1]).
+    onto white, every other mode is converted to RGB. Also accepts a path, an http(s) URL, encoded bytes, an
+    `np.ndarray` (`(H, W)`, `(H, W, C)` with C in 1, 3, 4; uint8, or float in [0, 1]) or a `torch.Tensor` (`(C, H, W)`
+    or `(H, W)`; uint8, or float in [0, 1]). This is the project's one image loader.
 
     Raises:
         `TypeError` for anything else; `ValueError` for arrays of an unusable shape or an unreadable file.
@@ -47,16 +49,17 @@ def to_rgb_image(image) -> PIL.Image.Image:
             image = load_image(image)  # transformers' loader: fetched as its processors fetch a URL
         except Exception as error:  # requests' connection errors, PIL's decoding errors
             raise ValueError(f"Image URL {image!r} could not be loaded: {error}") from error
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"Image file {str(path)!r} does not exist.")
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        encoded = isinstance(image, (bytes, bytearray))
+        name = f"data of {len(image)} bytes" if encoded else f"file {str(image)!r}"
+        if not encoded and not Path(image).is_file():
+            raise ValueError(f"Image file {str(image)!r} does not exist.")
         try:
-            with PIL.Image.open(path) as opened:
+            with PIL.Image.open(io.BytesIO(image) if encoded else Path(image)) as opened:
                 opened.load()
                 image = opened.copy()
         except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as error:
-            raise ValueError(f"Image file {str(path)!r} could not be decoded: {error}") from error
+            raise ValueError(f"Image {name} could not be decoded: {error}") from error
     elif isinstance(image, torch.Tensor):
         array = image.detach().cpu()
         if array.ndim == 3:
@@ -66,7 +69,8 @@ def to_rgb_image(image) -> PIL.Image.Image:
         image = _array_to_pil(image)
     elif not isinstance(image, PIL.Image.Image):
         raise TypeError(
-            f"Images must be PIL images, numpy arrays, torch tensors or file paths, got {type(image).__name__}."
+            "Images must be PIL images, numpy arrays, torch tensors, file paths, URLs or encoded bytes, got "
+            f"{type(image).__name__}."
         )
     else:
         try:

@@ -54,15 +54,14 @@ train_dataset = BagelSampleDataset(rows, task="text_to_image", image_dir="images
 ```
 """
 
-import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
-
 from transformers.utils import logging
+
+from ..image_processing_bagel import to_rgb_image
 
 
 logger = logging.get_logger(__name__)
@@ -156,49 +155,28 @@ def understanding_sample(images, question: str, answer: str, row=None) -> dict:
 
 def load_image(image, row=None, base_dir: str | Path | None = None) -> PIL.Image.Image:
     """
-    Opens and decodes one image given as PIL, path, bytes, a `datasets.Image` value (`{"bytes"|"path": ...}`), a
-    numpy array (HWC uint8) or a tensor (CHW, values in [0, 1]). Relative paths are resolved against `base_dir`.
-    A missing file or data that does not decode raises `ValueError` naming `row`.
+    One training image as an RGB PIL image: anything [`to_rgb_image`] takes (PIL, path, bytes, numpy array, tensor)
+    or a `datasets.Image` value (`{"bytes"|"path": ...}`). Relative paths are resolved against `base_dir`. A missing
+    file, data that does not decode or an unusable array raises `ValueError` naming `row`.
     """
     where = _where(row)
     if image is None:
         raise ValueError(f"Missing image{where}.")
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+        if image is None:
+            raise ValueError(f"Missing image: the image value has neither bytes nor a path{where}.")
+    if isinstance(image, (str, Path)) and base_dir is not None and not Path(image).is_absolute():
+        image = Path(base_dir) / image
     try:
-        if isinstance(image, PIL.Image.Image):
-            return image
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
-            if image is None:
-                raise ValueError(f"Missing image: the image value has neither bytes nor a path{where}.")
-        if isinstance(image, (bytes, bytearray)):
-            return _decoded(PIL.Image.open(io.BytesIO(image)))
-        if isinstance(image, (str, Path)):
-            path = Path(image)
-            if base_dir is not None and not path.is_absolute():
-                path = Path(base_dir) / path
-            if not path.is_file():
-                raise ValueError(f"Missing image file {path}{where}.")
-            return _decoded(PIL.Image.open(path))
-        if isinstance(image, np.ndarray):
-            return PIL.Image.fromarray(image)
-        if isinstance(image, torch.Tensor):
-            array = image.detach().cpu().float().numpy()
-            if array.ndim == 3 and array.shape[0] in (1, 3, 4):
-                array = array.transpose(1, 2, 0)
-            return PIL.Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8).squeeze())
-    except ValueError:
-        raise
-    except Exception as error:  # PIL raises many exception types for undecodable data
-        raise ValueError(f"Image failed to decode{where}: {type(error).__name__}: {error}") from error
-    raise TypeError(
-        f"Unsupported image type {type(image).__name__}{where}; expected a PIL image, a path, bytes, a datasets Image "
-        "value, a numpy array or a tensor."
-    )
-
-
-def _decoded(image: PIL.Image.Image) -> PIL.Image.Image:
-    image.load()  # decode now, so a broken file fails here with its row and not deep inside a training step
-    return image
+        return to_rgb_image(image)
+    except ValueError as error:
+        raise ValueError(f"{str(error).rstrip('.')}{where}.") from error
+    except TypeError:
+        raise TypeError(
+            f"Unsupported image type {type(image).__name__}{where}; expected a PIL image, a path, bytes, a datasets "
+            "Image value, a numpy array or a tensor."
+        ) from None
 
 
 def validate_sample(sample: dict) -> dict:
