@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from diffusers_bagel import BagelPipeline
-from transformers_bagel.digits import (
+from digits import (
     DigitClassifier,
     editing_accuracy,
     generation_accuracy,
@@ -27,6 +25,8 @@ from transformers_bagel.digits import (
     split_digits,
     understanding_accuracy,
 )
+
+from diffusers_bagel import BagelPipeline
 
 
 def positive_int(text: str) -> int:

@@ -54,7 +54,7 @@ def ask(pipe, image, question: str, max_new_tokens: int = 16) -> str:
 
 def digits_demo(args):
     """The shipped digits BAGEL: a grid of generated digits 0-9, an answer about a held-out digit, an edit of it."""
-    from transformers_bagel.digits import (
+    from digits import (
         DIGIT_NAMES,
         UNDERSTANDING_QUESTION,
         edit_instruction,

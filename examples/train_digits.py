@@ -25,17 +25,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from train_digits_vae import add_vae_arguments, positive_float, positive_int, report_vae
-from transformers import GenerationConfig, TrainerCallback
-
-from diffusers_bagel import BagelPipeline
-from diffusers_bagel.pipeline_folder import write_pipeline_folder_files
-from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
-from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS
-from transformers_bagel.digits import (
+from digits import (
     TASK_KINDS,
     DigitsTaskDataset,
-    EMACallback,
     SampleGridCallback,
     TimeBudgetCallback,
     build_digits_tokenizer,
@@ -46,10 +38,23 @@ from transformers_bagel.digits import (
     text_to_image_prompt,
     train_digits_vae,
 )
+from train_digits_vae import add_vae_arguments, positive_float, positive_int, report_vae
+from transformers import GenerationConfig, TrainerCallback
+
+from diffusers_bagel import BagelPipeline
+from diffusers_bagel.pipeline_folder import write_pipeline_folder_files
+from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
+from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS
 from transformers_bagel.modeling_bagel import BagelForConditionalGeneration
 from transformers_bagel.processing_bagel import BagelProcessor
+from transformers_bagel.training.callbacks import BagelEMACallback
 from transformers_bagel.training.collator import BagelDataCollator
 from transformers_bagel.training.trainer import BagelTrainer, bagel_training_arguments
+
+
+# The EMA warm-up of the shipped checkpoint's training (diffusers' EMAModel schedule with inv_gamma 1, power 2/3): the
+# decay after step t is min(--ema_decay, 1 - t ** (-2/3)), so a run of a few thousand steps forgets the random start.
+EMA_WARMUP_POWER = 2 / 3
 
 
 class WeightedCollator:
@@ -165,7 +170,7 @@ def main():
         seed=args.seed,
         disable_tqdm=False,
     )
-    ema = EMACallback(model, decay=args.ema_decay)
+    ema = BagelEMACallback(decay=args.ema_decay, warmup_power=EMA_WARMUP_POWER)
     pipeline_factory = lambda: BagelPipeline(  # noqa: E731
         model=model, vae=vae, scheduler=FlowMatchEulerScheduler(), processor=processor
     )

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from transformers_bagel.digits import DigitClassifier, split_digits, train_digits_vae
+from digits import DigitClassifier, split_digits, train_digits_vae
 
 
 def positive_float(text: str) -> float:

@@ -1,5 +1,7 @@
-"""The digits BAGEL: data builders, tokenizer, training callbacks, and the shipped checkpoint's accuracy."""
+"""The digits BAGEL of the examples (`examples/digits`): data builders, tokenizer, training callbacks, and the shipped
+checkpoint's accuracy."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,16 +9,16 @@ import pytest
 import torch
 
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install -e '.[digits]')")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
 
-from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS  # noqa: E402
-from transformers_bagel.digits import (  # noqa: E402
+from digits import (  # noqa: E402
     BAGEL_SPECIAL_TOKENS,
     DIGIT_NAMES,
     TASK_KINDS,
     DigitClassifier,
     DigitsTaskDataset,
-    EMACallback,
     TimeBudgetCallback,
     answer_text,
     build_digits_tokenizer,
@@ -33,12 +35,14 @@ from transformers_bagel.digits import (  # noqa: E402
     text_to_image_prompt,
     understanding_accuracy,
 )
+from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS  # noqa: E402
 from transformers_bagel.modeling_bagel import BagelForConditionalGeneration  # noqa: E402
 from transformers_bagel.processing_bagel import BagelProcessor  # noqa: E402
+from transformers_bagel.training.callbacks import BagelEMACallback  # noqa: E402
 from transformers_bagel.training.collator import BagelDataCollator  # noqa: E402
 
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-bagel-digits"
+CHECKPOINT = ROOT / "checkpoints" / "tiny-bagel-digits"
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +184,19 @@ def test_collator_packs_all_three_tasks_into_one_trainable_batch(split, tokenize
 
 
 def test_ema_callback_averages_and_swaps_back():
+    """The digits training's EMA: the library's callback with the warm-up, sampled from with `swapped_in`."""
+    from transformers import TrainerControl, TrainerState
+
     model = torch.nn.Linear(2, 2)
-    ema = EMACallback(model, decay=0.9)
+    ema = BagelEMACallback(decay=0.9, warmup_power=2 / 3)
+    state, control = TrainerState(), TrainerControl()
+    ema.on_train_begin(None, state, control, model=model)
     start = model.weight.detach().clone()
     for _ in range(5):
         with torch.no_grad():
             model.weight.add_(1.0)
-        ema.on_step_end(None, None, None)
+        state.global_step += 1
+        ema.on_step_end(None, state, control)
     trained = model.weight.detach().clone()
     with ema.swapped_in():
         averaged = model.weight.detach().clone()
@@ -194,6 +204,30 @@ def test_ema_callback_averages_and_swaps_back():
     assert (averaged > start).all() and (averaged < trained).all()
     ema.copy_to()
     assert torch.equal(model.weight, averaged)
+
+
+def test_ema_warmup_follows_diffusers_ema_model():
+    """The warm-up is diffusers' `EMAModel(use_ema_warmup=True, inv_gamma=1, power=2/3)`, the EMA the shipped
+    checkpoint was trained with: same decays, same averages up to float rounding."""
+    from diffusers.training_utils import EMAModel
+    from transformers import TrainerControl, TrainerState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    reference = EMAModel(list(model.parameters()), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    ema = BagelEMACallback(decay=0.999, warmup_power=2 / 3)
+    state, control = TrainerState(), TrainerControl()
+    ema.on_train_begin(None, state, control, model=model)
+    for _ in range(300):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.01)
+        state.global_step += 1
+        reference.step(list(model.parameters()))
+        ema.on_step_end(None, state, control)
+        assert ema.decay_at(state.global_step) == reference.cur_decay_value
+    for ours, theirs in zip(ema.shadow, reference.shadow_params):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_time_budget_callback_stops_training():

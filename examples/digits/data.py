@@ -1,6 +1,7 @@
 """
 scikit-learn's bundled handwritten digits (1,797 8x8 images, no download) as 64x64 RGB images, a fixed train /
-held-out split, and BAGEL training samples of three task kinds built with `transformers_bagel.training.samples`:
+held-out split, and BAGEL training samples of three task kinds built with `transformers_bagel.training.samples`
+(their latents encoded once by the training stack's `latents_from_vae_inputs`):
 
 | task | sample |
 |---|---|
@@ -16,8 +17,11 @@ import PIL.Image
 import torch
 from transformers.utils import logging
 
-from ..training.samples import edit_sample, text_to_image_sample, understanding_sample
-from .configs import DIGITS_IMAGE_SIZE
+from transformers_bagel.modeling_bagel import unpack_latents
+from transformers_bagel.training.samples import edit_sample, text_to_image_sample, understanding_sample
+from transformers_bagel.training.trainer import latents_from_vae_inputs
+
+from .configs import DIGITS_IMAGE_SIZE, LATENT_PATCH_SIZE, VAE_DOWNSAMPLE
 
 
 logger = logging.get_logger(__name__)
@@ -166,18 +170,23 @@ def split_digits(held_out_fraction: float = 0.2, seed: int = 0, size: int = DIGI
 def encode_latents(vae, images: np.ndarray, image_processor, batch_size: int = 64) -> torch.Tensor:
     """
     The VAE posterior means of `images` in BAGEL's normalised latent space (`(z - shift_factor) * scaling_factor`),
-    `(N, latent_channels, H / 8, W / 8)` float32, for the latent cache of the training samples.
+    `(N, latent_channels, H / 8, W / 8)` float32, for the latent cache of the training samples: the training stack's
+    [`latents_from_vae_inputs`] (`sample_posterior=False`) on batches of `batch_size` images, unpacked from tokens back
+    to latent images (the collator packs them again).
     """
     if len(images) == 0:
         raise ValueError("Got no images to encode.")
     vae.eval()
-    parameter = next(vae.parameters())
+    stride, p = VAE_DOWNSAMPLE * LATENT_PATCH_SIZE, LATENT_PATCH_SIZE  # pixels per latent token side, token side
     out = []
     for start in range(0, len(images), batch_size):
         chunk = [to_pil(image) for image in images[start : start + batch_size]]
         pixels = torch.stack(image_processor.preprocess_vae(chunk)["vae_pixel_values"])
-        mean = vae.encode(pixels.to(device=parameter.device, dtype=parameter.dtype)).latent_dist.mean.float()
-        out.append(((mean - vae.config.shift_factor) * vae.config.scaling_factor).cpu())
+        grid = (pixels.shape[-2] // stride, pixels.shape[-1] // stride)
+        tokens = latents_from_vae_inputs(
+            vae, torch.tensor([grid] * len(chunk)), p, vae_pixel_values=pixels, sample_posterior=False
+        )
+        out.append(unpack_latents(tokens.reshape(len(chunk), grid[0] * grid[1], -1), grid, p).cpu())
     return torch.cat(out)
 
 

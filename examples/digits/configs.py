@@ -2,8 +2,8 @@
 
 from transformers.utils import logging
 
-from ..configuration_bagel import BagelConfig
-from ..image_processing_bagel import BagelImageProcessor
+from transformers_bagel.configuration_bagel import BagelConfig
+from transformers_bagel.image_processing_bagel import BagelImageProcessor
 
 
 logger = logging.get_logger(__name__)

@@ -1,10 +1,13 @@
 """
-A tiny BAGEL for scikit-learn's handwritten digits: data and sample builders, a word-level tokenizer, tiny configs,
-VAE training, training callbacks and evaluation. Used by `examples/train_digits_vae.py`, `examples/train_digits.py`
-and `examples/eval_digits.py`; needs scikit-learn.
+A tiny BAGEL for scikit-learn's handwritten digits, the demo world of the examples (not part of the library): data and
+sample builders, a word-level tokenizer, tiny configs, VAE training, training callbacks and evaluation. Used by
+`examples/train_digits_vae.py`, `examples/train_digits.py`, `examples/eval_digits.py` and `examples/quickstart.py`
+(which run with `examples/` on `sys.path`, so this imports as `digits`); needs scikit-learn
+(`pip install -e ".[digits]"`). The training itself is the library's: `BagelTrainer`, `BagelDataCollator`,
+`BagelEMACallback`, `latents_from_vae_inputs`.
 """
 
-from .callbacks import EMACallback, SampleGridCallback, TimeBudgetCallback, image_grid
+from .callbacks import SampleGridCallback, TimeBudgetCallback, image_grid
 from .configs import DIGITS_IMAGE_SIZE, digits_bagel_config, digits_image_processor, digits_vae_config
 from .data import (
     DIGIT_NAMES,
@@ -38,7 +41,6 @@ __all__ = [
     "DigitClassifier",
     "DigitsSplit",
     "DigitsTaskDataset",
-    "EMACallback",
     "SampleGridCallback",
     "TaskResult",
     "TimeBudgetCallback",

@@ -1,4 +1,5 @@
-"""`TrainerCallback`s of the digits training: EMA weights, a time budget, and a sample grid written every N steps."""
+"""`TrainerCallback`s of the digits training: a time budget, and a sample grid written every N steps (on the EMA
+weights of the library's [`BagelEMACallback`] when one is given)."""
 
 import time
 from pathlib import Path
@@ -8,52 +9,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from transformers_bagel.training.callbacks import BagelEMACallback
+
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["EMACallback", "SampleGridCallback", "TimeBudgetCallback", "image_grid"]
-
-
-class EMACallback(TrainerCallback):
-    """
-    Keeps an exponential moving average of the model's trainable weights after every optimiser step, with diffusers'
-    [`~diffusers.training_utils.EMAModel`] (its warm-up makes the early average follow the model closely).
-    [`~EMACallback.swapped_in`] runs code on the averaged weights; [`~EMACallback.copy_to`] installs them for good.
-
-    Args:
-        model (`torch.nn.Module`): the model being trained.
-        decay (`float`, defaults to 0.999): the largest decay.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
-        from diffusers.training_utils import EMAModel
-
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"`decay` must be in (0, 1), got {decay!r}.")
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.ema = EMAModel(self.parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ema.step(self.parameters)
-
-    def swapped_in(self):
-        """Context manager: the model holds the averaged weights inside it, its own weights again after."""
-        callback = self
-
-        class _Swap:
-            def __enter__(self):
-                callback.ema.store(callback.parameters)
-                callback.ema.copy_to(callback.parameters)
-
-            def __exit__(self, *exc):
-                callback.ema.restore(callback.parameters)
-                return False
-
-        return _Swap()
-
-    def copy_to(self):
-        """Replaces the model's weights by the averaged ones."""
-        self.ema.copy_to(self.parameters)
+__all__ = ["SampleGridCallback", "TimeBudgetCallback", "image_grid"]
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -95,7 +56,7 @@ def image_grid(rows: list[list[PIL.Image.Image]], pad: int = 2, background=(40, 
 class SampleGridCallback(TrainerCallback):
     """
     Every `every_n_steps` optimiser steps (and at the end of training), draws `prompts` with [`BagelPipeline`] on the
-    current weights (the EMA weights when an [`EMACallback`] is given) and writes a PNG grid, one row per prompt, to
+    current weights (the EMA weights when a [`BagelEMACallback`] is given) and writes a PNG grid, one row per prompt, to
     `output_dir/step_XXXXXX.png`.
 
     Args:
@@ -104,7 +65,7 @@ class SampleGridCallback(TrainerCallback):
         output_dir (`str` or `Path`): where the grids go.
         every_n_steps (`int`, defaults to 200).
         images_per_prompt (`int`, defaults to 4), num_inference_steps (`int`, defaults to 12), seed (`int`).
-        ema (`EMACallback`, *optional*): sample with the averaged weights.
+        ema ([`BagelEMACallback`], *optional*): sample with the averaged weights.
         pipeline_kwargs (`dict`, *optional*): more pipeline arguments (`height`, `width`, `timestep_shift`, ...).
     """
 
@@ -117,7 +78,7 @@ class SampleGridCallback(TrainerCallback):
         images_per_prompt: int = 4,
         num_inference_steps: int = 12,
         seed: int = 0,
-        ema: EMACallback | None = None,
+        ema: BagelEMACallback | None = None,
         pipeline_kwargs: dict | None = None,
     ):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:

@@ -4,20 +4,26 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
+from transformers_bagel.convert_bagel_to_hf import SPECIAL_TOKENS
+
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["BAGEL_SPECIAL_TOKENS", "DIGITS_WORDS", "UNK_TOKEN", "build_digits_tokenizer"]
 
-# BAGEL's special tokens, in the order their ids are assigned (0..6).
-BAGEL_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
+# BAGEL's special tokens (the converter's `SPECIAL_TOKENS`, keyed by config field) in the order their ids are
+# assigned (0..6): Qwen2's order, `<|endoftext|>` first.
+BAGEL_SPECIAL_TOKENS = tuple(
+    SPECIAL_TOKENS[field]
+    for field in (
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "start_of_image_token_id",
+        "end_of_image_token_id",
+        "latent_token_id",
+        "image_token_id",
+    )
 )
 UNK_TOKEN = "<|unk|>"
 # Every word of the task's prompts, questions and answers (lower case: the tokenizer lower-cases its input).
