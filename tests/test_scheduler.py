@@ -1,6 +1,9 @@
 """FlowMatchEulerScheduler: BAGEL's shifted Euler schedule and dual-CFG combination."""
 
+import inspect
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +315,105 @@ def test_apply_guidance_rejects_bad_arguments():
         FlowMatchEulerScheduler.apply_guidance(v[0, 0], v_t[0, 0], cfg_text_scale=4.0)
     with pytest.raises(ValueError, match="cfg_text_scale"):
         FlowMatchEulerScheduler.apply_guidance(v, v_t, cfg_text_scale=float("nan"))
+
+
+# -- config: the parent's, with BAGEL's default shift ------------------------------------------------------------------
+
+SHIPPED_SCHEDULER = Path(__file__).parents[1] / "checkpoints" / "tiny-bagel-digits" / "scheduler"
+# The float32 schedules of the shipped config, as the scheduler gave them before it used the parent's `set_shift`
+# and signature (3 steps; its own shift 3.0, then a per-call 2.5).
+SHIPPED_SIGMAS_N3 = [1.0, 0.8571428060531616, 0.5999999642372131, 0.0]
+SHIPPED_TIMESTEPS_N3 = [1000.0, 857.142822265625, 599.9999389648438]
+SHIPPED_SIGMAS_N3_SHIFT_2_5 = [1.0, 0.8333333730697632, 0.5555555820465088, 0.0]
+SHIPPED_TIMESTEPS_N3_SHIFT_2_5 = [1000.0, 833.3333740234375, 555.5556030273438]
+
+
+def _bagel_schedule(steps, shift):
+    """The parent's schedule for BAGEL's unshifted grid `linspace(1, 0, N + 1)[:-1]`."""
+    parent = FlowMatchEulerDiscreteScheduler(shift=shift)
+    parent.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+    return parent.sigmas, parent.timesteps
+
+
+@pytest.mark.parametrize("source", ["shipped", "converted"])
+def test_saved_scheduler_configs_load_with_identical_schedules(source, converted_dir):
+    folder = SHIPPED_SCHEDULER if source == "shipped" else converted_dir / "scheduler"
+    scheduler = FlowMatchEulerScheduler.from_pretrained(folder)
+    assert type(scheduler) is FlowMatchEulerScheduler and scheduler.config.shift == 3.0
+    scheduler.set_timesteps(3)
+    assert torch.equal(scheduler.sigmas, torch.tensor(SHIPPED_SIGMAS_N3))
+    assert torch.equal(scheduler.timesteps, torch.tensor(SHIPPED_TIMESTEPS_N3))
+    scheduler.set_timesteps(3, timestep_shift=2.5)
+    assert torch.equal(scheduler.sigmas, torch.tensor(SHIPPED_SIGMAS_N3_SHIFT_2_5))
+    assert torch.equal(scheduler.timesteps, torch.tensor(SHIPPED_TIMESTEPS_N3_SHIFT_2_5))
+    assert scheduler.shift == 3.0
+    for steps, shift in [(1, None), (28, None), (50, None), (50, 1.0), (7, 4.5)]:
+        scheduler.set_timesteps(steps, timestep_shift=shift)
+        sigmas, timesteps = _bagel_schedule(steps, 3.0 if shift is None else shift)
+        assert torch.equal(scheduler.sigmas, sigmas) and torch.equal(scheduler.timesteps, timesteps)
+
+
+def test_saved_config_is_the_shipped_one(tmp_path):
+    """What the converter writes (`FlowMatchEulerScheduler().save_pretrained`) is, key for key, the shipped file."""
+    FlowMatchEulerScheduler().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    shipped = json.loads((SHIPPED_SCHEDULER / "scheduler_config.json").read_text())
+    saved.pop("_diffusers_version")
+    shipped.pop("_diffusers_version")
+    assert saved == shipped
+
+
+def test_config_round_trip_keeps_every_option(tmp_path):
+    options = {"num_train_timesteps": 500, "shift": 2.5, "shift_terminal": 0.1, "stochastic_sampling": True,
+               "base_image_seq_len": 128, "time_shift_type": "linear"}  # fmt: skip
+    scheduler = FlowMatchEulerScheduler(**options)
+    scheduler.save_pretrained(tmp_path)
+    for cls in (FlowMatchEulerScheduler, FlowMatchEulerDiscreteScheduler):
+        reloaded = cls.from_pretrained(tmp_path)
+        assert type(reloaded) is cls
+        assert {key: reloaded.config[key] for key in options} == options
+    reloaded = FlowMatchEulerScheduler.from_config(scheduler.config)
+    assert dict(reloaded.config) == dict(scheduler.config)
+    scheduler.set_timesteps(6)
+    reloaded.set_timesteps(6)
+    assert torch.equal(reloaded.sigmas, scheduler.sigmas)
+    assert float(scheduler.sigmas[-2]) == pytest.approx(0.1)  # `shift_terminal` reached the schedule
+    # positional arguments are the parent's, in its order
+    positional = FlowMatchEulerScheduler(500, 2.5).config
+    assert dict(positional) == dict(FlowMatchEulerScheduler(num_train_timesteps=500).config, shift=2.5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'timestep_shift'"):
+        FlowMatchEulerScheduler(timestep_shift=3.0)
+
+
+def test_signature_is_the_parents_with_bagels_shift():
+    ours = inspect.signature(FlowMatchEulerScheduler.__init__).parameters
+    parent = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    assert list(ours) == list(parent)
+    assert {name: p.default for name, p in ours.items()} == dict(
+        {name: p.default for name, p in parent.items()}, shift=3.0
+    )
+    assert FlowMatchEulerDiscreteScheduler().config.shift == 1.0 and FlowMatchEulerScheduler().config.shift == 3.0
+
+
+def test_set_shift_is_the_default_of_later_schedules():
+    scheduler = FlowMatchEulerScheduler()
+    scheduler.set_shift(2.0)  # 2t / (1 + t): 1, 0.8, 0.5
+    scheduler.set_timesteps(3)
+    assert torch.allclose(scheduler.sigmas, torch.tensor([1.0, 0.8, 0.5, 0.0]), atol=1e-7, rtol=0)
+    scheduler.set_timesteps(3, timestep_shift=1.0)
+    assert torch.allclose(scheduler.sigmas, torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]), atol=1e-7, rtol=0)
+    assert scheduler.shift == 2.0 and scheduler.config.shift == 3.0
+    with pytest.raises(ValueError, match="timestep_shift"):
+        scheduler.set_timesteps(3, timestep_shift=-1.0)
+    # a schedule the parent refuses leaves the shift as it was
+    with pytest.raises(ValueError, match="same length"):
+        scheduler.set_timesteps(3, timestep_shift=1.5, sigmas=[1.0, 0.5])
+    assert scheduler.shift == 2.0
+
+
+def test_renorm_types_are_defined_once():
+    from diffusers_bagel import pipeline_bagel
+    from diffusers_bagel.scheduling_flow_match_euler import CFG_RENORM_TYPES
+
+    assert pipeline_bagel.RENORM_TYPES is CFG_RENORM_TYPES
+    assert list(CFG_RENORM_TYPES) == RENORM_TYPES

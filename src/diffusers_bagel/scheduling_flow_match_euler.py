@@ -13,13 +13,12 @@
 # limitations under the License.
 """BAGEL's flow-matching Euler schedule and its dual classifier-free-guidance combination."""
 
+import inspect
 import math
 from numbers import Real
-from typing import Literal
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 # diffusers' loader finds a component's base class by name in the module `model_index.json` points at.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
@@ -28,7 +27,7 @@ from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-__all__ = ["CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
+__all__ = ["BAGEL_SCHEDULER_DEFAULTS", "CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 """The renormalisation rules `FlowMatchEulerScheduler.apply_guidance` accepts."""
@@ -46,6 +45,24 @@ def _check_shift(name: str, value) -> float:
     if not _is_real(value) or not math.isfinite(value) or not value > 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
     return float(value)
+
+
+BAGEL_SCHEDULER_DEFAULTS = {"shift": 3.0}
+"""The defaults in which [`FlowMatchEulerScheduler`]'s config differs from `FlowMatchEulerDiscreteScheduler`'s:
+BAGEL's `timestep_shift` of 3.0."""
+
+
+def _signature_with_defaults(function, defaults: dict) -> inspect.Signature:
+    """`function`'s signature (through its decorators) with some parameters' defaults replaced."""
+    signature = inspect.signature(function)
+    unknown = set(defaults) - set(signature.parameters)
+    if unknown:
+        raise TypeError(f"{function.__qualname__} has no parameters {sorted(unknown)}.")
+    parameters = [p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters)
+
+
+_INIT_SIGNATURE = _signature_with_defaults(FlowMatchEulerDiscreteScheduler.__init__, BAGEL_SCHEDULER_DEFAULTS)
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -71,56 +88,30 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             Scale between sigmas in `[0, 1]` and the timesteps handed to the model (`timesteps = sigmas * 1000`).
         shift (`float`, defaults to 3.0):
             BAGEL's `timestep_shift` `s`, used unless `set_timesteps` gets its own `timestep_shift`.
-        **kwargs:
-            The remaining [`FlowMatchEulerDiscreteScheduler`] options (`use_dynamic_shifting`, `use_karras_sigmas`,
-            `stochastic_sampling`, ...). Their defaults reproduce BAGEL.
+        The other arguments are [`FlowMatchEulerDiscreteScheduler`]'s (`use_dynamic_shifting`, `use_karras_sigmas`,
+        `stochastic_sampling`, ...), with its defaults, which reproduce BAGEL. The signature is the parent's with the
+        defaults of `BAGEL_SCHEDULER_DEFAULTS`, so the config always has the parent's keys.
     """
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
     order = 1
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        shift: float = 3.0,
-        use_dynamic_shifting: bool = False,
-        base_shift: float | None = 0.5,
-        max_shift: float | None = 1.15,
-        base_image_seq_len: int = 256,
-        max_image_seq_len: int = 4096,
-        invert_sigmas: bool = False,
-        shift_terminal: float | None = None,
-        use_karras_sigmas: bool = False,
-        use_exponential_sigmas: bool = False,
-        use_beta_sigmas: bool = False,
-        time_shift_type: Literal["exponential", "linear"] = "exponential",
-        stochastic_sampling: bool = False,
-    ):
-        if not _is_positive_int(num_train_timesteps):
-            raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
-        _check_shift("shift", shift)
-        super().__init__(
-            num_train_timesteps=num_train_timesteps,
-            shift=shift,
-            use_dynamic_shifting=use_dynamic_shifting,
-            base_shift=base_shift,
-            max_shift=max_shift,
-            base_image_seq_len=base_image_seq_len,
-            max_image_seq_len=max_image_seq_len,
-            invert_sigmas=invert_sigmas,
-            shift_terminal=shift_terminal,
-            use_karras_sigmas=use_karras_sigmas,
-            use_exponential_sigmas=use_exponential_sigmas,
-            use_beta_sigmas=use_beta_sigmas,
-            time_shift_type=time_shift_type,
-            stochastic_sampling=stochastic_sampling,
-        )
-        # `from_config` drops keys listed in `_use_default_values` and takes the loading class's default instead.
-        # Our `shift` default (3.0) differs from the parent's (1.0), so it must always travel with the config.
-        used_defaults = self.config.get("_use_default_values")
-        if used_defaults and "shift" in used_defaults:
-            self.register_to_config(_use_default_values=[key for key in used_defaults if key != "shift"])
+    def __init__(self, *args, **kwargs):
+        arguments = _INIT_SIGNATURE.bind(self, *args, **kwargs)
+        arguments.apply_defaults()
+        config = {name: value for name, value in arguments.arguments.items() if name != "self"}
+        if not _is_positive_int(config["num_train_timesteps"]):
+            raise ValueError(f"`num_train_timesteps` must be a positive int, got {config['num_train_timesteps']!r}.")
+        _check_shift("shift", config["shift"])
+        # The parent's `__init__` (decorated with `register_to_config`) registers the config. Every argument is
+        # passed to it by name, so none is recorded as a default that `from_config` may replace with the loading
+        # class's own: BAGEL's `shift` travels with the config into a `FlowMatchEulerDiscreteScheduler`.
+        super().__init__(**config)
+
+    # The parent's signature with BAGEL's defaults: `ConfigMixin` reads a scheduler's config keys and defaults from its
+    # `__init__` signature, so the config is exactly the parent's (all its options, as the installed diffusers has
+    # them) and only the defaults in `BAGEL_SCHEDULER_DEFAULTS` differ.
+    __init__.__signature__ = _INIT_SIGNATURE
 
     def set_timesteps(
         self,
@@ -165,13 +156,16 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             # BAGEL's unshifted grid: 1, (N-1)/N, ..., 1/N (the terminal 0 is appended by the parent).
             sigmas = np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1]
 
-        saved_shift = self._shift
-        if timestep_shift is not None:
-            self._shift = timestep_shift
+        if timestep_shift is None:
+            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+            return
+        # A shift for this schedule only: the parent shifts by `self.shift`, set through its own `set_shift`.
+        shift = self.shift
+        self.set_shift(timestep_shift)
         try:
             super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         finally:
-            self._shift = saved_shift
+            self.set_shift(shift)
 
     @staticmethod
     def cfg_active(sigma: float | torch.Tensor, cfg_interval: tuple[float, float] | list[float]) -> bool:
