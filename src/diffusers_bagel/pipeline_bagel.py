@@ -6,19 +6,23 @@ import functools
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.cache_utils import CacheMixin
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.cache_utils import Cache
 
+from transformers_bagel.chat import GEN_THINK_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT
 from transformers_bagel.context_bagel import BagelContext, BagelContextSpan
 from transformers_bagel.modeling_bagel import (
     BagelDecoderLayer,
@@ -32,23 +36,12 @@ from transformers_bagel.sequence_layout import BagelSequence
 
 from .pipeline_folder import pipeline_index_class_name
 from .pipeline_output import BagelPipelineOutput
-from .scheduling_flow_match_euler import FlowMatchEulerScheduler
+from .scheduling_flow_match_euler import CFG_RENORM_TYPES, FlowMatchEulerScheduler
 from .taylorseer import TaylorSeerState, TaylorSeerStepCache
 
 
 logger = logging.get_logger(__name__)
 
-# The original inferencer's thinking system prompts (inferencer.py).
-GEN_THINK_SYSTEM_PROMPT = (
-    "You should first think about the planning process in the mind and then generate the image. \n"
-    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
-    "image here"
-)
-VLM_THINK_SYSTEM_PROMPT = (
-    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
-    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
-    "answer here"
-)
 # Presets of the original app: text-to-image runs `interleave_inference` with its image-guidance default of 1.5 (a
 # no-text context equals the full one there, so it sharpens text guidance); editing uses the app's edit tab.
 TEXT_TO_IMAGE_PRESET = {
@@ -58,7 +51,7 @@ TEXT_TO_IMAGE_PRESET = {
     "cfg_renorm_type": "global",
 }
 EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
-RENORM_TYPES = ("global", "channel", "text_channel")
+RENORM_TYPES = CFG_RENORM_TYPES  # the scheduler's renormalisation rules, under the name the CLI and app import
 MAX_GUIDANCE_SCALE = 1000.0
 MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
 # Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
@@ -76,11 +69,60 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_bagel import BagelPipeline
 
-        >>> pipe = BagelPipeline.from_pretrained("path/to/converted-bagel", torch_dtype=torch.bfloat16).to("cuda")
+        >>> # a folder written by `python -m transformers_bagel.convert_bagel_to_hf --output_dir bagel-7b-hf`
+        >>> pipe = BagelPipeline.from_pretrained("bagel-7b-hf", dtype=torch.bfloat16).to("cuda")
         >>> image = pipe("A photo of a red cat sitting on a wooden table.", generator=torch.manual_seed(0)).images[0]
         >>> edited = pipe("Make the cat blue.", image=image).images[0]
+        >>> both = pipe([image, edited, "Put both cats on one sofa."]).images[0]
         ```
 """
+
+
+@dataclass
+class _CallState:
+    """
+    The values of one pipeline call that diffusers pipelines expose as properties (`interrupt`, `num_timesteps`,
+    the guidance scales). Each call has its own, so that calls from several threads on one pipeline do not share
+    them; see [`BagelPipeline.interrupt`].
+    """
+
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_type: str
+    num_timesteps: int | None = None
+    interrupt: bool = False
+
+
+# The calls running on each thread, innermost last, as (pipeline, state): a step callback runs on its call's thread,
+# so the pipeline's properties read there give that call's values.
+_RUNNING_CALLS = threading.local()
+
+
+@contextlib.contextmanager
+def _running_call(pipeline: "BagelPipeline", state: _CallState):
+    stack = _RUNNING_CALLS.__dict__.setdefault("stack", [])
+    stack.append((pipeline, state))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+class BagelVaeImageProcessor(VaeImageProcessor):
+    """
+    diffusers' [`~diffusers.image_processor.VaeImageProcessor`] whose PIL images are made by truncation to `uint8`,
+    as the original BAGEL's `decode_image` makes them (`VaeImageProcessor.numpy_to_pil` rounds, which would move
+    pixels one level away from the original's images). The `"np"` and `"pt"` outputs are the parent's.
+    """
+
+    @staticmethod
+    def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+        """`(batch, height, width, 3)` (or one `(height, width, 3)`) RGB images in `[0, 1]` -> PIL images, with
+        `uint8` pixels by truncation."""
+        if images.ndim == 3:
+            images = images[None, ...]
+        return [PIL.Image.fromarray(image) for image in (images * 255).astype(np.uint8)]
 
 
 @dataclass
@@ -185,6 +227,9 @@ class BagelPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "model->vae"
+    # Every component is needed: the model denoises, the VAE encodes input images and decodes the result, the
+    # scheduler steps and combines the guidance, the processor tokenizes.
+    _optional_components = []
     _callback_tensor_inputs = ["latents"]
     # bf16 / fp16 convolutions are several times slower than float32 on CPUs (a bf16 call on CPU spent 7x the float32
     # time, almost all in the VAE): a half-precision VAE on the CPU runs in float32 unless this is set to False.
@@ -199,8 +244,80 @@ class BagelPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(model=model, vae=vae, scheduler=scheduler, processor=processor)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        # The model packs latent patches (2 x 2 for BAGEL) into tokens: image sides are multiples of 8 x 2.
+        patch_size = self.model.config.latent_patch_size if getattr(self, "model", None) else 2
+        latent_channels = self.vae.config.latent_channels if getattr(self, "vae", None) else 16
+        self.image_processor = BagelVaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor * patch_size, vae_latent_channels=latent_channels
+        )
 
     # -- properties -----------------------------------------------------------------------------------------------
+
+    def _current_call(self) -> _CallState | None:
+        """The call of this thread on this pipeline (inside a step callback, the call that runs it), else the most
+        recently started call, else `None`."""
+        for pipeline, state in reversed(getattr(_RUNNING_CALLS, "stack", ())):
+            if pipeline is self:
+                return state
+        return getattr(self, "_last_call_state", None)
+
+    @property
+    def cfg_text_scale(self) -> float | None:
+        """The text guidance scale of the current call (see [`~BagelPipeline.interrupt`] for which call), its preset
+        value when the call left it unset; `None` before any call."""
+        state = self._current_call()
+        return None if state is None else state.cfg_text_scale
+
+    @property
+    def cfg_img_scale(self) -> float | None:
+        """The image guidance scale of the current call (the preset's when unset); `None` before any call."""
+        state = self._current_call()
+        return None if state is None else state.cfg_img_scale
+
+    @property
+    def cfg_interval(self) -> tuple[float, float] | None:
+        """The guidance interval of the current call (the preset's when unset); `None` before any call."""
+        state = self._current_call()
+        return None if state is None else state.cfg_interval
+
+    @property
+    def cfg_renorm_type(self) -> str | None:
+        """The guidance renormalisation of the current call (the preset's when unset); `None` before any call."""
+        state = self._current_call()
+        return None if state is None else state.cfg_renorm_type
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """The number of denoising steps of the current call; `None` before its schedule is set."""
+        state = self._current_call()
+        return None if state is None else state.num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """
+        Whether the current call is asked to stop denoising: set `pipe._interrupt = True` (as in diffusers'
+        pipelines), typically inside `callback_on_step_end`, and the call leaves its loop after the current step and
+        decodes the latents it has.
+
+        Every call has its own values, so that several threads can call one pipeline at once. The properties
+        (`interrupt`, `num_timesteps`, `cfg_text_scale`, `cfg_img_scale`, `cfg_interval`, `cfg_renorm_type`) give,
+        inside a step callback, the values of the call running that callback, and elsewhere those of the most
+        recently started call, as the attributes of a diffusers pipeline do. Setting `pipe._interrupt` in a callback
+        stops that callback's call only; set from another thread, it stops the most recently started call.
+        """
+        state = self._current_call()
+        return False if state is None else state.interrupt
+
+    @property
+    def _interrupt(self) -> bool:
+        return self.interrupt
+
+    @_interrupt.setter
+    def _interrupt(self, value: bool) -> None:
+        state = self._current_call()
+        if state is not None:
+            state.interrupt = bool(value)
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -631,7 +748,8 @@ class BagelPipeline(DiffusionPipeline):
                 )
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
-        """Initial noise, `(batch, 16, H/8, W/8)` in the normalised latent space, packed into tokens."""
+        """Initial noise, `(batch, 16, H/8, W/8)` in the normalised latent space, as `dtype` on `device`, packed into
+        tokens: drawn with `generator`, or the given `latents` cast. The pipeline integrates in float32."""
         channels = self.model.config.latent_channels
         shape = (batch_size, channels, height // self.model.config.vae_downsample, width // self.model.config.vae_downsample)
         if latents is None:
@@ -654,14 +772,9 @@ class BagelPipeline(DiffusionPipeline):
         decoded = self.vae.decode(latents.to(self.vae.dtype)).sample
         if not bool(torch.isfinite(decoded).all()):
             raise RuntimeError(non_finite_message("The VAE's decoded images hold", self.vae, "VAE"))
-        images = (decoded.float() * 0.5 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        if output_type == "np":
-            return images.permute(0, 2, 3, 1).cpu().numpy()
-        # uint8 by truncation, as the original's decode_image.
-        pixels = (images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [PIL.Image.fromarray(p) for p in pixels]
+        # `[-1, 1]` -> `[0, 1]` in float32 (the VAE may be half precision); PIL pixels by truncation (see
+        # `BagelVaeImageProcessor`).
+        return self.image_processor.postprocess(decoded.float(), output_type=output_type)
 
     # -- guidance -----------------------------------------------------------------------------------------------
 
@@ -859,6 +972,7 @@ class BagelPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     @_one_call_at_a_time_with_step_cache
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt=None,
@@ -883,8 +997,8 @@ class BagelPipeline(DiffusionPipeline):
         enable_taylorseer: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         r"""
         Generates images from text, edits images, or both, interleaved.
@@ -923,13 +1037,24 @@ class BagelPipeline(DiffusionPipeline):
                 every 3rd, and predicts the other steps from Taylor factors). Its state belongs to this call only.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`BagelPipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, timestep, kwargs)` after
-                every step; may return a dict replacing `latents`.
-            callback_on_step_end_tensor_inputs (`list[str]`, *optional*): tensors passed to the callback.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after every denoising step,
+                with `callback_kwargs` holding the tensors named by `callback_on_step_end_tensor_inputs`; it may return
+                a dict whose `latents` replace the current ones (same shape). Setting `pipe._interrupt = True` in it
+                ends the loop after this step, and the latents so far are decoded. The pipeline's properties read in it
+                (`num_timesteps`, `cfg_text_scale`, ...) are this call's.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors passed to `callback_on_step_end`, from `._callback_tensor_inputs` (`"latents"`: the
+                current latents, `(batch, 16, H/8, W/8)`). For a `PipelineCallback` or `MultiPipelineCallbacks`, its
+                `tensor_inputs` are used instead.
+
+        Examples:
 
         Returns:
             [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), or a tuple.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if enable_taylorseer and self.is_cache_enabled:
             raise ValueError(
                 "`enable_taylorseer=True` and a diffusers step cache (`enable_cache`) both skip decoder layers; use "
@@ -940,26 +1065,20 @@ class BagelPipeline(DiffusionPipeline):
             _as_int(value) for value in (height, width, num_inference_steps, num_images_per_prompt, max_think_tokens)
         )
         batch = self._normalize_prompts(prompt, image)
-        self._upcast_cpu_vae()
         editing = any(not isinstance(item, str) for items in batch for item in items)
         preset = EDIT_PRESET if editing else TEXT_TO_IMAGE_PRESET
         cfg_text_scale = preset["cfg_text_scale"] if cfg_text_scale is None else cfg_text_scale
         cfg_img_scale = preset["cfg_img_scale"] if cfg_img_scale is None else cfg_img_scale
         cfg_interval = preset["cfg_interval"] if cfg_interval is None else cfg_interval
         cfg_renorm_type = preset["cfg_renorm_type"] if cfg_renorm_type is None else cfg_renorm_type
-        self.check_inputs(
-            height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
-            cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
-            think, max_think_tokens, think_do_sample, think_temperature, callback_on_step_end,
-        )  # fmt: skip
-        device = self._execution_device
 
+        # The output size, given or taken from the (VAE-resized) input images, before the inputs are checked (once).
+        # Building the contexts only resizes the input images; no model runs before the check.
         contexts = [self.build_contexts(items, think) for items in batch]
         sizes = set()
         for ctx in contexts:
-            h = height or (ctx.image_size[0] if ctx.image_size else self.default_sample_size)
-            w = width or (ctx.image_size[1] if ctx.image_size else self.default_sample_size)
-            sizes.add((h, w))
+            default = ctx.image_size or (self.default_sample_size, self.default_sample_size)
+            sizes.add((default[0] if height is None else height, default[1] if width is None else width))
         if len(sizes) > 1:
             raise ValueError(
                 f"The prompts of one batch would give images of different sizes {sorted(sizes)}; pass `height` and "
@@ -980,57 +1099,85 @@ class BagelPipeline(DiffusionPipeline):
             )
         self._check_latents_and_generator(latents, generator, batch_size, height, width, len(batch), num_images_per_prompt)
         self._check_positions(contexts, think, max_think_tokens)
-        grid = (height // self.latent_downsample, width // self.latent_downsample)
-        x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
 
-        thoughts = None
-        if think:
-            thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
+        # This call's values behind the pipeline's properties: its own, and the pipeline's "most recent call".
+        state = _CallState(
+            cfg_text_scale=cfg_text_scale,
+            cfg_img_scale=cfg_img_scale,
+            cfg_interval=tuple(cfg_interval),
+            cfg_renorm_type=cfg_renorm_type,
+        )
+        self._last_call_state = state
+        with _running_call(self, state):
+            self._upcast_cpu_vae()
+            device = self._execution_device
+            grid = (height // self.latent_downsample, width // self.latent_downsample)
+            x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
 
-        # Per-call state: this call's own scheduler (timesteps and step index) and TaylorSeer states, so that calls
-        # on one pipeline from several threads do not interfere.
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
-        self._num_timesteps = len(scheduler.timesteps)
-        # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
-        sigmas = scheduler.sigmas.tolist()
-        # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
-        # branch's velocity when both have run the same steps, i.e. when guidance starts at the first step (the flow
-        # times decrease, so the guided steps are then the first ones and the branch is not used after them).
-        guided_from_start = scheduler.cfg_active(sigmas[0], cfg_interval)
-        guidance = self.prepare_guidance(
-            contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
-            sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
-        )  # fmt: skip
-        taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
-        with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, timestep in enumerate(scheduler.timesteps):
-                v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
-                x = scheduler.step(v, timestep, x, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    if "latents" in (callback_on_step_end_tensor_inputs or []):
-                        callback_kwargs["latents"] = unpack_latents(x, grid, self.latent_patch_size)
-                    callback_outputs = callback_on_step_end(self, i, timestep, callback_kwargs)
-                    if callback_outputs and "latents" in callback_outputs:
-                        returned = callback_outputs["latents"]
-                        expected = tuple(unpack_latents(x, grid, self.latent_patch_size).shape)
-                        if not isinstance(returned, torch.Tensor) or tuple(returned.shape) != expected:
-                            shape = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
-                            raise ValueError(
-                                f"`callback_on_step_end` returned `latents` of shape {shape} at step {i}; "
-                                f"expected {expected}."
-                            )
-                        x = pack_latents(returned.to(x.dtype), self.latent_patch_size)
-                progress_bar.update()
-        del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
+            thoughts = None
+            if think:
+                thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
 
-        images = self._decode(x, grid, output_type)
-        self.maybe_free_model_hooks()
-        text = thoughts if thoughts is not None else None
+            # Per-call state: this call's own scheduler (timesteps and step index) and TaylorSeer states, so that
+            # calls on one pipeline from several threads do not interfere.
+            scheduler = copy.deepcopy(self.scheduler)
+            scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
+            state.num_timesteps = len(scheduler.timesteps)
+            # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
+            sigmas = scheduler.sigmas.tolist()
+            # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
+            # branch's velocity when both have run the same steps, i.e. when guidance starts at the first step (the
+            # flow times decrease, so the guided steps are then the first ones and the branch is not used after them).
+            guided_from_start = scheduler.cfg_active(sigmas[0], cfg_interval)
+            guidance = self.prepare_guidance(
+                contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
+                sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
+            )  # fmt: skip
+            taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
+            with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
+                for i, timestep in enumerate(scheduler.timesteps):
+                    if state.interrupt:
+                        break
+                    v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
+                    x = scheduler.step(v, timestep, x, return_dict=False)[0]
+                    if callback_on_step_end is not None:
+                        x = self._run_step_callback(
+                            callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, x, grid
+                        )
+                    progress_bar.update()
+            del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
+
+            images = self._decode(x, grid, output_type)
+            self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, text)
-        return BagelPipelineOutput(images=images, text=text)
+            return (images, thoughts)
+        return BagelPipelineOutput(images=images, text=thoughts)
+
+    def _run_step_callback(self, callback, tensor_inputs, step, timestep, x, grid) -> torch.Tensor:
+        """Calls `callback_on_step_end` with the tensors it asks for; returns the packed latents, replaced by the ones
+        it returns (checked for shape)."""
+        callback_kwargs = {}
+        if "latents" in (tensor_inputs or ()):
+            callback_kwargs["latents"] = unpack_latents(x, grid, self.latent_patch_size)
+        callback_outputs = callback(self, step, timestep, callback_kwargs)
+        if not callback_outputs or "latents" not in callback_outputs:
+            return x
+        returned = callback_outputs["latents"]
+        p = self.latent_patch_size
+        expected = (x.shape[0], x.shape[-1] // (p * p), grid[0] * p, grid[1] * p)
+        if not isinstance(returned, torch.Tensor) or tuple(returned.shape) != expected:
+            shape = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
+            raise ValueError(
+                f"`callback_on_step_end` returned `latents` of shape {shape} at step {step}; expected {expected}."
+            )
+        return pack_latents(returned.to(x.dtype), p)
 
 
-__all__ = ["BagelPipeline", "GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT", "TEXT_TO_IMAGE_PRESET", "EDIT_PRESET"]
+__all__ = [
+    "BagelPipeline",
+    "BagelVaeImageProcessor",
+    "GEN_THINK_SYSTEM_PROMPT",
+    "VLM_THINK_SYSTEM_PROMPT",
+    "TEXT_TO_IMAGE_PRESET",
+    "EDIT_PRESET",
+]
