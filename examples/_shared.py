@@ -5,12 +5,15 @@ from pathlib import Path
 
 import PIL.Image
 import PIL.ImageDraw
+import torch
 
 from quickstart import ROOT, default_checkpoint
+
+from diffusers_bagel import BagelPipeline
 from transformers_bagel.image_processing_bagel import to_rgb_image
 
 
-__all__ = ["ROOT", "base_parser", "checkpoint_from", "demo_image", "load_image"]
+__all__ = ["ROOT", "base_parser", "checkpoint_from", "demo_image", "load_image", "load_pipeline"]
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -45,3 +48,16 @@ def demo_image(width: int = 160, height: int = 120) -> PIL.Image.Image:
 def load_image(path) -> PIL.Image.Image:
     """The image at `path` (a file or an http(s) URL, as RGB), or the drawn demo scene when `path` is None."""
     return demo_image() if path is None else to_rgb_image(path)
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto") -> BagelPipeline:
+    """`BagelPipeline.from_pretrained(checkpoint, dtype=...).to(device)`: by default on CUDA in bfloat16 when it is
+    available, else on the CPU in float32. `dtype` is a key of `DTYPES` (argparse `choices`)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for, but CUDA is not available on this machine.")
+    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return BagelPipeline.from_pretrained(checkpoint, dtype=torch_dtype).to(device)

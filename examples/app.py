@@ -25,7 +25,8 @@ import gradio as gr  # noqa: E402
 from quickstart import resolve_checkpoint  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
-from diffusers_bagel.cli import answer, build_messages, load_pipeline  # noqa: E402
+from _shared import DTYPES, load_pipeline  # noqa: E402
+from transformers_bagel.chat import generate_answer, understanding_messages  # noqa: E402
 from diffusers_bagel.pipeline_bagel import EDIT_PRESET, RENORM_TYPES, TEXT_TO_IMAGE_PRESET  # noqa: E402
 
 
@@ -180,7 +181,7 @@ def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -
         if image is None:
             raise gr.Error("Upload an image to ask about.")
         try:
-            messages = build_messages(question, [image], think=think)
+            messages = understanding_messages(question, [image], think=think)
         except ValueError as error:
             raise public_error(error) from error
         streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -188,7 +189,9 @@ def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -
 
         def work():
             try:
-                answer(pipe, messages, int(max_new_tokens), do_sample, temperature, streamer=streamer)
+                generate_answer(
+                    pipe.model, pipe.processor, messages, int(max_new_tokens), do_sample, temperature, streamer
+                )
             except Exception as error:  # reported to the page below; the streamer must still be closed
                 failure.append(error)
                 streamer.end()
@@ -281,7 +284,8 @@ def main():
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 to share on a network).")
     parser.add_argument("--port", type=int, default=7860, help="Port to serve on.")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available).")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                        help="auto: bfloat16 on CUDA, float32 on the CPU.")  # fmt: skip
     parser.add_argument("--num_inference_steps", type=int, default=50, help="Initial value of the Steps sliders.")
     args = parser.parse_args()
     if not 1 <= args.num_inference_steps <= 100:

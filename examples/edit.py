@@ -8,9 +8,8 @@ Without --image a small drawn scene is edited (and saved as edit_input.png besid
 """
 
 import torch
-from _shared import base_parser, checkpoint_from, load_image
+from _shared import base_parser, checkpoint_from, load_image, load_pipeline
 
-from diffusers_bagel.cli import load_pipeline
 
 
 def main():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffusers_bagel import BagelPipeline
-from diffusers_bagel.cli import answer, build_messages
+from transformers_bagel.chat import generate_answer, understanding_messages
 from transformers_bagel.convert_bagel_to_hf import convert
 
 
@@ -49,7 +49,8 @@ def resolve_checkpoint(value: str | None, parser: argparse.ArgumentParser, defau
 
 def ask(pipe, image, question: str, max_new_tokens: int = 16) -> str:
     """Greedy answer of the model to `question` about `image` (the CLI's chat path)."""
-    return answer(pipe, build_messages(question, [image]), max_new_tokens=max_new_tokens).strip()
+    messages = understanding_messages(question, [image])
+    return generate_answer(pipe.model, pipe.processor, messages, max_new_tokens=max_new_tokens).strip()
 
 
 def digits_demo(args):

@@ -7,9 +7,8 @@ Without --checkpoint the tiny random-weight test model is used: its pictures are
 """
 
 import torch
-from _shared import base_parser, checkpoint_from
+from _shared import base_parser, checkpoint_from, load_pipeline
 
-from diffusers_bagel.cli import load_pipeline
 
 
 def main():

@@ -7,9 +7,9 @@ Prints the plan, the image's path, then a reasoned answer to a question about th
 """
 
 import torch
-from _shared import base_parser, checkpoint_from
+from _shared import base_parser, checkpoint_from, load_pipeline
 
-from diffusers_bagel.cli import answer, build_messages, load_pipeline
+from transformers_bagel.chat import generate_answer, understanding_messages
 
 
 def main():
@@ -33,7 +33,9 @@ def main():
     image.save(path)
     print(f"plan: {output.text[0]!r}")
     print(f"thinking text-to-image ({image.width}x{image.height}): {path}")
-    reasoning = answer(pipe, build_messages(args.question, [image], think=True), args.max_think_tokens)
+    reasoning = generate_answer(
+        pipe.model, pipe.processor, understanding_messages(args.question, [image], think=True), args.max_think_tokens
+    )
     print(f"reasoned answer: {reasoning!r}")
 
 

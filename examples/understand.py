@@ -7,10 +7,10 @@ question in the same conversation.
 Without --image a small drawn scene is used. The tiny default model has random weights: its answers are gibberish.
 """
 
-from _shared import base_parser, checkpoint_from, load_image
+from _shared import base_parser, checkpoint_from, load_image, load_pipeline
 from transformers import TextStreamer
 
-from diffusers_bagel.cli import answer, build_messages, load_pipeline
+from transformers_bagel.chat import generate_answer, understanding_messages
 
 
 def main():
@@ -27,7 +27,10 @@ def main():
     history = []
     for question in (args.question, args.follow_up):
         print(f"Q: {question}\nA: ", end="", flush=True)
-        reply = answer(pipe, build_messages(question, [image], history), args.max_new_tokens, streamer=streamer)
+        reply = generate_answer(
+            pipe.model, pipe.processor, understanding_messages(question, [image], history), args.max_new_tokens,
+            streamer=streamer,
+        )
         history.append((question, reply))
     print(f"answers: {[reply for _, reply in history]!r}")
 

@@ -191,7 +191,7 @@ def test_edit_with_thinking_shows_plan_and_image(browser_page, app_url, pipe, pi
 
 
 def test_understanding_answers_a_question_about_an_uploaded_image(browser_page, app_url, pipe, picture):
-    from diffusers_bagel.cli import answer, build_messages
+    from transformers_bagel.chat import generate_answer, understanding_messages
 
     page = browser_page
     _open(page, app_url, "Image Understanding")
@@ -199,7 +199,8 @@ def test_understanding_answers_a_question_about_an_uploaded_image(browser_page, 
     page.locator("#und-input img").wait_for()
     page.locator("#und-question textarea").fill("What colour is the square?")
     page.locator("#und-submit").click()
-    expected = answer(pipe, build_messages("What colour is the square?", [PIL.Image.open(picture)]), 512)
+    messages = understanding_messages("What colour is the square?", [PIL.Image.open(picture)])
+    expected = generate_answer(pipe.model, pipe.processor, messages, 512)
     assert expected.strip(), "the tiny model gave an empty answer; the check below would prove nothing"
     page.wait_for_function(
         "expected => document.querySelector('#und-answer textarea').value === expected", arg=expected

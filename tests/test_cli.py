@@ -14,7 +14,8 @@ import torch
 
 from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
 from diffusers_bagel import BagelPipeline
-from diffusers_bagel.cli import answer, build_messages, build_parser, main
+from diffusers_bagel.cli import build_parser, main
+from transformers_bagel.chat import generate_answer, understanding_messages
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_chat_streams_the_answer_of_the_model(converted_dir, pipe, picture, caps
         capsys,
     )  # fmt: skip
     assert code == 0, err
-    expected = answer(pipe, build_messages(question, [PIL.Image.open(picture)]), 24)
+    expected = generate_answer(pipe.model, pipe.processor, understanding_messages(question, [PIL.Image.open(picture)]), 24)
     assert expected and out == expected + "\n"
 
 
@@ -188,22 +189,23 @@ def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, caps
     code, out, err = _run(["chat", "--checkpoint", converted_dir, "--image", picture, "--max_new_tokens", 12], capsys)
     assert code == 0, err
     image = PIL.Image.open(picture)
-    first = answer(pipe, build_messages("Describe it.", [image]), 12)
-    second = answer(pipe, build_messages("And the left side?", [image], [("Describe it.", first)]), 12)
-    alone = answer(pipe, build_messages("And the left side?", [image]), 12)
+    first = generate_answer(pipe.model, pipe.processor, understanding_messages("Describe it.", [image]), 12)
+    follow_up = understanding_messages("And the left side?", [image], [("Describe it.", first)])
+    second = generate_answer(pipe.model, pipe.processor, follow_up, 12)
+    alone = generate_answer(pipe.model, pipe.processor, understanding_messages("And the left side?", [image]), 12)
     assert second != alone, "the follow-up should depend on the conversation"
     assert out == f"> {first}\n> {second}\n> "
 
 
 def test_build_messages_orders_thinking_history_images_and_question():
     image = PIL.Image.new("RGB", (8, 8))
-    messages = build_messages("Why?", [image], [("What?", "A cat.")], think=True)
+    messages = understanding_messages("Why?", [image], [("What?", "A cat.")], think=True)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("You should first think about the reasoning process")
     assert messages[1]["content"] == [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]
     assert messages[3]["content"] == [{"type": "text", "text": "Why?"}]
     with pytest.raises(ValueError, match="question is empty"):
-        build_messages("  ", [image])
+        understanding_messages("  ", [image])
 
 
 # -- push, without touching the network ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging
+from transformers_bagel.chat import generate_answer, understanding_messages
 
 from .pipeline_bagel import (
     EDIT_PRESET,
@@ -29,23 +30,23 @@ from .pipeline_bagel import (
     MIN_TIMESTEP_SHIFT,
     RENORM_TYPES,
     TEXT_TO_IMAGE_PRESET,
-    VLM_THINK_SYSTEM_PROMPT,
 )
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["main", "build_parser", "load_pipeline", "build_messages", "answer"]
+__all__ = ["main", "build_parser"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# -- library helpers shared by the CLI, the examples and the app -------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
+def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
     """
-    Loads a converted BAGEL folder into a [`BagelPipeline`].
+    `BagelPipeline.from_pretrained(checkpoint)` for the subcommands' `--checkpoint`, `--device`, `--dtype`, each
+    checked with a message naming the flag's value.
 
     Args:
         checkpoint (`str` or `os.PathLike`): a folder written by `bagel convert` (holds `model_index.json`).
@@ -76,58 +77,6 @@ def load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         torch_dtype = DTYPES[dtype]
     pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype)
     return pipe.to(device)
-
-
-def build_messages(question: str, images=(), history=(), think: bool = False) -> list[dict]:
-    """
-    Chat messages for an understanding turn: BAGEL's reasoning system prompt first when `think` is set (as the
-    original inferencer puts it), then the earlier `(question, answer)` pairs of `history`, then `question`. The
-    `images` go before the first question of the conversation.
-    """
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("The question is empty; ask something about the image(s).")
-    messages = [{"role": "system", "content": VLM_THINK_SYSTEM_PROMPT}] if think else []
-    for index, (text, reply) in enumerate([*history, (question, None)]):
-        content = [{"type": "image", "image": image} for image in images] if index == 0 else []
-        content.append({"type": "text", "text": text})
-        messages.append({"role": "user", "content": content})
-        if reply is not None:
-            messages.append({"role": "assistant", "content": reply})
-    return messages
-
-
-def answer(
-    pipe,
-    messages: list[dict],
-    max_new_tokens: int = 512,
-    do_sample: bool = False,
-    temperature: float = 0.3,
-    streamer=None,
-) -> str:
-    """
-    Answers chat `messages` (see [`build_messages`]) with the pipeline's model and processor; greedy by default. The
-    text is streamed to `streamer` (a transformers streamer) as it is generated. Returns the decoded answer.
-    """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
-    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"`temperature` must be a finite number > 0 when sampling, got {temperature!r}.")
-    inputs = pipe.processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    ).to(pipe.model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(pipe.model.dtype)
-    # Sampling as the original: softmax(logits / T) over the whole vocabulary (no top-k / top-p filtering).
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
-    with torch.no_grad():
-        output = pipe.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            streamer=streamer,
-            **sampling,
-        )
-    return pipe.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
 
 
 # -- argument types ----------------------------------------------------------------------------------------------------
@@ -340,7 +289,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 def _run_image(args, images=None):
     paths = _output_paths(args.output, args.num_images)
-    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     output = pipe(
         args.prompt,
         image=images,
@@ -389,13 +338,15 @@ def _run_chat(args):
     from transformers import TextStreamer
 
     images = _open_images(args.image)
-    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
 
     def turn(question, history):
-        messages = build_messages(question, images, history, think=args.think)
-        return answer(pipe, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer=streamer)
+        messages = understanding_messages(question, images, history, think=args.think)
+        return generate_answer(
+            pipe.model, pipe.processor, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer
+        )
 
     if args.prompt is not None:
         turn(args.prompt, [])
