@@ -17,7 +17,7 @@ import torch
 
 from diffusers_bagel import BagelPipeline
 from transformers_bagel.chat import generate_answer, understanding_messages
-from transformers_bagel.convert_bagel_to_hf import convert
+from diffusers_bagel.convert_bagel_to_diffusers import convert
 
 
 ROOT = Path(__file__).resolve().parent.parent

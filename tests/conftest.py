@@ -44,7 +44,7 @@ def original_model():
 @pytest.fixture(scope="session")
 def converted_dir(tmp_path_factory) -> Path:
     """The tiny original checkpoint converted with the converter, once per session."""
-    from transformers_bagel.convert_bagel_to_hf import convert
+    from diffusers_bagel.convert_bagel_to_diffusers import convert
 
     out = tmp_path_factory.mktemp("converted") / "tiny_bagel"
     convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB")

@@ -287,7 +287,7 @@ def test_bad_input_exits_2_with_a_message(argv, message, converted_dir, tmp_path
 
 def test_model_card_of_the_7b_names_the_release():
     from transformers_bagel import BagelConfig
-    from transformers_bagel.convert_bagel_to_hf import model_card_text
+    from diffusers_bagel.convert_bagel_to_diffusers import model_card_text
 
     card = model_card_text("me/bagel-7b", BagelConfig())
     assert "base_model: ByteDance-Seed/BAGEL-7B-MoT" in card and "The weights are the original ones" in card

@@ -174,25 +174,25 @@ def test_out_of_vocabulary_words_warn(pipe, monkeypatch):
 def test_conversion_is_atomic_and_never_mixes_old_and_new(tmp_path, monkeypatch):
     from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
     from diffusers_bagel import pipeline_folder
-    from transformers_bagel import convert_bagel_to_hf
+    from diffusers_bagel import convert_bagel_to_diffusers as converter
 
     out = tmp_path / "converted"
-    convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB")
+    converter.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     (out / "model" / "stale-shard.safetensors").write_bytes(b"old")
     with pytest.raises(ValueError, match="is not empty; pass overwrite=True"):
-        convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES)
+        converter.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES)
 
     def killed(folder):
         raise KeyboardInterrupt  # the process dies while writing
 
     monkeypatch.setattr(pipeline_folder, "write_pipeline_folder_files", killed)
     with pytest.raises(KeyboardInterrupt):
-        convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, overwrite=True)
+        converter.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, overwrite=True)
     assert (out / "model" / "stale-shard.safetensors").exists()  # the old folder is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # and no half-written folder is left
     monkeypatch.undo()
-    convert_bagel_to_hf.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB", overwrite=True)
+    converter.convert(ORIGINAL_DIR, out, image_sizes=TINY_IMAGE_SIZES, max_shard_size="1MB", overwrite=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # replaced as a whole: no stale shard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]
 
@@ -200,7 +200,8 @@ def test_conversion_is_atomic_and_never_mixes_old_and_new(tmp_path, monkeypatch)
 def test_conversion_image_sizes_fit_the_position_tables(tmp_path):
     from conftest import ORIGINAL_DIR
     from transformers_bagel import BagelProcessor
-    from transformers_bagel.convert_bagel_to_hf import convert, resolve_image_sizes
+    from diffusers_bagel.convert_bagel_to_diffusers import convert
+    from transformers_bagel.convert_bagel_to_hf import resolve_image_sizes
 
     # the tiny model's latent table holds 16 x 16 tokens of 16 px: 256 px; its ViT table 70 x 14 px
     sizes = resolve_image_sizes(None, 256, 980)
@@ -435,7 +436,7 @@ def test_converter_refuses_non_finite_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from conftest import ORIGINAL_DIR
-    from transformers_bagel.convert_bagel_to_hf import convert
+    from diffusers_bagel.convert_bagel_to_diffusers import convert
 
     source = tmp_path / "original"
     shutil.copytree(ORIGINAL_DIR, source)

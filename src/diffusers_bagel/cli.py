@@ -365,7 +365,7 @@ def _run_chat(args):
 def _run_push(args):
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from transformers_bagel.convert_bagel_to_hf import model_card_text
+    from .convert_bagel_to_diffusers import model_card_text
 
     folder = args.folder
     if not (folder / "model_index.json").is_file() or not (folder / "model" / "config.json").is_file():
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["convert"]:
         # The converter owns its flags; one parser, one --help, no copy of them here.
-        from transformers_bagel.convert_bagel_to_hf import main as convert_main
+        from .convert_bagel_to_diffusers import main as convert_main
 
         try:
             convert_main(argv[1:], prog="bagel convert")

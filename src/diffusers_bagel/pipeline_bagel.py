@@ -69,7 +69,7 @@ EXAMPLE_DOC_STRING = """
         >>> import torch
         >>> from diffusers_bagel import BagelPipeline
 
-        >>> # a folder written by `python -m transformers_bagel.convert_bagel_to_hf --output_dir bagel-7b-hf`
+        >>> # a folder written by `bagel convert --input_dir BAGEL-7B-MoT --output_dir bagel-7b-hf`
         >>> pipe = BagelPipeline.from_pretrained("bagel-7b-hf", dtype=torch.bfloat16).to("cuda")
         >>> image = pipe("A photo of a red cat sitting on a wooden table.", generator=torch.manual_seed(0)).images[0]
         >>> edited = pipe("Make the cat blue.", image=image).images[0]

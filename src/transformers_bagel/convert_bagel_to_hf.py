@@ -1,29 +1,16 @@
 """
-Convert a BAGEL checkpoint in the original release layout (`ByteDance-Seed/BAGEL-7B-MoT`: `ema.safetensors`,
-`ae.safetensors`, `llm_config.json`, `vit_config.json`, tokenizer files) into one folder in diffusers layout:
-
-    OUT/model_index.json, OUT/pipeline_bagel.py, OUT/config.json   (see diffusers_bagel.pipeline_folder)
-    OUT/model/       BagelForConditionalGeneration (sharded safetensors)
-    OUT/vae/         diffusers AutoencoderKL (FLUX autoencoder)
-    OUT/scheduler/   FlowMatchEulerScheduler
-    OUT/processor/   BagelProcessor (tokenizer, image processor, chat template)
-    OUT/README.md    Hub model card (from the package's model_card.md)
-
-Usage:
-
-    python -m transformers_bagel.convert_bagel_to_hf --input_dir ORIG --output_dir OUT
+Read a BAGEL checkpoint in the original release layout (`ByteDance-Seed/BAGEL-7B-MoT`: `ema.safetensors`,
+`llm_config.json`, `vit_config.json`, tokenizer files) as transformers objects: [`BagelForConditionalGeneration`]
+(`load_original_model`) and its [`BagelProcessor`] (`original_processor`). The pipeline folder (these plus the VAE,
+the scheduler and `model_index.json`) is written by `diffusers_bagel.convert_bagel_to_diffusers` (`bagel convert`).
 
 The original loader's corrections are applied: the ViT config lists one layer more than the model runs, the ViT patch
 embedding is stored as a linear layer, and the values `app.py` hard-codes (not stored in any file of the release) are
 used when `config.json` / `vae_config.json` are absent. Only safetensors files are read; pickles are never loaded.
 """
 
-import argparse
 import json
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,8 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, SiglipVisionConfig
 from transformers.utils import logging
 
-from .configuration_bagel import SPECIAL_TOKENS, BagelConfig, BagelTextConfig, special_token_ids  # noqa: F401 (SPECIAL_TOKENS re-exported)
+from .configuration_bagel import SPECIAL_TOKENS, BagelConfig, BagelTextConfig, special_token_ids
+from .image_processing_bagel import BagelImageProcessor
 from .modeling_bagel import BagelForConditionalGeneration
+from .processing_bagel import BagelProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -227,28 +216,11 @@ def load_original_model(input_dir: str | os.PathLike, dtype: torch.dtype = torch
             module.inv_freq = inv_freq
             module.original_inv_freq = inv_freq.clone()
     model.config.dtype = dtype
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.eval()
     return model, tokenizer, vae_params
-
-
-def check_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
-    """Refuses, before any work, an output folder that is the input folder (or inside it, or holds it), a file, a
-    non-empty folder unless `overwrite`, or a place that cannot be written."""
-    source, target = input_dir.resolve(), output_dir.resolve()
-    if target == source or source in target.parents or target in source.parents:
-        raise ValueError(
-            f"output_dir {str(output_dir)!r} overlaps input_dir {str(input_dir)!r}: the conversion never writes into "
-            "its input; choose another folder."
-        )
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"output_dir {str(output_dir)!r} is a file, not a folder.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output_dir {str(output_dir)!r} is not empty; pass overwrite=True (--overwrite) to replace it as a whole."
-        )
-    existing = next(parent for parent in (target, *target.parents) if parent.exists())
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"output_dir {str(output_dir)!r} cannot be written ({str(existing)!r} is read-only).")
 
 
 def resolve_image_sizes(image_sizes: dict | None, max_image_size: int, vit_max_image_size: int) -> dict:
@@ -282,197 +254,35 @@ def resolve_image_sizes(image_sizes: dict | None, max_image_size: int, vit_max_i
     return sizes
 
 
-def convert(
-    input_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str = "5GB",
-    image_sizes: dict | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """
-    Converts `input_dir` (original layout) into `output_dir` (diffusers layout). Returns `output_dir`.
-
-    The folder is written atomically: everything is built in a temporary folder beside `output_dir` and moved into
-    place at the end, so a killed conversion leaves no half-written folder (and an `overwrite` replaces the old folder
-    as a whole: no stale shard or component survives). A non-empty `output_dir` is refused unless `overwrite=True`;
-    the input folder is never written. Image sizes not given are the 7B's, lowered to what the model's tables hold.
-    """
-    from diffusers_bagel import pipeline_folder
-    from diffusers_bagel.convert_flux_vae import load_flux_vae
-    from diffusers_bagel.scheduling_flow_match_euler import FlowMatchEulerScheduler
-
-    from .image_processing_bagel import BagelImageProcessor
-    from .processing_bagel import BagelProcessor
-
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    check_output_dir(input_dir, output_dir, overwrite)
-
-    model, tokenizer, vae_params = load_original_model(input_dir, dtype=dtype)
-    config = model.config
+def original_processor(tokenizer, config: BagelConfig, image_sizes: dict | None = None) -> BagelProcessor:
+    """The [`BagelProcessor`] of a converted release: its tokenizer and an image processor whose sizes are
+    `image_sizes` checked against (or, when missing, the 7B's lowered to) the model's position tables."""
     sizes = resolve_image_sizes(
         image_sizes, config.max_image_size, config.vit_max_num_patch_per_side * config.vision_config.patch_size
     )
-    vae = load_flux_vae(input_dir / "ae.safetensors", params=vae_params, dtype=dtype)
     image_processor = BagelImageProcessor(
         vit_patch_size=config.vision_config.patch_size,
         vae_stride=config.latent_downsample,
         vit_max_num_patch_per_side=config.vit_max_num_patch_per_side,
         **sizes,
     )
-    processor = BagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-    )
-
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
-        vae.save_pretrained(staging / "vae")
-        FlowMatchEulerScheduler().save_pretrained(staging / "scheduler")
-        processor.save_pretrained(staging / "processor")
-        write_model_card(staging, model_id=output_dir.name, config=config)
-        pipeline_folder.write_pipeline_folder_files(staging)  # model_index.json, pipeline_bagel.py, config.json
-        _replace_folder(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info(f"Converted {input_dir} into {output_dir}")
-    return output_dir
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Moves `new` to `target`, replacing a previous `target` as a whole (renames on one filesystem)."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
-    os.replace(target, old / target.name)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old / target.name, target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_model_card(output_dir: str | os.PathLike, model_id: str | None = None, config: BagelConfig | None = None) -> Path:
-    """
-    Writes the Hub model card (`README.md`, from the `model_card.md` template shipped with this package) into a
-    converted folder. `model_id` is the name the usage snippets load from: the Hub repo id when pushing, the folder
-    name by default; `config` (read from `model/config.json` when omitted) gives the model's size. Returns the card's
-    path.
-    """
-    output_dir = Path(output_dir)
-    if config is None:
-        config = BagelConfig.from_pretrained(output_dir / "model")
-    path = output_dir / "README.md"
-    path.write_text(model_card_text(model_id or output_dir.name, config), encoding="utf-8")
-    return path
-
-
-def model_card_text(model_id: str, config: BagelConfig) -> str:
-    """The Hub model card (from the `model_card.md` template shipped with this package) for `model_id`, describing
-    the model of `config`: BAGEL-7B-MoT's card for the 7B, the model's own size otherwise."""
-    from importlib.resources import files
-
-    if not isinstance(model_id, str) or not model_id.strip() or any(c.isspace() for c in model_id):
-        raise ValueError(f"`model_id` must be a repo id or folder name without spaces, got {model_id!r}.")
-    with torch.device("meta"):
-        meta = BagelForConditionalGeneration(config)
-    total = sum(p.numel() for p in meta.parameters())
-    # Active per token, as "7B active" counts it: one expert of the decoder, the embeddings and the LM head.
-    active = sum(p.numel() for n, p in meta.model.language_model.named_parameters() if "_moe_gen" not in n)
-    active += meta.lm_head.weight.numel()
-    text = config.text_config
-    is_7b = (text.hidden_size, text.num_hidden_layers) == (3584, 28)
-
-    def billions(count):
-        return f"{count / 1e9:.1f}B" if count >= 1e8 else f"{count / 1e6:.1f}M"
-
-    if is_7b:
-        intro = (
-            "This folder is [ByteDance-Seed/BAGEL-7B-MoT](https://huggingface.co/ByteDance-Seed/BAGEL-7B-MoT) "
-            "converted by the\n`bagel-hf` project into the layout of `transformers` and `diffusers`. The weights are "
-            "the original ones, renamed\ntensor by tensor; nothing was retrained."
-        )
-        base_model = "base_model: ByteDance-Seed/BAGEL-7B-MoT\n"
-    else:
-        intro = (
-            f"This folder is a BAGEL model ({text.num_hidden_layers} decoder layers of width {text.hidden_size}) in "
-            "the layout of `transformers` and\n`diffusers`, written by the `bagel-hf` project. It is not "
-            "ByteDance-Seed/BAGEL-7B-MoT: the usage below is the same,\nthe published evaluation numbers are the "
-            "7B's, not this model's."
-        )
-        base_model = ""
-    size = f"{billions(active)} parameters are active per token, {billions(total)} in total."
-    local_dir = model_id.rsplit("/", 1)[-1] if "/" in model_id else model_id
-    download = f"huggingface-cli download {model_id} --local-dir {local_dir}\n" if "/" in model_id else ""
-    template = files(__package__).joinpath("model_card.md").read_text(encoding="utf-8")
-    values = {"model_id": model_id, "intro": intro, "base_model": base_model, "size": size, "local_dir": local_dir,
-              "download": download}  # fmt: skip
-    for key, value in values.items():
-        template = template.replace("{{ " + key + " }}", value)
-    return template
-
-
-def _parse_dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise argparse.ArgumentTypeError(f"--dtype must be one of {sorted(choices)}, got {name!r}")
-    return choices[name]
-
-
-def _parse_shard_size(value: str) -> str:
-    if not re.fullmatch(r"\d+(KB|MB|GB)", value):
-        raise argparse.ArgumentTypeError(f"--max_shard_size must look like 500MB or 5GB, got {value!r}")
-    return value
-
-
-def main(argv=None, prog=None):
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--input_dir", required=True, help="Folder of the original release (ema.safetensors, ...).")
-    parser.add_argument("--output_dir", required=True, help="Where to write the converted folder.")
-    parser.add_argument("--dtype", type=_parse_dtype, default=torch.float32, help="float32 (default), bfloat16, float16.")
-    parser.add_argument("--max_shard_size", type=_parse_shard_size, default="5GB", help="Safetensors shard size.")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace a non-empty --output_dir as a whole (refused otherwise).")
-    for name, default in BAGEL_7B_IMAGE_SIZES.items():
-        parser.add_argument(f"--{name}", type=int, default=None,
-                            help=f"Image processor {name} (default {default}, lowered to what the model's position "
-                                 "table holds).")
-    args = parser.parse_args(argv)
-    sizes = {name: getattr(args, name) for name in BAGEL_7B_IMAGE_SIZES if getattr(args, name) is not None}
-    for name, value in sizes.items():
-        if value <= 0:
-            parser.error(f"--{name} must be positive, got {value}")
-    try:
-        out = convert(args.input_dir, args.output_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      image_sizes=sizes, overwrite=args.overwrite)  # fmt: skip
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(f"Converted checkpoint written to {out}")
+    return BagelProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(
+        "The conversion writes a diffusers pipeline folder: run `bagel convert --input_dir ORIG --output_dir OUT` "
+        "(or python -m diffusers_bagel.convert_bagel_to_diffusers)."
+    )
 
 
 __all__ = [
-    "check_output_dir",
-    "resolve_image_sizes",
-    "convert",
+    "BAGEL_7B_IMAGE_SIZES",
+    "SPECIAL_TOKENS",
+    "build_config",
     "convert_key",
     "convert_state_dict",
     "load_original_model",
-    "build_config",
-    "write_model_card",
-    "model_card_text",
-    "main",
+    "original_processor",
+    "resolve_image_sizes",
 ]
