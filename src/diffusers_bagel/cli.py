@@ -82,14 +82,19 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
 # -- argument types ----------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def _bounded_int(text: str, low: int, what: str) -> int:
+    """`text` as an integer >= `low`; `what` names it in the error ("a positive integer", "a seed >= 0")."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _bounded_int(text, 1, "a positive integer")
 
 
 def _finite_float(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
@@ -130,13 +135,7 @@ def _existing_file(text: str) -> Path:
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a seed >= 0, got {value}")
-    return value
+    return _bounded_int(text, 0, "an integer seed >= 0")
 
 
 # -- parser --------------------------------------------------------------------------------------------------------------
@@ -160,7 +159,11 @@ def _add_model_flags(parser):
     )
 
 
-def _add_image_flags(parser, preset: dict, size_default: str):
+def _add_image_flags(parser, preset: dict, size_default: str, output_default: str):
+    parser.add_argument(
+        "--output", type=Path, default=Path(output_default),
+        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
+    )  # fmt: skip
     group = parser.add_argument_group("sampling")
     group.add_argument(
         "--height", type=_positive_int, default=None, help=f"Output height, a multiple of 16 (default: {size_default})."
@@ -217,11 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_model_flags(generate)
     generate.add_argument("--prompt", required=True, help="What to draw.")
-    generate.add_argument(
-        "--output", type=Path, default=Path("bagel_generate.png"),
-        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
-    )  # fmt: skip
-    _add_image_flags(generate, TEXT_TO_IMAGE_PRESET, "1024, capped by the model's largest image side")
+    _add_image_flags(generate, TEXT_TO_IMAGE_PRESET, "1024, capped by the model's largest image side", "bagel_generate.png")
 
     edit = commands.add_parser(
         "edit", formatter_class=_HelpFormatter, help="Edit images by an instruction.",
@@ -233,11 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Input image file; repeat the flag for several images (they come before the prompt, in order).",
     )  # fmt: skip
     edit.add_argument("--prompt", required=True, help="The editing instruction.")
-    edit.add_argument(
-        "--output", type=Path, default=Path("bagel_edit.png"),
-        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
-    )  # fmt: skip
-    _add_image_flags(edit, EDIT_PRESET, "the last input image's size after BAGEL's VAE resize")
+    _add_image_flags(edit, EDIT_PRESET, "the last input image's size after BAGEL's VAE resize", "bagel_edit.png")
 
     chat = commands.add_parser(
         "chat", formatter_class=_HelpFormatter, help="Ask about images; the answer is streamed.",
