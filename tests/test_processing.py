@@ -179,11 +179,11 @@ def test_image_placeholders_expand_to_the_patch_count(processor):
     assert ids[-1] == processor.token_ids["bos_token_id"]
 
 
-def test_vae_placeholders_expand_to_latent_tokens(processor):
-    out = processor(text="<|vision_start|><|vision_pad|><|vision_end|>", vae_images=[_image(80, 40)])
-    assert out["latent_grid_hw"].tolist() == [[2, 5]]
-    assert out["input_ids"][0].tolist().count(processor.latent_token_id) == 10
-    assert out["vae_pixel_values"][0].shape == (3, 32, 80)
+def test_vae_slots_are_left_to_the_pipeline_and_the_collator(processor):
+    with pytest.raises(ValueError, match="fills ViT image slots only"):
+        processor(text="<|vision_start|><|vision_pad|><|vision_end|>")
+    with pytest.raises(ValueError, match="BagelPipeline runs, and training batches .* BagelDataCollator"):
+        processor(text="a", vae_images=[_image(80, 40)])
 
 
 def test_batches_are_left_padded(processor, tokenizer):
@@ -195,8 +195,6 @@ def test_batches_are_left_padded(processor, tokenizer):
 def test_placeholder_and_image_counts_must_agree(processor):
     with pytest.raises(ValueError, match="1 <\\|image_pad\\|> placeholder\\(s\\) but 2 image"):
         processor(text="<|vision_start|><|image_pad|><|vision_end|>", images=[_image(30, 30), _image(30, 30)])
-    with pytest.raises(ValueError, match="0 <\\|vision_pad\\|> placeholder\\(s\\) but 1 image"):
-        processor(text="no placeholder", vae_images=_image(30, 30))
 
 
 def test_missing_special_tokens_are_named(tmp_path):

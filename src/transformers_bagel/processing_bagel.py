@@ -37,6 +37,10 @@ BAGEL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
 )
 # The special tokens a processor needs (padding uses the tokenizer's own pad token).
+_NO_VAE_SLOTS = (
+    "BagelProcessor fills ViT image slots only; VAE latents (for generation and editing) come from the VAE, which "
+    "BagelPipeline runs, and training batches with VAE images are built by BagelDataCollator."
+)
 LAYOUT_TOKEN_FIELDS = tuple(field for field in SPECIAL_TOKENS if field != "pad_token_id")
 
 
@@ -151,13 +155,12 @@ class BagelProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["input_ids", "attention_mask", "pixel_values", "image_grid_hw", "vae_pixel_values", "latent_grid_hw"]
+        return ["input_ids", "attention_mask", "pixel_values", "image_grid_hw"]
 
     def __call__(
         self,
         text: str | list[str] | None = None,
         images=None,
-        vae_images=None,
         return_tensors: str | None = "pt",
         padding_side: str = "left",
         add_special_tokens: bool = False,
@@ -169,7 +172,6 @@ class BagelProcessor(ProcessorMixin):
         Args:
             text (`str` or `list[str]`): prompts, for example from [`~BagelProcessor.apply_chat_template`].
             images: images for the `<|image_pad|>` placeholders (ViT), flat in order or one list per prompt.
-            vae_images: images for the `<|vision_pad|>` placeholders (VAE), flat in order or one list per prompt.
             return_tensors (`str`, defaults to `"pt"`): only `"pt"` (or `None` for lists) is supported.
             padding_side (`str`, defaults to `"left"`): side on which shorter prompts are padded.
             padding (`bool` or `str`, defaults to `True`): `True` / `"longest"` pads to the longest prompt,
@@ -181,12 +183,15 @@ class BagelProcessor(ProcessorMixin):
             return_attention_mask (`bool`, defaults to `True`): whether to return `attention_mask`.
 
         Returns:
-            [`BatchFeature`] with `input_ids`, `attention_mask`, and for ViT images `pixel_values` and
-            `image_grid_hw`, for VAE images `vae_pixel_values` (list of `(3, H, W)`) and `latent_grid_hw`.
+            [`BatchFeature`] with `input_ids`, `attention_mask`, and for images `pixel_values` and `image_grid_hw`.
+            VAE latent slots (`<|vision_pad|>`) are not filled here: their latents come from the VAE, which
+            [`BagelPipeline`] (generation, editing) and [`BagelDataCollator`] (training) run.
         """
         for key in ("videos", "audio"):
             if kwargs.pop(key, None) is not None:
                 raise ValueError(f"BAGEL does not take {key}.")
+        if kwargs.pop("vae_images", None) is not None:
+            raise ValueError(_NO_VAE_SLOTS)
         padding = kwargs.pop("padding", True)
         truncation = kwargs.pop("truncation", None)
         max_length = kwargs.pop("max_length", None)
@@ -216,28 +221,20 @@ class BagelProcessor(ProcessorMixin):
             raise ValueError(f"BagelProcessor supports return_tensors='pt' or None, got {return_tensors!r}.")
 
         vit_images = _flatten_images(images)
-        vae_list = _flatten_images(vae_images)
         rows = [self.tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        if any(self.latent_token_id in row for row in rows):
+            raise ValueError(f"The text holds {self.latent_token} slots: {_NO_VAE_SLOTS}")
         self._check_counts_per_prompt(rows, self.image_token_id, images, "images", self.image_token)
-        self._check_counts_per_prompt(rows, self.latent_token_id, vae_images, "vae_images", self.latent_token)
         self._check_counts(rows, self.image_token_id, vit_images, "images", self.image_token)
-        self._check_counts(rows, self.latent_token_id, vae_list, "vae_images", self.latent_token)
 
         data = {}
-        vit_counts, vae_counts = [], []
+        vit_counts = []
         if vit_images:
             vit = self.image_processor.preprocess(vit_images, return_tensors="pt")
             data.update(vit)
             vit_counts = (vit["image_grid_hw"][:, 0] * vit["image_grid_hw"][:, 1]).tolist()
-        if vae_list:
-            vae = self.image_processor.preprocess_vae(vae_list)
-            data["vae_pixel_values"] = vae["vae_pixel_values"]
-            stride = self.image_processor.vae_stride
-            grids = vae["vae_image_sizes"] // stride
-            data["latent_grid_hw"] = grids
-            vae_counts = (grids[:, 0] * grids[:, 1]).tolist()
 
-        counts = {self.image_token_id: iter(vit_counts), self.latent_token_id: iter(vae_counts)}
+        counts = {self.image_token_id: iter(vit_counts)}
         expanded = [self._expand(row, counts).input_ids for row in rows]
 
         longest = max(len(r) for r in expanded)
@@ -280,7 +277,7 @@ class BagelProcessor(ProcessorMixin):
         while i < len(row):
             token = row[i]
             if token == start and i + 2 < len(row) and row[i + 1] in counts and row[i + 2] == end:
-                sequence.add_image(next(counts[row[i + 1]]), latent=row[i + 1] == self.latent_token_id)
+                sequence.add_image(next(counts[row[i + 1]]), latent=False)
                 i += 3
                 continue
             sequence.add_tokens([token] * next(counts[token]) if token in counts else [token])
