@@ -215,6 +215,16 @@ def _is_image(item) -> bool:
     return isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor))
 
 
+@dataclass(frozen=True)
+class _VideoFrames:
+    """The sampled frames of a video item of an interleaved prompt: ViT-only context images, in order."""
+
+    frames: tuple
+
+
+_VIDEO_ITEM_KEYS = {"video", "num_frames", "fps"}
+
+
 class BagelPipeline(DiffusionPipeline):
     r"""
     Pipeline for text-to-image generation and image editing with BAGEL.
@@ -388,6 +398,9 @@ class BagelPipeline(DiffusionPipeline):
             batch = [images + items for images, items in zip(per_prompt, batch)]
         batch = [[self._open_image(item, "prompt") if isinstance(item, os.PathLike) else item for item in items]
                  for items in batch]  # fmt: skip
+        videos = {}  # a video item repeated in a batch is read once
+        batch = [[self._open_video(item, videos) if isinstance(item, dict) else item for item in items]
+                 for items in batch]  # fmt: skip
 
         for items in batch:
             if not items:
@@ -415,12 +428,34 @@ class BagelPipeline(DiffusionPipeline):
                             f"`prompt` contains the special tokens {found}, which delimit BAGEL's segments; write "
                             "each text as its own item of an interleaved `prompt` list instead."
                         )
-                elif not _is_image(item):
+                elif not _is_image(item) and not isinstance(item, _VideoFrames):
                     raise TypeError(
-                        f"Unsupported input item of type {type(item).__name__}: use str for text and PIL images, "
-                        "numpy arrays or torch tensors for images."
+                        f"Unsupported input item of type {type(item).__name__}: use str for text, PIL images, "
+                        "numpy arrays or torch tensors for images, and {'video': ...} for a video."
                     )
         return batch
+
+    def _open_video(self, item: dict, opened: dict) -> _VideoFrames:
+        """A `{"video": ..., "num_frames": n, "fps": f}` item of `prompt` as its sampled frames (see
+        [`~transformers_bagel.video_utils.load_video_frames`]), or a clear error naming the item."""
+        from transformers_bagel.video_utils import load_video_frames
+
+        unknown = sorted(set(item) - _VIDEO_ITEM_KEYS, key=str)
+        if "video" not in item or unknown:
+            raise ValueError(
+                f"A dict item of `prompt` is a video: {{'video': ..., 'num_frames': n, 'fps': f}}; got the keys "
+                f"{sorted(item, key=str)}"
+                + (" (no 'video')" if "video" not in item else "")
+                + (f" ({unknown} unknown)" if unknown else "")
+                + "."
+            )
+        if id(item) not in opened:
+            try:
+                frames = load_video_frames(item["video"], num_frames=item.get("num_frames"), fps=item.get("fps"))
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"A video item of `prompt` could not be read: {error}") from error
+            opened[id(item)] = _VideoFrames(tuple(frames))
+        return opened[id(item)]
 
     def _open_image(self, path, argument: str):
         """An image file given as `argument`, opened (RGB), or a clear error naming the argument and the file."""
@@ -548,7 +583,8 @@ class BagelPipeline(DiffusionPipeline):
         The three contexts of one prompt, exactly as the original `interleave_inference` builds them: the full
         context; the text-guidance context (a snapshot taken before each text and after each image, so it keeps the
         images and drops the last text); the image-guidance context (every text, the thinking prompt included, no
-        images).
+        images). A video item adds each of its frames as a ViT-only image (no VAE latents: it is context to look at,
+        not an image to edit), in order.
         """
         full, no_text, no_image = _Context(), _Context(), _Context()
         if think:
@@ -560,6 +596,13 @@ class BagelPipeline(DiffusionPipeline):
                 no_text = full.copy()
                 full.segments.append(("text", item))
                 no_image.segments.append(("text", item))
+            elif isinstance(item, _VideoFrames):
+                # A video is seen, not edited: its frames are ViT images only (as in understanding), and do not set
+                # the output size. Like images, they are dropped by the image-guidance context.
+                for frame in item.frames:
+                    full.segments.append(("vit", frame))
+                    no_text = full.copy()
+                has_images = True
             else:
                 image = self._load_image(item)
                 full.segments.extend([("vae", image), ("vit", image)])
@@ -1004,9 +1047,11 @@ class BagelPipeline(DiffusionPipeline):
         Generates images from text, edits images, or both, interleaved.
 
         Args:
-            prompt (`str`, `list[str]`, or a list of interleaved `str` / image items):
+            prompt (`str`, `list[str]`, or a list of interleaved `str` / image / video items):
                 A prompt, a batch of prompts, one interleaved sequence such as `[img1, img2, "instruction"]`, or a
-                batch of such sequences (a list of lists).
+                batch of such sequences (a list of lists). A video item is a dict `{"video": path_or_frames,
+                "num_frames": n, "fps": f}` (see [`~transformers_bagel.video_utils.load_video_frames`]): its sampled
+                frames enter the context as ViT images, in order.
             image (image, `list` of images, or `list` of lists, *optional*):
                 Input image(s) to edit (PIL, numpy HWC, torch CHW, or a path). They are placed before the prompt.
             height (`int`, *optional*), width (`int`, *optional*):

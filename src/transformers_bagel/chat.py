@@ -1,6 +1,7 @@
 """
-Image understanding as a chat: the messages of a turn (with the original's reasoning prompt for thinking mode) and
-the greedy or sampled answer of the model to them. Used by the `bagel chat` command, the examples and the app.
+Image (and video) understanding as a chat: the messages of a turn (with the original's reasoning prompt for thinking
+mode) and the greedy or sampled answer of the model to them. Used by the `bagel chat` command, the examples and the
+app.
 """
 
 from __future__ import annotations
@@ -25,20 +26,45 @@ VLM_THINK_SYSTEM_PROMPT = (
 )
 
 
-def understanding_messages(question: str, images=(), history=(), think: bool = False) -> list[dict]:
+def understanding_messages(
+    question: str,
+    images=(),
+    history=(),
+    think: bool = False,
+    video=None,
+    num_frames: int | None = None,
+    fps: float | None = None,
+) -> list[dict]:
     """
     Chat messages of an understanding turn, for [`BagelProcessor.apply_chat_template`]: the reasoning system prompt
     first when `think` is set (as the original inferencer puts it), then the earlier `(question, answer)` pairs of
-    `history`, then `question`. The `images` go before the first question of the conversation.
+    `history`, then `question`. The `images`, then the `video`, go before the first question of the conversation.
+
+    Args:
+        question (`str`): the question of this turn.
+        images: images of the conversation (anything the processor loads).
+        history: earlier `(question, answer)` pairs.
+        think (`bool`, defaults to `False`): thinking mode.
+        video (*optional*): a video file, a folder of frames or a list of frames (see
+            [`~video_utils.load_video_frames`]); the processor decodes it and each sampled frame becomes an image.
+        num_frames (`int`, *optional*), fps (`float`, *optional*): how the video's frames are sampled (the
+            processor's default when unset).
 
     Raises:
-        `ValueError` for an empty question.
+        `ValueError` for an empty question, or `num_frames` / `fps` without a `video`.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("The question is empty; ask something about the image(s).")
+    if video is None and (num_frames is not None or fps is not None):
+        raise ValueError("`num_frames` and `fps` sample a video: pass `video` too.")
+    first = [{"type": "image", "image": image} for image in images]
+    if video is not None:
+        part = {"type": "video", "video": video}
+        part.update({key: value for key, value in (("num_frames", num_frames), ("fps", fps)) if value is not None})
+        first.append(part)
     messages = [{"role": "system", "content": VLM_THINK_SYSTEM_PROMPT}] if think else []
     for index, (text, reply) in enumerate([*history, (question, None)]):
-        content = [{"type": "image", "image": image} for image in images] if index == 0 else []
+        content = list(first) if index == 0 else []
         content.append({"type": "text", "text": text})
         messages.append({"role": "user", "content": content})
         if reply is not None:

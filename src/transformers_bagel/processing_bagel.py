@@ -12,6 +12,7 @@ from transformers.utils import logging
 from .checkpoint_files import check_json_files, check_tokenizer_files, is_pipeline_root, local_folder
 from .configuration_bagel import SPECIAL_TOKENS, special_token_ids
 from .sequence_layout import BagelSequence
+from .video_utils import _check_num_frames, load_video_frames
 
 
 logger = logging.get_logger(__name__)
@@ -21,7 +22,8 @@ __all__ = ["BagelProcessor", "BAGEL_CHAT_TEMPLATE"]
 
 # BAGEL has no roles and no system template (SPEC section 3): every text is `<|im_start|>text<|im_end|>`, every image
 # a vision block, and generation starts from `<|im_start|>`. Roles are accepted and ignored so that standard
-# `messages` work; a plain-string content is one text.
+# `messages` work; a plain-string content is one text. BAGEL has no video token: a video is one vision block per
+# frame, as the original's VLM data puts it (`video` holding the decoded frames, or a bare slot of `num_frames`).
 BAGEL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['content'] is string %}"
@@ -30,6 +32,12 @@ BAGEL_CHAT_TEMPLATE = (
     "{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ '<|im_start|>' + part['text'] + '<|im_end|>' }}"
     "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}"
+    "{% if part['video'] is defined and part['video'] is not string and part['video'] is iterable %}"
+    "{% for frame in part['video'] %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}"
+    "{% else %}"
+    "{% for frame in range(part['num_frames'] or 0) %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}"
+    "{% endif %}"
     "{% endif %}"
     "{% endfor %}"
     "{% endif %}"
@@ -42,6 +50,14 @@ _NO_VAE_SLOTS = (
     "BagelPipeline runs, and training batches with VAE images are built by BagelDataCollator."
 )
 LAYOUT_TOKEN_FIELDS = tuple(field for field in SPECIAL_TOKENS if field != "pad_token_id")
+_NO_VIDEOS_ARGUMENT = (
+    "BagelProcessor does not take `videos=`: BAGEL has no video token, it sees a video as its frames, one image block "
+    "each. Give the video as a {'type': 'video', 'video': ...} part to `apply_chat_template(..., tokenize=True)` "
+    "(optionally with `num_frames` / `fps`), or load its frames with "
+    "`transformers_bagel.video_utils.load_video_frames` and pass them as `images=` with one "
+    "`<|vision_start|><|image_pad|><|vision_end|>` slot per frame."
+)
+_VIDEO_KEYS = ("video", "path")
 
 
 class BagelProcessor(ProcessorMixin):
@@ -92,26 +108,48 @@ class BagelProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation, *args, **kwargs):
         """
         [`~ProcessorMixin.apply_chat_template`] with BAGEL's template, after checking the messages: each has a
-        `content` (a string, or a non-empty list of `{"type": "text", "text": ...}` / `{"type": "image", ...}` parts);
-        texts may not hold the tokenizer's special tokens (they would forge segment boundaries); with `tokenize=True`
-        each image part names its image. Anything else is refused naming the message and part, instead of being
-        dropped by the template.
+        `content` (a string, or a non-empty list of `{"type": "text", "text": ...}` / `{"type": "image", ...}` /
+        `{"type": "video", "video": ...}` parts); texts may not hold the tokenizer's special tokens (they would forge
+        segment boundaries); with `tokenize=True` each image part names its image and each video part its video.
+        Anything else is refused naming the message and part, instead of being dropped by the template.
+
+        A video part (`video` or `path`: a video file, a folder of frames or a list of frames, see
+        [`~video_utils.load_video_frames`]) is decoded and sampled here, with its own `num_frames` / `fps` keys or
+        else the call's `num_frames=` / `fps=` (also accepted in `processor_kwargs`), and stands for its frames: one
+        `<|vision_start|><|image_pad|><|vision_end|>` block and one image each, exactly as the same frames given as
+        consecutive image parts (BAGEL has no video token; the original's VLM data puts a video so). The text depends
+        on the number of frames, so videos are decoded with `tokenize=False` too; a bare `{"type": "video",
+        "num_frames": n}` renders `n` slots for images given to the processor. The caller's messages are not changed.
         """
-        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
+        video_kwargs = {}
+        for key in ("num_frames", "fps"):
+            value = kwargs.pop(key, None)
+            value = processor_kwargs.pop(key, None) if value is None else value
+            video_kwargs[key] = value
+        processor_kwargs.pop("do_sample_frames", None)  # set by transformers for videos; frames are sampled here
+        if processor_kwargs:
+            kwargs["processor_kwargs"] = processor_kwargs
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        expanded = []
         for c, messages in enumerate(conversations):
             if not isinstance(messages, (list, tuple)) or not messages:
                 raise ValueError(f"Conversation {c} is empty: give a list of messages.")
+            new_messages = []
             for m, message in enumerate(messages):
                 where = f"message {m}" + (f" of conversation {c}" if len(conversations) > 1 else "")
                 content = message.get("content") if isinstance(message, dict) else None
                 parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
                 if not isinstance(parts, (list, tuple)) or not parts:
                     raise ValueError(f"The {where} has no content (got {content!r}): give a string or a list of parts.")
+                new_parts = []
                 for p, part in enumerate(parts):
                     kind = part.get("type") if isinstance(part, dict) else None
-                    if kind not in ("text", "image"):
+                    if kind not in ("text", "image", "video"):
                         raise ValueError(
-                            f"Part {p} of the {where} has type {kind!r}: BAGEL's chat takes 'text' and 'image' parts."
+                            f"Part {p} of the {where} has type {kind!r}: BAGEL's chat takes 'text', 'image' and "
+                            "'video' parts."
                         )
                     if kind == "text":
                         text = part.get("text")
@@ -123,6 +161,9 @@ class BagelProcessor(ProcessorMixin):
                                 f"Part {p} of the {where} contains the special tokens {found}, which delimit BAGEL's "
                                 "segments: put each text in its own part or message."
                             )
+                    elif kind == "video":
+                        new_parts.extend(self._video_parts(part, f"Part {p} of the {where}", video_kwargs, kwargs))
+                        continue
                     elif kwargs.get("tokenize") and not any(
                         part.get(key) is not None for key in ("image", "url", "path", "base64")
                     ):
@@ -131,7 +172,37 @@ class BagelProcessor(ProcessorMixin):
                             f"Part {p} of the {where} is an image part without `image`, `url` or `path` (needed with "
                             "tokenize=True, which loads the images from the messages)."
                         )
-        return super().apply_chat_template(conversation, *args, **kwargs)
+                    new_parts.append(part)
+                new_messages.append({**message, "content": new_parts} if not isinstance(content, str) else message)
+            expanded.append(new_messages)
+        return super().apply_chat_template(expanded if batched else expanded[0], *args, **kwargs)
+
+    def _video_parts(self, part: dict, where: str, video_kwargs: dict, kwargs: dict) -> list[dict]:
+        """A video part as the image parts of its sampled frames (a bare slot is kept for the template)."""
+        video = next((part[key] for key in _VIDEO_KEYS if part.get(key) is not None), None)
+        num_frames = part.get("num_frames", video_kwargs["num_frames"])
+        fps = part.get("fps", video_kwargs["fps"])
+        if video is None:
+            if kwargs.get("tokenize"):
+                raise ValueError(
+                    f"{where} is a video part without `video` or `path` (needed with tokenize=True, which loads the "
+                    "videos from the messages)."
+                )
+            if num_frames is None:
+                raise ValueError(
+                    f"{where} is a bare video part: give its `video`, or `num_frames` for that many image slots."
+                )
+            try:
+                _check_num_frames(num_frames)
+            except ValueError as error:
+                raise ValueError(f"{where} (type 'video'): {error}") from error
+            return [{"type": "image"} for _ in range(int(num_frames))]
+        try:
+            frames = load_video_frames(video, num_frames=num_frames, fps=fps)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where} (type 'video') could not be read: {error}") from error
+        logger.info(f"{where}: a video of {len(frames)} frame(s), one image block each.")
+        return [{"type": "image", "image": frame} for frame in frames]
 
     def special_tokens_in(self, text: str) -> list[str]:
         """The tokenizer's special tokens (segment delimiters, image slots) written in `text`."""
@@ -187,9 +258,10 @@ class BagelProcessor(ProcessorMixin):
             VAE latent slots (`<|vision_pad|>`) are not filled here: their latents come from the VAE, which
             [`BagelPipeline`] (generation, editing) and [`BagelDataCollator`] (training) run.
         """
-        for key in ("videos", "audio"):
-            if kwargs.pop(key, None) is not None:
-                raise ValueError(f"BAGEL does not take {key}.")
+        if kwargs.pop("videos", None) is not None:
+            raise ValueError(_NO_VIDEOS_ARGUMENT)
+        if kwargs.pop("audio", None) is not None:
+            raise ValueError("BAGEL does not take audio.")
         if kwargs.pop("vae_images", None) is not None:
             raise ValueError(_NO_VAE_SLOTS)
         padding = kwargs.pop("padding", True)
