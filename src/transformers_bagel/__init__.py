@@ -24,6 +24,7 @@ from .modeling_bagel import (
 from .modeling_bagel_vision import BagelVisionModel
 from .processing_bagel import BagelProcessor
 from .sequence_layout import BagelSequence
+from .video_utils import load_video_frames, sample_frame_indices
 
 
 AutoConfig.register("bagel", BagelConfig, exist_ok=True)
@@ -66,4 +67,6 @@ __all__ = [
     "pack_latents",
     "unpack_latents",
     "register_for_hub",
+    "load_video_frames",
+    "sample_frame_indices",
 ]
