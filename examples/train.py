@@ -12,6 +12,18 @@ metadata.jsonl). Columns per task (rename with --columns role=column):
 Images are paths (relative to --image_dir), bytes, or datasets Image values. Without --data a small drawn synthetic
 text-to-image set is used; without --checkpoint the tiny random-weight test model (converted on first use).
 
+Several tasks at once from a data config (weighted sources mixed reproducibly and packed into the same batches;
+see transformers_bagel.training.mixture for the keys; an original BAGEL data YAML with dataset groups is converted):
+
+    python examples/train.py --checkpoint CONVERTED_DIR --dataset_config mix.yaml --output_dir runs/mix
+
+    # mix.yaml
+    sources:
+      - {name: t2i, task: text_to_image, data: t2i.parquet, weight: 1.0}
+      - {name: vqa, task: understanding, data: vqa.jsonl, image_dir: images/, weight: 1.0}
+
+Logs carry ce_loss, mse_loss, tokens_per_second and, given --peak_tflops or on a known GPU, mfu.
+
 Multi-GPU with FSDP2 (decoder and ViT layers sharded, as the original):
 
     accelerate launch --num_processes 8 examples/train.py --checkpoint BAGEL-7B-MoT-hf --data train.parquet \\
@@ -50,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", choices=TASKS, default="text_to_image", help="How rows become samples.")
     add("--image_dir", type=Path, default=None, help="Base folder of relative image paths in the data.")
     add("--columns", nargs="*", default=[], metavar="ROLE=COLUMN", help="Column renames, e.g. prompt=caption.")
+    add("--dataset_config", type=Path, default=None,
+        help="Data config YAML/JSON of several weighted sources (instead of --data/--task); the original's format too.")
+    add("--stopping_strategy", choices=("all_exhausted", "first_exhausted", "all_exhausted_without_replacement"),
+        default="all_exhausted", help="When the mixture of --dataset_config ends (unless the config sets it).")
     add("--output_dir", type=Path, default=ROOT / "outputs" / "train", help="Checkpoints and the final model go here.")
     # what trains
     add("--lora", action="store_true", help="Train LoRA adapters on the generation experts only (else full fine-tune).")
@@ -89,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10, help="Log every N steps.")
     add("--resume_from_checkpoint", default=None, help='Checkpoint folder to resume from, or "last".')
     add("--seed", type=int, default=0, help="Seed of initialisation, sampling order and condition dropout.")
+    add("--peak_tflops", type=float, default=None,
+        help="Peak TFLOP/s of one device for the logged mfu (default: known GPUs' dense bf16 peak; none on CPU).")
     return parser
 
 
@@ -148,9 +166,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.logging_steps < 1 or args.save_steps < 1:
         parser.error("--logging_steps and --save_steps must be >= 1.")
+    if args.dataset_config is not None:
+        if args.data is not None or args.columns or args.cache_latents:
+            parser.error("--dataset_config names its data, columns and tasks itself: drop --data / --columns / "
+                         "--cache_latents.")  # fmt: skip
+        if not args.dataset_config.is_file():
+            parser.error(f"--dataset_config {args.dataset_config}: no such file.")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}.")
     if args.bf16 and (args.use_cpu or not torch.cuda.is_available() or not torch.cuda.is_bf16_supported()):
         parser.error("--bf16 needs a CUDA GPU with bfloat16 support (none is used here); drop --bf16 to train in float32.")
     return args
+
+
+def load_mixture(args, image_processor):
+    """The samples of --dataset_config: our format, or the original's dataset groups converted first."""
+    from transformers_bagel.training import BagelMixtureDataset, read_data_config
+
+    config = read_data_config(args.dataset_config)
+    mixture = BagelMixtureDataset(config, image_processor, seed=args.seed, stopping_strategy=args.stopping_strategy,
+                                  base_dir=args.dataset_config.parent)  # fmt: skip
+    counts = mixture.source_counts()
+    print(f"mixture of {len(mixture)} samples per epoch: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return mixture
 
 
 def main(argv=None):
@@ -184,7 +222,11 @@ def main(argv=None):
     if args.timestep_shift is not None:
         model.config.timestep_shift = args.timestep_shift
 
-    rows = synthetic_rows() if args.data is None else load_rows(args.data)
+    if args.dataset_config is not None:
+        samples = load_mixture(args, processor.image_processor)
+        rows = samples
+    else:
+        rows = synthetic_rows() if args.data is None else load_rows(args.data)
     columns = parse_columns(args.columns)
     if args.cache_latents:
         names = {"text_to_image": ["image"], "edit": ["source", "target"]}.get(args.task)
@@ -200,8 +242,10 @@ def main(argv=None):
         vae_cond_dropout_prob=args.vae_dropout,
         seed=args.seed,
     )
-    train_dataset = BagelPackedDataset(BagelSampleDataset(rows, args.task, columns, args.image_dir), collator)
-    print(f"{len(rows)} rows -> {len(train_dataset)} packed batches of <= {args.max_tokens} tokens")
+    if args.dataset_config is None:
+        samples = BagelSampleDataset(rows, args.task, columns, args.image_dir)
+    train_dataset = BagelPackedDataset(samples, collator)
+    print(f"{len(rows)} {'samples' if args.dataset_config is not None else 'rows'} -> {len(train_dataset)} packed batches of <= {args.max_tokens} tokens")
 
     if args.lora:
         if args.freeze_vit or args.freeze_und or args.freeze_llm:
@@ -243,6 +287,7 @@ def main(argv=None):
         sample_posterior=not args.vae_mean,
         ce_weight=args.ce_weight,
         mse_weight=args.mse_weight,
+        peak_tflops=args.peak_tflops,
         callbacks=callbacks,
     )
     resume = args.resume_from_checkpoint

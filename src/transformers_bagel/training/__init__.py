@@ -6,7 +6,10 @@ Training BAGEL with the Hugging Face Trainer.
 - `collator`: [`BagelDataCollator`] packs samples into one padding-free sequence as the original (block-diagonal
   samples, causal text, bidirectional clean images, hidden noised targets, condition dropout);
   [`BagelPackedDataset`] groups samples under a token budget.
-- `trainer`: [`BagelTrainer`], [`bagel_training_arguments`] (the original's optimiser defaults), [`freeze_modules`],
+- `mixture`: multi-task training from a data config: [`BagelMixtureDataset`] mixes weighted sources (parquet, JSON
+  lines, CSV, image folders) reproducibly with `datasets.interleave_datasets`; [`original_data_config_to_mixture`]
+  reads the original's YAML data config.
+- `trainer`: [`BagelTrainer`] (also logs `tokens_per_second` and `mfu`), [`bagel_training_arguments`] (the original's optimiser defaults), [`freeze_modules`],
   [`bagel_fsdp_config`].
 - `callbacks`: [`BagelEMACallback`] (EMA of the weights, saved with checkpoints).
 - `lora`: LoRA on the generation experts with peft.
@@ -20,6 +23,14 @@ from .callbacks import EMA_WEIGHTS_NAME, BagelEMACallback, load_ema_weights
 from .collator import IGNORE_INDEX, BagelDataCollator, BagelPackedDataset, pad_images
 from .fsdp import apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
 from .lora import GEN_EXPERT_TARGET_MODULES, bagel_lora_config, get_bagel_lora_model, load_bagel_lora
+from .mixture import (
+    BagelMixtureDataset,
+    load_mixture_config,
+    load_source_rows,
+    mixture_order,
+    original_data_config_to_mixture,
+    read_data_config,
+)
 from .samples import (
     BagelSampleDataset,
     cache_vae_latents,
@@ -34,11 +45,23 @@ from .samples import (
     validate_sample,
     vit_segment,
 )
-from .trainer import BagelTrainer, bagel_fsdp_config, bagel_training_arguments, freeze_modules, latents_from_vae_inputs
+from .trainer import (
+    PEAK_TFLOPS_BF16,
+    BagelTrainer,
+    bagel_attention_flops_coefficient,
+    bagel_flops_per_token,
+    bagel_fsdp_config,
+    bagel_training_arguments,
+    device_peak_tflops,
+    freeze_modules,
+    latents_from_vae_inputs,
+)
 
 
 __all__ = [
+    "PEAK_TFLOPS_BF16",
     "BagelDataCollator",
+    "BagelMixtureDataset",
     "BagelPackedDataset",
     "BagelSampleDataset",
     "BagelTrainer",
@@ -47,10 +70,13 @@ __all__ = [
     "GEN_EXPERT_TARGET_MODULES",
     "IGNORE_INDEX",
     "apply_fsdp2",
+    "bagel_attention_flops_coefficient",
+    "bagel_flops_per_token",
     "bagel_fsdp_config",
     "bagel_lora_config",
     "bagel_training_arguments",
     "cache_vae_latents",
+    "device_peak_tflops",
     "edit_sample",
     "freeze_modules",
     "get_bagel_lora_model",
@@ -58,8 +84,13 @@ __all__ = [
     "load_bagel_lora",
     "load_ema_weights",
     "load_image",
+    "load_mixture_config",
+    "load_source_rows",
     "load_sharded_checkpoint",
+    "mixture_order",
+    "original_data_config_to_mixture",
     "pad_images",
+    "read_data_config",
     "row_to_sample",
     "samples_from_rows",
     "save_sharded_checkpoint",

@@ -40,7 +40,11 @@ class BagelDataCollator:
       position; a noised target image is seen by no other token and does not advance the position counter;
     - labels are aligned with `input_ids` (transformers convention: the logits at `i` predict `labels[i + 1]`); a text
       segment with a loss labels its tokens and its `<|im_end|>`, which is exactly the original's
-      `ce_loss_indexes` / `packed_label_ids`.
+      `ce_loss_indexes` / `packed_label_ids`;
+    - a segment with `special_token_loss` (the original's flag) also makes its closing token (`<|im_end|>` /
+      `<|vision_end|>`) a CE position: the label of the token after it is set to the segment's
+      `special_token_label` (default: that next token, the opening token of the following segment). Without the flag
+      the labels are unchanged.
 
     Segments marked `enable_cfg` are dropped with the text / ViT / VAE condition-dropout probabilities (classifier-free
     guidance training). Use it with `Trainer(..., data_collator=collator)` and
@@ -157,6 +161,7 @@ class BagelDataCollator:
             where = f" (row {row})" if row is not None else f" (sample {doc} of the batch)"
             rng = self._rng(row, doc)
             sequence = BagelSequence(config)
+            special = []  # (label slot, requested label) of the segments with special_token_loss
             for segment in sample["segments"]:
                 kind = segment["type"]
                 if segment.get("enable_cfg", False) and rng.random() < self.dropout[kind]:
@@ -166,6 +171,7 @@ class BagelDataCollator:
                 if kind == "text":
                     ids = self.processor.encode_text(segment["text"])
                     sequence.add_text(ids, loss=bool(segment.get("loss", False)))
+                    self._mark_special(segment, sequence, special, where)
                     continue
                 if kind == "vit_image":
                     image = load_image(segment["image"], row)
@@ -175,6 +181,7 @@ class BagelDataCollator:
                         raise ValueError(f"A ViT image of {rows}x{cols} patches exceeds the {side}x{side} table{where}.")
                     vit_images.append(image)
                     sequence.add_image(rows * cols, latent=False)
+                    self._mark_special(segment, sequence, special, where)
                     continue
                 h, w = self._latent_grid(segment, row)
                 side = config.max_latent_size
@@ -189,6 +196,8 @@ class BagelDataCollator:
                 is_target = bool(segment.get("loss", False))
                 noised.append(is_target)
                 sequence.add_image(h * w, latent=True, noised=is_target)
+                self._mark_special(segment, sequence, special, where)
+            self._apply_special(sequence, special, where)
             input_ids += sequence.input_ids
             positions += sequence.position_ids
             labels += sequence.labels
@@ -218,6 +227,37 @@ class BagelDataCollator:
             batch["noised_latent_images"] = torch.tensor(noised, dtype=torch.bool)
             batch.update(self._latent_inputs(vae_inputs))
         return batch
+
+    # -- special-token loss -----------------------------------------------------------------------------------------
+
+    def _token_id(self, label, where: str) -> int:
+        if isinstance(label, str):
+            token_id = self.processor.tokenizer.convert_tokens_to_ids(label)
+            if token_id is None or token_id == self.processor.tokenizer.unk_token_id:
+                raise ValueError(f"special_token_label {label!r} is not a token of the tokenizer{where}.")
+            return int(token_id)
+        vocab = self.config.text_config.vocab_size
+        if not 0 <= int(label) < vocab:
+            raise ValueError(f"special_token_label {label} is outside the vocabulary (0..{vocab - 1}){where}.")
+        return int(label)
+
+    def _mark_special(self, segment: dict, sequence: BagelSequence, special: list, where: str):
+        """Right after a kept segment is added its closing token is the last one: the slot after it is labelled."""
+        if segment.get("special_token_loss"):
+            label = segment.get("special_token_label")
+            special.append((len(sequence), None if label is None else self._token_id(label, where)))
+
+    def _apply_special(self, sequence: BagelSequence, special: list, where: str):
+        for slot, label in special:
+            if slot >= len(sequence):
+                logger.warning_once(
+                    f"A special_token_loss segment is the last one kept in its sample{where} (condition dropout "
+                    "removed what followed): its closing token has no next token, so that label is skipped."
+                )
+                continue
+            if sequence.labels[slot] != IGNORE_INDEX:  # cannot happen: every segment opens with an unlabelled token
+                raise ValueError(f"The special-token label would overwrite a text label{where}.")
+            sequence.labels[slot] = sequence.input_ids[slot] if label is None else label
 
     def _vae_input(self, segment: dict, row) -> tuple[str, object]:
         if segment.get("latents") is not None:

@@ -22,6 +22,13 @@ A sample is a plain dict holding an ordered list of segments (the original's "se
   encoded at flow time 0.
 - `vae_image` with `loss=True`: a flow-matching target. It is noised, no other token can see it, and it does not
   advance the position counter (SPEC.md section 6).
+- `special_token_loss` (any segment, defaults to off): the original's flag of the same name. The segment's closing
+  token (`<|im_end|>` of a text, `<|vision_end|>` of an image) becomes a CE position: its logits are trained to predict
+  `special_token_label` (a token id or token string; by default the token that opens the next segment kept in the
+  sample, e.g. `<|vision_start|>` when a generated image follows a text). In the aligned labels this sets the label of
+  the token after the closing one. It needs a following segment; without one (or when condition dropout removed every
+  following segment) there is no position to label and the flag is refused / skipped with a warning. Off, the labels
+  are exactly those above.
 - `enable_cfg`: the collator drops the segment with the text / ViT / VAE condition-dropout probability, for
   classifier-free guidance training (a dropped image still advances the position counter, a dropped text does not, as
   in the original).
@@ -89,25 +96,51 @@ def _where(row) -> str:
 # -- segments and samples --------------------------------------------------------------------------------------------
 
 
-def text_segment(text: str, loss: bool = False, enable_cfg: bool = False) -> dict:
-    """A text segment; `loss=True` trains next-token prediction on it."""
-    return {"type": "text", "text": text, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
+def _with_special_token_loss(segment: dict, special_token_loss: bool, special_token_label) -> dict:
+    # The keys are only written when asked for, so default samples stay exactly as before.
+    if special_token_loss:
+        segment["special_token_loss"] = True
+        if special_token_label is not None:
+            segment["special_token_label"] = special_token_label
+    elif special_token_label is not None:
+        raise ValueError("`special_token_label` is given but `special_token_loss` is off: pass special_token_loss=True.")
+    return segment
 
 
-def vit_segment(image, enable_cfg: bool = False) -> dict:
-    """An understanding image (SigLIP NaViT patches)."""
-    return {"type": "vit_image", "image": image, "enable_cfg": bool(enable_cfg)}
+def text_segment(
+    text: str, loss: bool = False, enable_cfg: bool = False, special_token_loss: bool = False, special_token_label=None
+) -> dict:
+    """A text segment; `loss=True` trains next-token prediction on it. `special_token_loss=True` also trains its
+    closing `<|im_end|>` to predict `special_token_label` (default: the next segment's opening token)."""
+    segment = {"type": "text", "text": text, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
+    return _with_special_token_loss(segment, special_token_loss, special_token_label)
 
 
-def vae_segment(image=None, loss: bool = False, enable_cfg: bool = False, vae_moments=None, latents=None) -> dict:
+def vit_segment(image, enable_cfg: bool = False, special_token_loss: bool = False, special_token_label=None) -> dict:
+    """An understanding image (SigLIP NaViT patches); `special_token_loss` as in [`text_segment`], on its
+    `<|vision_end|>`."""
+    segment = {"type": "vit_image", "image": image, "enable_cfg": bool(enable_cfg)}
+    return _with_special_token_loss(segment, special_token_loss, special_token_label)
+
+
+def vae_segment(
+    image=None,
+    loss: bool = False,
+    enable_cfg: bool = False,
+    vae_moments=None,
+    latents=None,
+    special_token_loss: bool = False,
+    special_token_label=None,
+) -> dict:
     """A VAE-latent image: a clean condition (`loss=False`) or a flow-matching target (`loss=True`), given as an
-    image, as cached posterior moments or as a fixed normalised latent."""
+    image, as cached posterior moments or as a fixed normalised latent. `special_token_loss` as in [`text_segment`],
+    on its `<|vision_end|>` (e.g. after a generated image, predict the text that follows)."""
     segment = {"type": "vae_image", "image": image, "loss": bool(loss), "enable_cfg": bool(enable_cfg)}
     if vae_moments is not None:
         segment["vae_moments"] = vae_moments
     if latents is not None:
         segment["latents"] = latents
-    return segment
+    return _with_special_token_loss(segment, special_token_loss, special_token_label)
 
 
 def text_to_image_sample(prompt: str, image, row=None, vae_moments=None) -> dict:
@@ -206,7 +239,23 @@ def validate_sample(sample: dict) -> dict:
             raise ValueError(f"Missing image in segment {index} (vae_image){where}.")
         if kind == "vit_image" and segment.get("loss"):
             raise ValueError(f"A vit_image segment cannot carry a loss (segment {index}){where}.")
-    if not any(segment.get("loss") for segment in segments):
+        if segment.get("special_token_loss"):
+            label = segment.get("special_token_label")
+            if label is not None and (isinstance(label, bool) or not isinstance(label, (int, str))):
+                raise ValueError(
+                    f"Segment {index} has special_token_label {label!r}; expected a token id or a token string{where}."
+                )
+            if index == len(segments) - 1:
+                raise ValueError(
+                    f"Segment {index} ({kind}) asks for special_token_loss but is the last segment{where}: its closing "
+                    "token predicts the next token, and nothing follows it in the sample."
+                )
+        elif segment.get("special_token_label") is not None:
+            raise ValueError(
+                f"Segment {index} has a special_token_label but special_token_loss is off{where}: set "
+                "special_token_loss=True."
+            )
+    if not any(segment.get("loss") or segment.get("special_token_loss") for segment in segments):
         logger.warning_once(f"A sample has no segment with a loss{where}: it only adds compute.")
     return sample
 

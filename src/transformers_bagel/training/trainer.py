@@ -15,6 +15,7 @@ trainer.train()
 """
 
 import math
+import time
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -152,6 +153,67 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
     return frozen
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common accelerators, by a substring of the device name; the
+# first match wins (so longer names come before their prefixes). Anything else needs `peak_tflops`.
+PEAK_TFLOPS_BF16 = {
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "H20": 148.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L20": 119.5,
+    "L4": 121.0,
+    "MI300X": 1307.0,
+}
+
+
+def bagel_flops_per_token(config) -> float:
+    """
+    Training FLOPs per token of BAGEL, from the model config: `6 * N`, with `N` the parameters one token passes
+    through in the language model. A mixture-of-transformers token uses ONE expert per layer (the understanding or
+    the generation twin, of equal size), so `N` counts one expert: per layer the attention projections
+    (`q`, `o`: `d x d`; `k`, `v`: `d x kv_heads * head_dim`) and the SwiGLU MLP (`3 x d x ffn`), plus the output
+    projection (`d x vocab`). Not counted here: the embedding lookup (no matmul) and norms, the SigLIP encoder of
+    ViT tokens and the frozen VAE. The attention scores are counted apart, per packed sample, by
+    [`bagel_attention_flops_coefficient`].
+    """
+    text = config.text_config if hasattr(config, "text_config") else config
+    d, layers, ffn = text.hidden_size, text.num_hidden_layers, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or d // text.num_attention_heads
+    q_o = 2 * d * text.num_attention_heads * head_dim
+    k_v = 2 * d * text.num_key_value_heads * head_dim
+    active = layers * (q_o + k_v + 3 * d * ffn) + d * text.vocab_size
+    return 6.0 * active
+
+
+def bagel_attention_flops_coefficient(config) -> float:
+    """Training FLOPs of the attention scores and their weighted sum per squared sample length:
+    `12 * layers * heads * head_dim` (forward `QK^T` and `AV`, `2 * 2 * L^2 * heads * head_dim` per layer, times 3 for
+    the backward), counted over each packed sample's full `L x L` square as the original's MFU does (the packed mask
+    is block-diagonal, so samples do not attend to each other)."""
+    text = config.text_config if hasattr(config, "text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 12.0 * text.num_hidden_layers * text.num_attention_heads * head_dim
+
+
+def device_peak_tflops(device) -> float | None:
+    """The dense bf16 peak of a CUDA device from `PEAK_TFLOPS_BF16`, or None (CPU, unknown accelerator)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
 class _CollatorEpochCallback(TrainerCallback):
     """Tells the collator the epoch, which keys its seeded condition dropout (reproducible across resumes)."""
 
@@ -172,7 +234,12 @@ class BagelTrainer(Trainer):
       tokens, MSE over target latent tokens and channels); in multi-process runs the trainer passes the token counts
       summed over all processes as the model's `num_items_in_batch`, as the original normalises (`sum * world /
       total`); gradient accumulation divides by the number of micro-batches, as the original;
-    - `ce_loss` and `mse_loss` are logged beside `loss`;
+    - `ce_loss` and `mse_loss` are logged beside `loss`, with the throughput since the previous log:
+      `tokens_per_second` (packed tokens of all processes, padding-free, per second of wall time) and `mfu` (model
+      FLOPs utilisation: `(tokens * flops_per_token + attention_coefficient * sum of squared sample lengths) /
+      seconds / (num_processes * peak)`, by [`bagel_flops_per_token`] and [`bagel_attention_flops_coefficient`]; the
+      peak is `peak_tflops` or the device's dense bf16 peak from `PEAK_TFLOPS_BF16`;
+      without either, e.g. on a CPU, whose peak depends on cores, vector units and clocks, only tokens/s is logged);
     - a seeded [`BagelDataCollator`] gets the epoch, and a [`BagelEMACallback`] among the callbacks resumes its averages
       from the checkpoint given to `train(resume_from_checkpoint=...)`.
 
@@ -180,10 +247,27 @@ class BagelTrainer(Trainer):
         vae (`AutoencoderKL`, *optional*): the FLUX autoencoder; frozen and put in eval mode here.
         sample_posterior (`bool`, defaults to `True`): sample the VAE posterior (original) or take its mean.
         ce_weight, mse_weight (`float`, defaults to 1.0): loss weights.
+        peak_tflops (`float`, *optional*): peak TFLOP/s of one device, for `mfu` (default: looked up for CUDA
+            devices of `PEAK_TFLOPS_BF16`).
+        flops_per_token (`float`, *optional*): dense training FLOPs per token (default: [`bagel_flops_per_token`] of
+            the model config); the attention term is added to it.
         **kwargs: everything `Trainer` takes.
     """
 
-    def __init__(self, *args, vae=None, sample_posterior: bool = True, ce_weight: float = 1.0, mse_weight: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        vae=None,
+        sample_posterior: bool = True,
+        ce_weight: float = 1.0,
+        mse_weight: float = 1.0,
+        peak_tflops: float | None = None,
+        flops_per_token: float | None = None,
+        **kwargs,
+    ):
+        for name, value in (("peak_tflops", peak_tflops), ("flops_per_token", flops_per_token)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}.")
         super().__init__(*args, **kwargs)
         freeze_modules(self.model)  # only the fixed sin-cos position tables; the optimiser is built later
         if self.args.remove_unused_columns:
@@ -202,6 +286,11 @@ class BagelTrainer(Trainer):
         # would pass that count down to the attention kernels; BAGEL normalises per micro-batch like the original.
         self.model_accepts_loss_kwargs = False
         self._component_losses: dict[str, list[float]] = {}
+        self.peak_tflops = peak_tflops
+        self.flops_per_token = flops_per_token
+        self._tokens_since_log = 0
+        self._square_lengths_since_log = 0
+        self._log_clock = None
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(_CollatorEpochCallback(self.data_collator))
 
@@ -264,11 +353,49 @@ class BagelTrainer(Trainer):
         for name in ("ce_loss", "mse_loss"):
             if getattr(outputs, name) is not None:
                 self._record(name, getattr(outputs, name), model)
+        if model.training:
+            if self._log_clock is None:
+                self._log_clock = time.perf_counter()
+            self._tokens_since_log += int(inputs["input_ids"].numel())
+            documents = inputs.get("document_ids")
+            if documents is not None:
+                lengths = torch.unique_consecutive(documents.flatten(), return_counts=True)[1]
+            else:
+                lengths = torch.tensor([inputs["input_ids"].shape[-1]] * inputs["input_ids"].shape[0])
+            self._square_lengths_since_log += int((lengths.long() ** 2).sum())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _record(self, name: str, value: torch.Tensor, model):
         if model.training:  # evaluation losses are reported by `evaluate` itself
             self._component_losses.setdefault(name, []).append(float(value.detach()))
+
+    def _throughput(self) -> dict:
+        """`tokens_per_second` (all processes) and `mfu` since the previous training log; one all-gather of the token
+        count in multi-process runs (every process logs at the same steps)."""
+        now = time.perf_counter()
+        start, tokens, squares = self._log_clock, self._tokens_since_log, self._square_lengths_since_log
+        self._log_clock, self._tokens_since_log, self._square_lengths_since_log = now, 0, 0
+        world = self.accelerator.num_processes
+        if world > 1:
+            counts = torch.tensor([[float(tokens), float(squares)]], device=self.accelerator.device)
+            tokens, squares = self.accelerator.gather(counts).sum(0).tolist()
+        if start is None or now <= start or tokens == 0:
+            return {}
+        seconds = now - start
+        out = {"tokens_per_second": round(tokens / seconds, 2)}
+        peak = self.peak_tflops if self.peak_tflops is not None else device_peak_tflops(self.args.device)
+        if peak is None:
+            logger.info_once(
+                "mfu is not logged: no peak throughput is known for this device (a CPU's depends on its cores, vector "
+                "units and clocks); pass `peak_tflops=` (examples/train.py --peak_tflops) to log it."
+            )
+            return out
+        config = self.accelerator.unwrap_model(self.model).config
+        if self.flops_per_token is None:
+            self.flops_per_token = bagel_flops_per_token(config)
+        flops = tokens * self.flops_per_token + squares * bagel_attention_flops_coefficient(config)
+        out["mfu"] = round(flops / seconds / (world * peak * 1e12), 6)
+        return out
 
     def log(self, logs: dict, *args, **kwargs):
         for name, values in self._component_losses.items():
@@ -276,11 +403,16 @@ class BagelTrainer(Trainer):
                 logs[name] = round(sum(values) / len(values), 6)
         if "loss" in logs:
             self._component_losses = {}
+            logs.update(self._throughput())
         super().log(logs, *args, **kwargs)
 
 
 __all__ = [
+    "PEAK_TFLOPS_BF16",
     "BagelTrainer",
+    "bagel_attention_flops_coefficient",
+    "bagel_flops_per_token",
+    "device_peak_tflops",
     "bagel_training_arguments",
     "bagel_fsdp_config",
     "freeze_modules",
