@@ -237,3 +237,22 @@ def test_video_file_without_pyav_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
     with pytest.raises(ImportError, match=r'pip install "bagel-hf\[video\]"'):
         load_video_frames(path)
+
+
+def test_training_rows_with_a_video_column_become_frame_blocks(tmp_path):
+    from transformers_bagel.training import row_to_sample
+
+    frames = _frames(6)
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        frame.save(folder / f"frame_{i}.png")
+    sample = row_to_sample({"video": "clip", "question": "what?", "answer": "a clip"}, "understanding", 3,
+                           image_dir=tmp_path, num_frames=3)  # fmt: skip
+    kinds = [segment["type"] for segment in sample["segments"]]
+    assert kinds == ["vit_image"] * 3 + ["text", "text"]
+    expected = [frames[i] for i in sample_frame_indices(6, 3)]
+    for segment, frame in zip(sample["segments"], expected):
+        assert np.array_equal(np.asarray(segment["image"]), np.asarray(frame))
+    with pytest.raises(ValueError, match="column 'video', row 4"):
+        row_to_sample({"video": "missing", "question": "q", "answer": "a"}, "understanding", 4, image_dir=tmp_path)

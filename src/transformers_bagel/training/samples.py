@@ -69,6 +69,7 @@ import torch
 from transformers.utils import logging
 
 from ..image_processing_bagel import to_rgb_image
+from ..video_utils import load_video_frames
 
 
 logger = logging.get_logger(__name__)
@@ -84,6 +85,7 @@ DEFAULT_COLUMNS = {
     "target": "target",
     "question": "question",
     "answer": "answer",
+    "video": "video",
     "segments": "segments",
 }
 MOMENTS_SUFFIX = "_vae_moments"
@@ -263,18 +265,24 @@ def validate_sample(sample: dict) -> dict:
 # -- datasets rows -> samples ----------------------------------------------------------------------------------------
 
 
-def row_to_sample(row: dict, task: str, index=None, columns: dict | None = None, image_dir=None) -> dict:
+def row_to_sample(
+    row: dict, task: str, index=None, columns: dict | None = None, image_dir=None, num_frames: int | None = None
+) -> dict:
     """
     Turns one `datasets` row into a validated sample.
 
     Args:
         row (`dict`): the row.
         task (`str`): `"text_to_image"` (columns `prompt`, `image`), `"edit"` (`source` (one image or a list),
-            `instruction`, `target`), `"understanding"` (`image` (optional, one or a list), `question`, `answer`) or
+            `instruction`, `target`), `"understanding"` (`image` (optional, one or a list), `video` (optional: a
+            video file, a folder of frames or a list of frames), `question`, `answer`) or
             `"interleaved"` (a `segments` column already in the sample format).
         index: the row's index, named in errors.
         columns (`dict`, *optional*): renames, e.g. `{"prompt": "text"}` reads the prompt from a `text` column.
-        image_dir (`str` or `Path`, *optional*): base folder of relative image paths.
+        image_dir (`str` or `Path`, *optional*): base folder of relative image and video paths.
+        num_frames (`int`, *optional*): frames taken from a `video` ([`~video_utils.load_video_frames`]'s default
+            when omitted); each frame is one ViT image segment, after the row's images, as the original puts a
+            video's frames where it stands.
 
     Cached VAE latents ([`cache_vae_latents`]) are picked up from `<column>_vae_moments` columns.
     """
@@ -317,7 +325,17 @@ def row_to_sample(row: dict, task: str, index=None, columns: dict | None = None,
         target = image("target") if cached is None else None
         sample = edit_sample(image("source"), row[names["instruction"]], target, index, moments("source"), cached)
     elif task == "understanding":
-        sample = understanding_sample(image("image", optional=True), row[names["question"]], row[names["answer"]], index)
+        images = image("image", optional=True)
+        images = [] if images is None else images if isinstance(images, list) else [images]
+        if row.get(names["video"]) is not None:
+            video = row[names["video"]]
+            if isinstance(video, (str, Path)) and image_dir is not None and not Path(video).is_absolute():
+                video = Path(image_dir) / video
+            try:
+                images += load_video_frames(video, num_frames=num_frames)
+            except ValueError as error:
+                raise ValueError(f"{str(error).rstrip('.')} (column {names['video']!r}, row {index}).") from error
+        sample = understanding_sample(images or None, row[names["question"]], row[names["answer"]], index)
     else:
         segments = row[names["segments"]]
         if not isinstance(segments, list):
