@@ -1,0 +1,59 @@
+"""
+WISE (`PKU-YuanGroup/WISE`): knowledge-informed text-to-image prompts.
+
+Input: `final_data.json` (as shipped in ByteDance-Seed/Bagel `eval/gen/wise/`), a JSON list of objects with at least
+`Prompt` and `prompt_id`. Output, as the original BAGEL script writes it and `eval/gen/wise/gpt_eval_mp.py` reads it
+(`--image_dir OUT`):
+
+    OUT/<prompt_id>.png
+    OUT/<prompt_id>.txt     with --think: the plan
+"""
+
+from __future__ import annotations
+
+from diffusers.utils import logging
+
+from ._inputs import check_single_sample, read_json, require_field
+from .runner import Benchmark, EvalItem
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["load_wise", "WISE"]
+
+
+def load_wise(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
+    """The entries of WISE's `final_data.json`."""
+    check_single_sample("wise", n_samples)
+    entries = read_json(data, "WISE's final_data.json")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--data {str(data)!r}: expected a non-empty JSON list of WISE entries.")
+    items = []
+    for index, entry in enumerate(entries):
+        where = f"{data}: entry {index}"
+        prompt = require_field(entry, "Prompt", where)
+        prompt_id = require_field(entry, "prompt_id", where, (int, str))
+        items.append(EvalItem(index=index, prompt=prompt, outputs=[f"{prompt_id}.png"]))
+    return items
+
+
+WISE = Benchmark(
+    name="wise",
+    load=load_wise,
+    task="text_to_image",
+    # eval/gen/gen_images_mp_wise.py: 50 timesteps, shift 3, text CFG 4 on t in (0.4, 1], global renorm, min 0, 1024.
+    pipeline_kwargs={
+        "num_inference_steps": 49,
+        "timestep_shift": 3.0,
+        "cfg_text_scale": 4.0,
+        "cfg_img_scale": 1.0,
+        "cfg_interval": (0.4, 1.0),
+        "cfg_renorm_type": "global",
+        "cfg_renorm_min": 0.0,
+    },
+    think=True,
+    n_samples=1,
+    resolution=1024,
+    data_help="WISE's final_data.json (ByteDance-Seed/Bagel eval/gen/wise/final_data.json)",
+    source="ByteDance-Seed/Bagel eval/gen/gen_images_mp_wise.py, scripts/eval/run_wise.sh (--think)",
+)

@@ -1,0 +1,242 @@
+"""`bagel eval` (seeded, batched, resumable benchmark generation in the official layouts) and the lmms-eval model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "checkpoints" / "tiny-bagel-digits"
+sys.path.insert(0, str(ROOT / "examples"))
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+STEPS = ["--num_inference_steps", "2", "--no_progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Three real digit images (7, 3, 1) from the digits demo's data."""
+    pytest.importorskip("sklearn")
+    from digits.data import load_digits_images, to_pil
+
+    images, labels = load_digits_images()
+    return [to_pil(images[list(labels).index(label)]) for label in (7, 3, 1)]
+
+
+def _run(*argv):
+    from diffusers_bagel.cli import main
+
+    assert main(["eval", *argv, "--checkpoint", str(CHECKPOINT), *STEPS]) == 0
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _hashes(folder: Path) -> dict:
+    return {p: hashlib.sha256((folder / p).read_bytes()).hexdigest() for p in _tree(folder)}
+
+
+def _mtimes(folder: Path) -> dict:
+    return {p: os.stat(folder / p).st_mtime_ns for p in _tree(folder)}
+
+
+def _check_seeded_and_resumable(argv, out: Path, other: Path, deleted: str):
+    """Same seed -> bit-identical files; a rerun writes nothing; a deleted output comes back identical."""
+    _run(*argv, "--output_dir", str(out))
+    first = _hashes(out)
+    _run(*argv, "--output_dir", str(other))
+    assert _hashes(other) == first
+    before = _mtimes(out)
+    _run(*argv, "--output_dir", str(out))
+    assert _mtimes(out) == before  # nothing rewritten
+    (out / deleted).unlink()
+    _run(*argv, "--output_dir", str(out))
+    assert _hashes(out) == first
+    assert {p: t for p, t in _mtimes(out).items() if p != deleted} == {p: t for p, t in before.items() if p != deleted}
+    return first
+
+
+def test_sample_seed_is_derived_from_seed_and_index():
+    from diffusers_bagel.evaluation import sample_seed
+
+    assert sample_seed(0, 3, 1) == sample_seed(0, 3, 1)
+    assert len({sample_seed(0, i, k) for i in range(5) for k in range(4)} | {sample_seed(1, 0, 0)}) == 21
+    with pytest.raises(ValueError, match="index"):
+        sample_seed(0, -1)
+
+
+def test_geneval_layout_seed_resume(tmp_path):
+    lines = [json.dumps({"tag": "single_object", "include": [{"class": w, "count": 1}], "prompt": f"a handwritten digit {w}"})
+             for w in ("seven", "three", "one")]  # fmt: skip
+    data = tmp_path / "evaluation_metadata.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    argv = ["geneval", "--data", str(data), "--n_samples", "2", "--batch_size", "2", "--seed", "5"]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "a", tmp_path / "b", "00001/samples/00001.png")
+    expected = [f"{i:05d}/{name}" for i in range(3) for name in ("grid.png", "metadata.jsonl", "samples/00000.png", "samples/00001.png")]
+    assert sorted(hashes) == expected
+    for i, line in enumerate(lines):
+        assert json.loads((tmp_path / "a" / f"{i:05d}" / "metadata.jsonl").read_text()) == json.loads(line)
+    assert hashes["00000/samples/00000.png"] != hashes["00000/samples/00001.png"]  # samples get their own seeds
+    _run(*argv, "--seed", "6", "--skip_grid", "--limit", "1", "--output_dir", str(tmp_path / "c"))
+    assert _tree(tmp_path / "c") == ["00000/metadata.jsonl", "00000/samples/00000.png", "00000/samples/00001.png"]
+    assert _hashes(tmp_path / "c")["00000/samples/00000.png"] != hashes["00000/samples/00000.png"]
+
+
+def test_wise_layout_with_thinking(tmp_path):
+    entries = [{"Prompt": f"a handwritten digit {w}", "prompt_id": i + 1, "Category": "digits"} for i, w in enumerate(("two", "five"))]
+    data = tmp_path / "final_data.json"
+    data.write_text(json.dumps(entries))
+    argv = ["wise", "--data", str(data), "--think", "--max_think_tokens", "4", "--batch_size", "2"]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "a", tmp_path / "b", "2.png")
+    assert sorted(hashes) == ["1.png", "1.txt", "2.png", "2.txt"]
+
+
+def _save(images, folder: Path, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, name in zip(images, names):
+        image.save(folder / name)
+
+
+def test_imgedit_layout(tmp_path, digits):
+    root = tmp_path / "singleturn"
+    _save(digits, root / "animal", ["a.jpg", "b.jpg", "c.jpg"])
+    entries = {f"k{i}": {"id": f"animal/{n}.jpg", "prompt": f"change the digit to {w}", "edit_type": "replace"}
+               for i, (n, w) in enumerate(zip("abc", ("three", "eight", "zero")))}  # fmt: skip
+    (root / "singleturn.json").write_text(json.dumps(entries))
+    argv = ["imgedit", "--data", str(root / "singleturn.json"), "--batch_size", "2"]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "a", tmp_path / "b", "k2.png")
+    assert sorted(hashes) == ["k0.png", "k1.png", "k2.png"]
+
+
+def test_kris_layout(tmp_path, digits):
+    bench = tmp_path / "KRIS_Bench"
+    _save(digits[:2], bench / "count_change", ["1.jpg", "2.jpg"])
+    _save(digits[2:], bench / "multi-element_composition", ["1.jpg"])
+    entries = [
+        {"id": "1", "type": "count_change", "ori_img": "1.jpg", "ins_en": "change the digit to three"},
+        {"id": "2", "type": "count_change", "ori_img": "2.jpg", "ins_en": "change the digit to nine"},
+        {"id": "1", "type": "multi-element_composition", "ori_img": ["1.jpg"], "ins_en": "change the digit to four"},
+    ]
+    (tmp_path / "final_data.json").write_text(json.dumps(entries))
+    argv = ["kris", "--data", str(tmp_path / "final_data.json"), "--batch_size", "3"]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "bagel", tmp_path / "b", "count_change/2.png")
+    assert sorted(hashes) == ["count_change/1.png", "count_change/2.png", "multi-element_composition/1.png"]
+
+
+def test_rise_layout(tmp_path, digits):
+    _save(digits[:2], tmp_path / "data" / "logical_reasoning_images", ["l1.png", "l2.png"])
+    entries = [
+        {"index": f"logical_{i}", "category": "logical", "image": f"logical_reasoning_images/l{i}.png",
+         "instruction": f"change the digit to {w}", "subtask": "digits"}
+        for i, w in ((1, "six"), (2, "two"))
+    ]  # fmt: skip
+    (tmp_path / "data" / "datav2_total_w_subtask.json").write_text(json.dumps(entries))
+    argv = ["rise", "--data", str(tmp_path / "data" / "datav2_total_w_subtask.json")]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "a", tmp_path / "b", "logical/logical_1.png")
+    assert sorted(hashes) == ["logical/logical_1.png", "logical/logical_2.png"]
+
+
+def test_gedit_layout(tmp_path, digits):
+    datasets = pytest.importorskip("datasets")
+    rows = {
+        "key": ["g0", "g1"],
+        "task_type": ["subject-replace", "color_alter"],
+        "instruction_language": ["en", "en"],
+        "instruction": ["change the digit to three", "change the digit to five"],
+        "input_image": digits[:2],
+    }
+    features = datasets.Features({**{k: datasets.Value("string") for k in rows if k != "input_image"}, "input_image": datasets.Image()})
+    (tmp_path / "GEdit-Bench" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "GEdit-Bench" / "data" / "train-00000-of-00001.parquet")
+    argv = ["gedit", "--data", str(tmp_path / "GEdit-Bench"), "--batch_size", "2"]
+    hashes = _check_seeded_and_resumable(argv, tmp_path / "gen_image", tmp_path / "b", "fullset/color_alter/en/g1.png")
+    assert sorted(hashes) == [
+        "fullset/color_alter/en/g1.png", "fullset/color_alter/en/g1_SRCIMG.png",
+        "fullset/subject-replace/en/g0.png", "fullset/subject-replace/en/g0_SRCIMG.png",
+    ]  # fmt: skip
+
+
+def test_bad_inputs_are_named(tmp_path):
+    from diffusers_bagel.evaluation import load_benchmark
+
+    (tmp_path / "m.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: blank line"):
+        load_benchmark("geneval", tmp_path / "m.jsonl")
+    (tmp_path / "w.json").write_text('[{"prompt_id": 1}]')
+    with pytest.raises(ValueError, match="entry 0: missing field 'Prompt'"):
+        load_benchmark("wise", tmp_path / "w.json")
+    with pytest.raises(ValueError, match="--n_samples 1"):
+        load_benchmark("wise", tmp_path / "w.json", n_samples=2)
+    (tmp_path / "k.json").write_text('[{"id": "1", "type": "x", "ori_img": "1.jpg", "ins_en": "do"}]')
+    with pytest.raises(ValueError, match="not found"):
+        load_benchmark("kris", tmp_path / "k.json")
+
+
+# -- lmms-eval ---------------------------------------------------------------------------------------------------------
+
+
+def test_lmms_eval_answers_a_local_task(tmp_path, digits, monkeypatch):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the `eval` extra)")
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from transformers_bagel.lmms_eval_bagel import MODEL_ID, lmms_eval_manifest, register_bagel_model
+
+    images = tmp_path / "images"
+    _save(digits, images, ["7.png", "3.png", "1.png"])
+    with open(tmp_path / "digits.jsonl", "w") as fp:
+        for name, answer in (("7.png", "seven"), ("3.png", "three"), ("1.png", "one")):
+            fp.write(json.dumps({"image": str(images / name), "question": "Which digit is this?", "answer": answer}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "digits_utils.py").write_text(
+        "from PIL import Image\n"
+        "def doc_to_visual(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n"
+        "def doc_to_text(doc):\n    return doc['question']\n"
+    )
+    (tasks / "local_digits.yaml").write_text(
+        f"task: local_digits\n"
+        f"dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'digits.jsonl'}\n"
+        f"test_split: test\n"
+        f"output_type: generate_until\n"
+        f"doc_to_visual: !function digits_utils.doc_to_visual\n"
+        f"doc_to_text: !function digits_utils.doc_to_text\n"
+        f"doc_to_target: answer\n"
+        f"generation_kwargs:\n  max_new_tokens: 8\n  until: ['\\n']\n"
+        f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    import lmms_eval.evaluator
+
+    # lmms-eval 0.7.3 patches filelock through `filelock._api`, gone in filelock 4 (this environment's): its own
+    # "already patched" flag skips that patch, which only matters for nested multi-process dataset loading.
+    monkeypatch.setattr(lmms_eval.evaluator._enable_reentrant_filelocks, "_patched", True, raising=False)
+    register_bagel_model()
+    assert lmms_eval_manifest().model_id == MODEL_ID
+    results = simple_evaluate(
+        model=MODEL_ID,
+        model_args=f"pretrained={CHECKPOINT},device=cpu,max_new_tokens=8",
+        tasks=["local_digits"],
+        batch_size=2,
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+    )
+    answers = [sample["filtered_resps"][0] for sample in results["samples"]["local_digits"]]
+    assert len(answers) == 3
+    assert results["results"]["local_digits"]["exact_match,none"] >= 2 / 3, answers
+
+
+def test_lmms_eval_entry_point_is_declared():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    target = project["project"]["entry-points"]["lmms_eval.models"]["bagel_hf"]
+    assert target == "transformers_bagel.lmms_eval_bagel:lmms_eval_manifest"
+    assert "lmms-eval" in " ".join(project["project"]["optional-dependencies"]["eval"])
