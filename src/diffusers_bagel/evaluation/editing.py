@@ -23,7 +23,7 @@ from pathlib import Path
 from diffusers.utils import logging
 
 from ._inputs import check_single_sample, image_loader, image_size, read_json, require_field
-from .runner import Benchmark, EvalItem
+from .runner import Benchmark, EvalItem, original_settings
 
 
 logger = logging.get_logger(__name__)
@@ -104,16 +104,8 @@ def load_rise(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
 
 
 def _edit_settings(cfg_img_scale: float, cfg_interval=(0.0, 1.0)) -> dict:
-    # The original editing scripts: 50 timesteps (49 steps), shift 3, text CFG 4, "text_channel" renorm, min 0.
-    return {
-        "num_inference_steps": 49,
-        "timestep_shift": 3.0,
-        "cfg_text_scale": 4.0,
-        "cfg_img_scale": cfg_img_scale,
-        "cfg_interval": tuple(cfg_interval),
-        "cfg_renorm_type": "text_channel",
-        "cfg_renorm_min": 0.0,
-    }
+    """The original editing scripts' settings: "text_channel" renormalisation."""
+    return original_settings("text_channel", cfg_img_scale, cfg_interval)
 
 
 IMGEDIT = Benchmark(

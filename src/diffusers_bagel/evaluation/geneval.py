@@ -18,7 +18,7 @@ from pathlib import Path
 import PIL.Image
 from diffusers.utils import logging
 
-from .runner import Benchmark, EvalItem
+from .runner import Benchmark, EvalItem, original_settings
 
 
 logger = logging.get_logger(__name__)
@@ -95,15 +95,7 @@ GENEVAL = Benchmark(
     task="text_to_image",
     # eval/gen/gen_images_mp.py of ByteDance-Seed/Bagel: 50 timesteps (49 steps), shift 3, text CFG 4 on all steps,
     # renorm min 0, the model's "global" renormalisation, 1024x1024, 4 samples; no image guidance (no input image).
-    pipeline_kwargs={
-        "num_inference_steps": 49,
-        "timestep_shift": 3.0,
-        "cfg_text_scale": 4.0,
-        "cfg_img_scale": 1.0,
-        "cfg_interval": (0.0, 1.0),
-        "cfg_renorm_type": "global",
-        "cfg_renorm_min": 0.0,
-    },
+    pipeline_kwargs=original_settings("global", cfg_interval=(0.0, 1.0)),
     think=False,
     n_samples=4,
     resolution=1024,

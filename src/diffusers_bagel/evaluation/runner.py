@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "original_settings",
     "EvalItem",
     "EvalSummary",
     "sample_seed",
@@ -42,6 +43,20 @@ __all__ = [
     "run_items",
     "Benchmark",
 ]
+
+
+def original_settings(cfg_renorm_type: str, cfg_img_scale: float = 1.0, cfg_interval=(0.0, 1.0)) -> dict:
+    """The sampling settings the original evaluation scripts share: 50 timesteps (49 Euler steps), shift 3, text CFG
+    4, renorm min 0; the renormalisation, image CFG and guidance interval differ by benchmark."""
+    return {
+        "num_inference_steps": 49,
+        "timestep_shift": 3.0,
+        "cfg_text_scale": 4.0,
+        "cfg_img_scale": cfg_img_scale,
+        "cfg_interval": tuple(cfg_interval),
+        "cfg_renorm_type": cfg_renorm_type,
+        "cfg_renorm_min": 0.0,
+    }
 
 
 @dataclass

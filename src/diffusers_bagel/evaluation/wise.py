@@ -14,7 +14,7 @@ from __future__ import annotations
 from diffusers.utils import logging
 
 from ._inputs import check_single_sample, read_json, require_field
-from .runner import Benchmark, EvalItem
+from .runner import Benchmark, EvalItem, original_settings
 
 
 logger = logging.get_logger(__name__)
@@ -42,15 +42,7 @@ WISE = Benchmark(
     load=load_wise,
     task="text_to_image",
     # eval/gen/gen_images_mp_wise.py: 50 timesteps, shift 3, text CFG 4 on t in (0.4, 1], global renorm, min 0, 1024.
-    pipeline_kwargs={
-        "num_inference_steps": 49,
-        "timestep_shift": 3.0,
-        "cfg_text_scale": 4.0,
-        "cfg_img_scale": 1.0,
-        "cfg_interval": (0.4, 1.0),
-        "cfg_renorm_type": "global",
-        "cfg_renorm_min": 0.0,
-    },
+    pipeline_kwargs=original_settings("global", cfg_interval=(0.4, 1.0)),
     think=True,
     n_samples=1,
     resolution=1024,
