@@ -299,11 +299,12 @@ def test_original_data_config_converts(tmp_path, caplog, processor):
          "vit_min_image_size": 28},
         {"name": "vlm_sft/llava_ov", "task": "understanding", "weight": 1.0, "data": "vlm/llava_ov_si.jsonl",
          "image_dir": "vlm/images", "num_rows": 3, "shuffle": True, "shuffle_seed": 0, "vit_max_image_size": 112,
-         "vit_min_image_size": 28, "max_pixels": 2007040},
+         "vit_min_image_size": 28, "max_pixels": 2007040, "num_frames": 12},
     ]}  # fmt: skip
     warned = caplog.text
-    for key in ("is_mandatory", "frame_sampler_args", "parquet_info_path"):
+    for key in ("is_mandatory", "parquet_info_path"):
         assert key in warned
+    assert "frame_sampler_args" not in warned  # mapped: its largest frame count
     assert "image_stride" not in warned  # the strides match the model's
 
     # the converted config loads (paths relative to the original YAML's folder)
@@ -325,6 +326,18 @@ def test_original_data_config_converts(tmp_path, caplog, processor):
         load_mixture_config(tmp_path / "original.yaml")
     with pytest.raises(ValueError, match="Group 'my_group'.*group_tasks"):
         original_data_config_to_mixture({"my_group": {"dataset_names": ["x"], "data_dir_list": ["d"], "weight": 1}})
+
+
+def test_original_config_without_paths_converts_and_names_what_to_fill_in(caplog):
+    """The original's example names datasets only (their paths live in its Python DATASET_INFO table)."""
+    original = {"vlm_sft": {"dataset_names": ["llava_ov"], "num_used_data": [1000], "weight": 1,
+                            "frame_sampler_args": {"max_num_frames": 12, "min_num_frames": 8}}}  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        config = original_data_config_to_mixture(original)
+    assert config["sources"][0]["data"] is None and config["sources"][0]["num_rows"] == 1000
+    assert "'llava_ov': no data path" in caplog.text and "fill it in" in caplog.text
+    with pytest.raises(ValueError, match="Source 'vlm_sft/llava_ov': missing key `data`"):
+        load_mixture_config(config)
 
 
 # -- bad configs -----------------------------------------------------------------------------------------------------
@@ -491,3 +504,17 @@ def test_special_token_label_moves_past_dropped_segments(converted_dir, processo
     plain = dropped([{**sample, "segments": [text_segment("look", loss=True), sample["segments"][1]]}])
     assert torch.equal(batch["labels"], plain["labels"])
     assert "special_token_loss segment is the last one kept" in caplog.text and "row dropped" in caplog.text
+
+
+def test_video_rows_take_the_source_frame_count(tmp_path, processor):
+    clip = tmp_path / "clips" / "c0"
+    clip.mkdir(parents=True)
+    for i in range(5):
+        _image(32, 32, i).save(clip / f"{i}.png")
+    _write_jsonl(tmp_path / "videos.jsonl", [{"video": "c0", "question": "what?", "answer": "digits"}])
+    config = {"sources": [{"name": "clips", "task": "understanding", "data": "videos.jsonl", "image_dir": "clips", "weight": 1,
+                           "num_frames": 2}]}  # fmt: skip
+    sample = BagelMixtureDataset(config, processor.image_processor, seed=0, base_dir=tmp_path)[0]
+    assert [segment["type"] for segment in sample["segments"]] == ["vit_image", "vit_image", "text", "text"]
+    with pytest.raises(ValueError, match="Source 'clips': `num_frames`"):
+        load_mixture_config({"sources": [dict(config["sources"][0], num_frames=0)]}, base_dir=tmp_path)

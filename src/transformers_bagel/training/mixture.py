@@ -37,6 +37,7 @@ Keys of a source (anything else is refused, naming the source and the key):
 | `max_image_size`, `min_image_size` | VAE image sizes of this source (the original's `image_transform_args`) |
 | `vit_max_image_size`, `vit_min_image_size` | ViT image sizes (`vit_image_transform_args`) |
 | `max_pixels` | pixel budget of this source's images |
+| `num_frames` | frames taken from each row's `video` (understanding sources; see [`row_to_sample`]) |
 
 Per-source image sizes resize the images of the source's samples with BAGEL's rule (both sides multiples of the
 stride) before the collator's image processor sees them; they can only narrow the processor's own range, and a size
@@ -97,12 +98,13 @@ SOURCE_KEYS = (
     "vit_max_image_size",
     "vit_min_image_size",
     "max_pixels",
+    "num_frames",
 )
 STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement")
 BUILDERS = ("parquet", "json", "csv", "imagefolder")
 _SUFFIX_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _SIZE_KEYS = ("max_image_size", "min_image_size", "vit_max_image_size", "vit_min_image_size", "max_pixels")
-_POSITIVE_INT_KEYS = ("num_rows", "num_files", *_SIZE_KEYS)
+_POSITIVE_INT_KEYS = ("num_rows", "num_files", "num_frames", *_SIZE_KEYS)
 
 
 # -- the config ------------------------------------------------------------------------------------------------------
@@ -429,7 +431,9 @@ class BagelMixtureDataset(torch.utils.data.Dataset):
             row = self.rows[source_index][row_index]
         except Exception as error:  # e.g. an image column whose bytes do not decode
             raise ValueError(f"Row {name} could not be read (image failed to decode?): {type(error).__name__}: {error}") from error
-        sample = row_to_sample(row, source["task"], name, source["columns"], source["image_dir"])
+        sample = row_to_sample(
+            row, source["task"], name, source["columns"], source["image_dir"], num_frames=source.get("num_frames")
+        )
         sample["source"] = source["name"]
         sizes = self._sizes[source_index]
         if sizes is not None:
@@ -482,6 +486,7 @@ _ORIGINAL_READ = {
     "vit_image_transform_args",
     "shuffle_lines",
     "shuffle_seed",
+    "frame_sampler_args",
 }
 
 
@@ -517,8 +522,10 @@ def original_data_config_to_mixture(
     (the original's `DATASET_INFO` table: `{group: {dataset: {"data_dir"/"jsonl_path": ...}}}`); `num_used_data`
     (`num_rows` of JSON lines, `num_files` of parquet folders); `weight` (split evenly over the group's datasets, since
     the original weights groups); `image_transform_args` (VAE sizes, or the ViT sizes of `vlm_sft`),
-    `vit_image_transform_args`, `max_pixels`; `shuffle_lines` / `shuffle_seed`. Anything else (`is_mandatory`,
-    `frame_sampler_args`, `resume_data_status`, strides, ...) is reported with a warning and dropped.
+    `vit_image_transform_args`, `max_pixels`; `shuffle_lines` / `shuffle_seed`; `frame_sampler_args` (its
+    `max_num_frames` as `num_frames`). A dataset with no path (the original's example names datasets only) is
+    converted with `data` left empty and a warning: loading the result names it until it is filled in. Anything else
+    (`is_mandatory`, `resume_data_status`, strides, ...) is reported with a warning and dropped.
 
     Args:
         config (`str`, `Path` or `dict`): the original YAML file or its content. Relative paths stay relative (to the
@@ -577,13 +584,18 @@ def original_data_config_to_mixture(
                 logger.warning(f"Group {group!r}, dataset {dataset!r}: dataset_info key `{key}` is not mapped.")
             jsonl = jsonl_paths[k] if k < len(jsonl_paths) else info.get("jsonl_path")
             folder = data_dirs[k] if k < len(data_dirs) else info.get("data_dir")
-            if jsonl is None and folder is None:
-                raise ValueError(
-                    f"Group {group!r}, dataset {dataset!r}: no data path (`jsonl_path_list` / `data_dir_list`, or "
-                    "`dataset_info`)."
-                )
             source = {"name": f"{group}/{dataset}", "task": task, "weight": float(weight) / len(names)}
-            if jsonl is not None:
+            if jsonl is None and folder is None:
+                # The original resolves names through DATASET_INFO (Python code, not read here): convert anyway and
+                # leave `data` for the user; loading the result names the source until it is filled in.
+                logger.warning(
+                    f"Group {group!r}, dataset {dataset!r}: no data path (`jsonl_path_list` / `data_dir_list`, or "
+                    "`dataset_info`); its `data` is left empty, fill it in before training."
+                )
+                source["data"] = None
+                if num_used is not None:
+                    source["num_rows" if task == "understanding" else "num_files"] = int(num_used[k])
+            elif jsonl is not None:
                 source["data"] = str(jsonl)
                 if folder is not None:
                     source["image_dir"] = str(folder)
@@ -598,6 +610,11 @@ def original_data_config_to_mixture(
                 if args.get("shuffle_seed") is not None:
                     source["shuffle_seed"] = int(args["shuffle_seed"])
             source.update(copy.deepcopy(sizes))
+            frames = args.get("frame_sampler_args") or {}
+            if frames.get("max_num_frames") is not None:
+                # The original draws between min_num_frames and max_num_frames frames per video in training; a fixed
+                # count (the largest) is taken here, sampled at the middle of equal intervals.
+                source["num_frames"] = int(frames["max_num_frames"])
             sources.append(source)
     if not sources:
         raise ValueError("The original data config has no group with a positive weight.")
