@@ -8,6 +8,7 @@ push a converted folder to the Hugging Face Hub.
     bagel chat     --checkpoint bagel-7b-hf --image cat.png --prompt "What is in this image?"
     bagel push     --folder bagel-7b-hf --repo_id your-name/bagel-7b-hf
     bagel eval     geneval --checkpoint bagel-7b-hf --data evaluation_metadata.jsonl --output_dir geneval_out
+    bagel serve    --checkpoint bagel-7b-hf --port 8000   # OpenAI-compatible server (pip install bagel-hf[serve])
 
 `bagel SUBCOMMAND --help` lists every flag of a subcommand with its default.
 """
@@ -240,6 +241,37 @@ def _add_eval_parser(commands):
     evaluate.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
+def _add_serve_parser(commands):
+    serve = commands.add_parser(
+        "serve", formatter_class=_HelpFormatter, help="OpenAI-compatible HTTP server with request batching.",
+        description="Serve a converted BAGEL with OpenAI's API: /v1/chat/completions (images as base64 data URLs,\n"
+                    "streamed with stream=true), /v1/images/generations, /v1/images/edits, /v1/models, /health,\n"
+                    "/metrics. Concurrent image requests with the same size and settings share one pipeline call.\n"
+                    "Needs the serve extra: pip install bagel-hf[serve].",
+    )  # fmt: skip
+    _add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="Address to bind; anything but loopback deserves --api_key.")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="TCP port.")
+    serve.add_argument("--model_name", default=None, help="Model id of /v1/models (default: the checkpoint's folder name).")
+    serve.add_argument(
+        "--max_batch_size", type=_positive_int, default=8, help="Most images of one batched pipeline call (1: no batching)."
+    )
+    serve.add_argument("--max_queue", type=_positive_int, default=64, help="Requests allowed to wait; more get HTTP 429.")
+    serve.add_argument("--batch_wait_ms", type=_finite_float, default=10.0, help="How long a request waits for companions.")
+    serve.add_argument("--api_key", default=None, help="Require `Authorization: Bearer KEY` (or set BAGEL_API_KEY).")
+    serve.add_argument(
+        "--request_timeout", type=_positive_float, default=600.0, help="Seconds a request may wait and run (then 504)."
+    )
+    serve.add_argument(
+        "--allow_remote_images", action="store_true", help="Fetch http(s) image URLs of chat messages (refused otherwise)."
+    )
+    serve.add_argument(
+        "--image_dir", type=Path, default=None, help="Folder for response_format=url images (that format needs it)."
+    )
+    serve.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level.")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `bagel` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="bagel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=_seed, default=0, help="Seed for sampling.")
 
     _add_eval_parser(commands)
+    _add_serve_parser(commands)
 
     push = commands.add_parser(
         "push", formatter_class=_HelpFormatter, help="Upload a converted folder to the Hugging Face Hub.",
@@ -450,6 +483,28 @@ def _run_eval(args):
     print(f"{args.benchmark}: wrote {len(summary.written)} files, {summary.skipped} entries already complete -> {args.output_dir}")
 
 
+def _run_serve(args):
+    try:
+        from .serving import ServerConfig, run_server
+    except ImportError as error:
+        raise ValueError(f"the server needs the serve extra ({error.name} is missing): pip install bagel-hf[serve]") from error
+
+    if args.batch_wait_ms < 0:
+        raise ValueError(f"--batch_wait_ms must be >= 0, got {args.batch_wait_ms}.")
+    config = ServerConfig(
+        model_name=args.model_name or Path(args.checkpoint).resolve().name,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        api_key=args.api_key or os.environ.get("BAGEL_API_KEY") or None,
+        request_timeout=args.request_timeout,
+        allow_remote_images=args.allow_remote_images,
+        image_dir=args.image_dir,
+        batch_wait=args.batch_wait_ms / 1000.0,
+    )
+    pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
+    run_server(pipe, config, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bagel` command. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -464,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(2, f"bagel convert: error: {error}\n")
         return 0
     args = parser.parse_args(argv)
-    runners = {"generate": _run_image, "edit": _run_edit, "chat": _run_chat, "push": _run_push, "eval": _run_eval}
+    runners = {"generate": _run_image, "edit": _run_edit, "chat": _run_chat, "push": _run_push, "eval": _run_eval,
+               "serve": _run_serve}
     try:
         runners[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -1,0 +1,275 @@
+"""
+Parsing and checking of the server's request bodies, before any work: field types and ranges, the server's limits,
+images (decoded from bytes or `data:` URLs, never opened from a path), and OpenAI chat messages as BAGEL messages.
+Every refusal is an [`APIError`] naming the field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+from dataclasses import dataclass
+
+import PIL.Image
+
+from .errors import APIError
+
+
+__all__ = [
+    "ServerLimits",
+    "parse_int",
+    "parse_float",
+    "parse_bool",
+    "parse_size",
+    "decode_image_bytes",
+    "decode_data_url",
+    "chat_messages_to_bagel",
+]
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,", re.I)
+
+
+@dataclass
+class ServerLimits:
+    """
+    Bounds checked on every request before it is queued.
+
+    Args:
+        max_image_bytes (`int`): largest encoded input image.
+        max_image_pixels (`int`): largest input image, width x height (checked before decoding the pixels).
+        max_input_images (`int`): images in one request (chat or edit).
+        max_prompt_chars (`int`): characters of a prompt, or of all the texts of a chat request.
+        max_messages (`int`): messages of a chat request.
+        max_n (`int`): images asked by one generation or edit request.
+        max_inference_steps (`int`): denoising steps of one request.
+        max_tokens (`int`): largest `max_tokens` of a chat request.
+        default_max_tokens (`int`): `max_tokens` of a chat request that sets none.
+        max_think_tokens (`int`): largest `max_think_tokens` of thinking mode.
+        max_body_bytes (`int`): largest request body.
+    """
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_input_images: int = 8
+    max_prompt_chars: int = 8000
+    max_messages: int = 64
+    max_n: int = 4
+    max_inference_steps: int = 200
+    max_tokens: int = 4096
+    default_max_tokens: int = 512
+    max_think_tokens: int = 2048
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+def _invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_int(value, param: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` (an integer, or its text from a form) as an int within [`low`, `high`], else a 400 naming `param`."""
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise _invalid(param, f"`{param}` must be an integer, got {value[:40]!r}.") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _invalid(param, f"`{param}` must be an integer, got {type(value).__name__}.")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise _invalid(param, f"`{param}` must be an integer {bounds}, got {value}.")
+    return value
+
+
+def parse_float(value, param: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
+    """`value` (a number, or its text from a form) as a finite float within the bounds, else a 400 naming `param`."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _invalid(param, f"`{param}` must be a number, got {value[:40]!r}.") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _invalid(param, f"`{param}` must be a finite number, got {value!r}.")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        left = "(" if low_open else "["
+        raise _invalid(param, f"`{param}` must be a number in {left}{low}, {high}], got {value}.")
+    return value
+
+
+def parse_bool(value, param: str) -> bool:
+    """`value` (a boolean, or `"true"` / `"false"` from a form) as a bool, else a 400 naming `param`."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if not isinstance(value, bool):
+        raise _invalid(param, f"`{param}` must be true or false, got {value!r}.")
+    return value
+
+
+def parse_size(value, stride: int, largest: int) -> tuple[int, int] | None:
+    """An OpenAI `size` ("WIDTHxHEIGHT", or "auto"/None for the default) as `(width, height)`: multiples of `stride`,
+    at most `largest` a side."""
+    if value is None or value == "auto":
+        return None
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
+    if match is None:
+        raise _invalid("size", f"`size` must look like 'WIDTHxHEIGHT' (e.g. '{largest}x{largest}'), got {value!r}.")
+    width, height = int(match.group(1)), int(match.group(2))
+    for side in (width, height):
+        if side < stride or side % stride or side > largest:
+            raise _invalid(
+                "size", f"`size` sides must be multiples of {stride} between {stride} and {largest}, got {value!r}."
+            )
+    return width, height
+
+
+def decode_image_bytes(data: bytes, param: str, limits: ServerLimits) -> PIL.Image.Image:
+    """Encoded image bytes as an RGB PIL image, after the byte and pixel limits; a 400 naming `param` otherwise."""
+    from transformers_bagel.image_processing_bagel import to_rgb_image
+
+    if not data:
+        raise _invalid(param, f"`{param}` is empty.", code="invalid_image")
+    if len(data) > limits.max_image_bytes:
+        raise APIError(
+            413, f"`{param}` is {len(data)} bytes; the limit is {limits.max_image_bytes}.", param=param,
+            code="image_too_large",
+        )  # fmt: skip
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, ValueError):
+        raise _invalid(param, f"`{param}` could not be decoded as an image.", code="invalid_image") from None
+    if width * height > limits.max_image_pixels:
+        raise APIError(
+            413, f"`{param}` is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels.", param=param,
+            code="image_too_large",
+        )  # fmt: skip
+    try:
+        return to_rgb_image(bytes(data))
+    except (ValueError, TypeError, OSError):
+        raise _invalid(param, f"`{param}` could not be decoded as an image.", code="invalid_image") from None
+
+
+def decode_data_url(url: str, param: str, limits: ServerLimits) -> PIL.Image.Image:
+    """A base64 `data:image/...;base64,...` URL as an RGB PIL image (see [`decode_image_bytes`])."""
+    match = _DATA_URL.match(url)
+    if match is None or not match.group("b64"):
+        raise _invalid(param, f"`{param}` must be a base64 data URL (data:image/png;base64,...).", code="invalid_image")
+    payload = url[match.end() :]
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise APIError(
+            413, f"`{param}` holds more than {limits.max_image_bytes} bytes.", param=param, code="image_too_large"
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(param, f"`{param}` is not valid base64.", code="invalid_image") from None
+    return decode_image_bytes(data, param, limits)
+
+
+def _fetch_remote_image(url: str, param: str, limits: ServerLimits) -> PIL.Image.Image:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=10.0, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise _invalid(param, f"`{param}`: the image URL answered HTTP {response.status_code}.", "invalid_image")
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > limits.max_image_bytes:
+                    raise APIError(413, f"`{param}` is larger than {limits.max_image_bytes} bytes.", param=param,
+                                   code="image_too_large")  # fmt: skip
+    except httpx.HTTPError as error:
+        raise _invalid(param, f"`{param}`: the image URL could not be fetched ({type(error).__name__}).",
+                       code="invalid_image") from None  # fmt: skip
+    return decode_image_bytes(bytes(data), param, limits)
+
+
+def _load_image_url(url, param: str, limits: ServerLimits, allow_remote: bool) -> PIL.Image.Image:
+    if not isinstance(url, str) or not url:
+        raise _invalid(param, f"`{param}` must be a non-empty string.", code="invalid_image")
+    if url.startswith("data:"):
+        return decode_data_url(url, param, limits)
+    if url.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise _invalid(
+                param, "Remote image URLs are disabled on this server; send the image as a base64 data URL "
+                "(the server runs with --allow_remote_images to fetch them).", code="remote_images_disabled",
+            )  # fmt: skip
+        return _fetch_remote_image(url, param, limits)
+    raise _invalid(param, f"`{param}` must be a base64 data URL or an http(s) URL.", code="invalid_image")
+
+
+def _text_of(content, param: str) -> str:
+    """The text of a system / assistant message: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _invalid(f"{param}[{index}]", f"`{param}[{index}]` must be a text part in this role.")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _invalid(param, f"`{param}` must be a string or a list of content parts.")
+
+
+def chat_messages_to_bagel(messages, limits: ServerLimits, allow_remote: bool, system_prompt: str | None = None):
+    """
+    OpenAI chat `messages` as BAGEL chat messages for `BagelProcessor.apply_chat_template`: user messages become
+    lists of `{"type": "text"}` / `{"type": "image", "image": PIL}` parts, system and assistant messages strings
+    (`developer` is a system message). `system_prompt` (thinking mode's) goes first. Returns `(messages, images)`.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "`messages` must be a non-empty list of chat messages.")
+    if len(messages) > limits.max_messages:
+        raise _invalid("messages", f"`messages` holds {len(messages)} messages; the limit is {limits.max_messages}.")
+    converted = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    images, chars = [], 0
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid(param, f"`{param}` must be an object with `role` and `content`.")
+        role, content = message.get("role"), message.get("content")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise _invalid(f"{param}.role", f"`{param}.role` must be system, user or assistant, got {role!r}.")
+        if role != "user":
+            text = _text_of(content, f"{param}.content")
+            chars += len(text)
+            converted.append({"role": role, "content": text})
+            continue
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not parts:
+            raise _invalid(f"{param}.content", f"`{param}.content` must be a string or a non-empty list of parts.")
+        bagel_parts = []
+        for number, part in enumerate(parts):
+            where = f"{param}.content[{number}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                chars += len(part["text"])
+                bagel_parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                image_url = part.get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                if len(images) >= limits.max_input_images:
+                    raise _invalid(where, f"A request may hold {limits.max_input_images} images at most.")
+                image = _load_image_url(url, f"{where}.image_url", limits, allow_remote)
+                images.append(image)
+                bagel_parts.append({"type": "image", "image": image})
+            else:
+                raise _invalid(where, f"`{where}` must be a `text` part or an `image_url` part.")
+        if not any(p["type"] == "text" and p["text"].strip() for p in bagel_parts):
+            raise _invalid(f"{param}.content", f"`{param}` has no text; ask something.")
+        converted.append({"role": "user", "content": bagel_parts})
+    if chars > limits.max_prompt_chars:
+        raise _invalid("messages", f"The messages hold {chars} characters; the limit is {limits.max_prompt_chars}.")
+    if converted[-1]["role"] != "user":
+        raise _invalid("messages", "The last message must be the user's (the model answers it).")
+    return converted, images
