@@ -227,16 +227,8 @@ class BagelConfig(PreTrainedConfig):
                 f"must equal vision_config.image_size // patch_size = {table_side}, the side of SigLIP's learned "
                 "position table",
             )
-        token_fields = (
-            "bos_token_id",
-            "eos_token_id",
-            "start_of_image_token_id",
-            "end_of_image_token_id",
-            "image_token_id",
-            "latent_token_id",
-        )
         seen = {}
-        for field in token_fields:
+        for field in (field for field in SPECIAL_TOKENS if field != "pad_token_id"):  # pad may share an id
             value = getattr(self, field)
             if value is None or not 0 <= value < text.vocab_size:
                 refuse(field, value, f"must be a token id in [0, {text.vocab_size})")

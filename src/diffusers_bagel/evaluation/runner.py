@@ -137,28 +137,26 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_save_image(image: PIL.Image.Image, path: Path) -> None:
-    """Saves `image` as PNG at `path` through a temporary file in the same folder and a rename."""
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` in the same folder as `path`, then a rename onto `path` (no half-written file is left)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
     try:
-        image.save(temporary, format="PNG")
+        write(temporary)
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def atomic_save_image(image: PIL.Image.Image, path: Path) -> None:
+    """Saves `image` as PNG at `path` through a temporary file in the same folder and a rename."""
+    _atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
     """Writes `text` (UTF-8) at `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary(path)
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    _atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def is_complete(path: Path) -> bool:
