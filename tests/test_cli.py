@@ -184,6 +184,23 @@ def test_chat_streams_the_answer_of_the_model(converted_dir, pipe, picture, caps
     assert expected and out == expected + "\n"
 
 
+def test_chat_answers_about_a_video_as_about_its_frames(converted_dir, pipe, tmp_path, capsys):
+    from transformers_bagel.video_utils import load_video_frames
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(folder / f"frame_{i}.png")
+    question = "What happens?"
+    code, out, err = _run(["chat", "--checkpoint", converted_dir, "--video", folder, "--num_frames", 3, "--prompt",
+                           question, "--max_new_tokens", 8], capsys)  # fmt: skip
+    assert code == 0, err
+    frames = load_video_frames(folder, num_frames=3)
+    expected = generate_answer(pipe.model, pipe.processor, understanding_messages(question, frames), 8)
+    assert expected and out == expected + "\n"
+
+
 def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Describe it.\nAnd the left side?\n\n"))
     code, out, err = _run(["chat", "--checkpoint", converted_dir, "--image", picture, "--max_new_tokens", 12], capsys)
@@ -264,6 +281,9 @@ def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{empty}/none.png"], "no such file"),
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "could not be decoded"),
         (["chat", "--checkpoint", "{ckpt}", "--prompt", "", "--max_new_tokens", "2"], "question is empty"),
+        (["chat", "--checkpoint", "{ckpt}", "--prompt", "q", "--video", "{text}"], "--video: "),
+        (["chat", "--checkpoint", "{ckpt}", "--prompt", "q", "--video", "{empty}"], "--video: "),
+        (["chat", "--checkpoint", "{ckpt}", "--prompt", "q", "--num_frames", "2"], "--num_frames needs --video"),
         (["push", "--folder", "{empty}", "--repo_id", "me/x"], "is not a converted BAGEL folder"),
         pytest.param(["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--device", "cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),

@@ -5,7 +5,7 @@ push a converted folder to the Hugging Face Hub.
     bagel convert  --input_dir BAGEL-7B-MoT --output_dir bagel-7b-hf
     bagel generate --checkpoint bagel-7b-hf --prompt "A red cat on a wooden table" --output cat.png
     bagel edit     --checkpoint bagel-7b-hf --image cat.png --prompt "Make the cat blue" --output blue.png
-    bagel chat     --checkpoint bagel-7b-hf --image cat.png --prompt "What is in this image?"
+    bagel chat     --checkpoint bagel-7b-hf --image cat.png --prompt "What is in this image?"   (or --video clip.mp4)
     bagel push     --folder bagel-7b-hf --repo_id your-name/bagel-7b-hf
     bagel eval     geneval --checkpoint bagel-7b-hf --data evaluation_metadata.jsonl --output_dir geneval_out
     bagel serve    --checkpoint bagel-7b-hf --port 8000   # OpenAI-compatible server (pip install bagel-hf[serve])
@@ -312,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image", type=_existing_file, action="append", default=[],
         help="Image file to ask about; repeat the flag for several images.",
     )  # fmt: skip
+    chat.add_argument(
+        "--video", type=Path, default=None,
+        help="Video file (PyAV: the `video` extra) or folder of frames to ask about; its frames come after the images.",
+    )  # fmt: skip
+    chat.add_argument("--num_frames", type=_positive_int, default=None, help="Frames taken from --video (default 8).")
     chat.add_argument("--prompt", default=None, help="The question; omit it to chat on standard input.")
     chat.add_argument("--think", action="store_true", help="Let BAGEL reason inside <think> tags before answering.")
     chat.add_argument("--max_new_tokens", type=_positive_int, default=512, help="Longest answer, in tokens.")
@@ -404,12 +409,22 @@ def _run_chat(args):
     from transformers import TextStreamer
 
     images = _open_images(args.image)
+    frames = None
+    if args.video is not None:  # decoded before the model loads: a bad video fails at once
+        from transformers_bagel.video_utils import load_video_frames
+
+        try:
+            frames = load_video_frames(args.video, num_frames=args.num_frames)
+        except (ValueError, ImportError) as error:
+            raise ValueError(f"--video: {error}") from error
+    elif args.num_frames is not None:
+        raise ValueError("--num_frames needs --video.")
     pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(args.seed)
 
     def turn(question, history):
-        messages = understanding_messages(question, images, history, think=args.think)
+        messages = understanding_messages(question, images, history, think=args.think, video=frames)
         return generate_answer(
             pipe.model, pipe.processor, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer
         )
