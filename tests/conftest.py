@@ -80,7 +80,7 @@ def one_thread():
 def shrunk_config(converted_dir: Path, num_layers: int = 1):
     """The tiny checkpoint's tokens and tables with an even smaller network (width 32, `num_layers` decoder and ViT
     layers), for training tests that take many steps."""
-    from transformers_bagel.configuration_bagel import BagelConfig
+    from transformers_bagel.configuration_bagel import SPECIAL_TOKENS, BagelConfig
 
     base = BagelConfig.from_pretrained(converted_dir / "model")
     text = base.text_config.to_dict()
@@ -89,6 +89,19 @@ def shrunk_config(converted_dir: Path, num_layers: int = 1):
                 num_key_value_heads=1, head_dim=16)  # fmt: skip
     vision = base.vision_config.to_dict()
     vision.update(hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=1)
-    names = ("bos_token_id", "eos_token_id", "start_of_image_token_id", "end_of_image_token_id", "image_token_id",
-             "latent_token_id", "pad_token_id")  # fmt: skip
-    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **{n: getattr(base, n) for n in names})
+    tokens = {field: getattr(base, field) for field in SPECIAL_TOKENS}
+    return BagelConfig(text_config=text, vision_config=vision, max_latent_size=8, **tokens)
+
+
+@pytest.fixture(scope="module")
+def processor(converted_dir):
+    """The converted tiny checkpoint's processor."""
+    from transformers_bagel import BagelProcessor
+
+    return BagelProcessor.from_pretrained(converted_dir / "processor")
+
+
+@pytest.fixture(scope="module")
+def small_config(converted_dir):
+    """`shrunk_config` with one layer."""
+    return shrunk_config(converted_dir, num_layers=1)

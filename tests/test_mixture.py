@@ -16,8 +16,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 
-from conftest import shrunk_config
-from transformers_bagel import BagelConfig, BagelForConditionalGeneration, BagelProcessor
+from transformers_bagel import BagelConfig, BagelForConditionalGeneration
 from transformers_bagel.training import (
     IGNORE_INDEX,
     BagelDataCollator,
@@ -39,16 +38,6 @@ from transformers_bagel.training import (
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor(converted_dir):
-    return BagelProcessor.from_pretrained(converted_dir / "processor")
-
-
-@pytest.fixture(scope="module")
-def small_config(converted_dir):
-    return shrunk_config(converted_dir, num_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import shrunk_config
-from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
+from transformers_bagel import BagelForConditionalGeneration
 from transformers_bagel.training import (
     BagelDataCollator,
     BagelEMACallback,
@@ -32,16 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def processor(converted_dir):
-    return BagelProcessor.from_pretrained(converted_dir / "processor")
-
-
-@pytest.fixture(scope="module")
-def small_config(converted_dir):
-    return shrunk_config(converted_dir, num_layers=1)
 
 
 def _model(config, seed=0):
