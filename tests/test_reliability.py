@@ -518,3 +518,16 @@ def test_empty_ids_and_misshapen_embeddings_are_refused(pipe, no_grad):
         pipe.model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"`inputs_embeds` must be \(batch, sequence, 64\)"):
         pipe.model(inputs_embeds=torch.zeros(1, 3, 7))
+
+
+def test_truncated_images_are_refused_even_when_a_library_allows_them(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES for the whole process at import; BAGEL's loader stays strict."""
+    import PIL.ImageFile
+
+    monkeypatch.setattr(PIL.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    path = tmp_path / "cut.png"
+    _image(size=(64, 64)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cut.png.*could not be decoded"):
+        to_rgb_image(str(path))
+    assert PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is restored

@@ -8,12 +8,15 @@ PIL, so the pixels are the ones the original model saw. No torchvision is needed
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageFile
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import load_image
@@ -32,6 +35,22 @@ _HIGH_BIT_DEPTH_MODES = (*_SIXTEEN_BIT_MODES, "F")
 # Modes with an alpha channel: composed onto white, as RGBA (a plain conversion to RGB would drop the alpha and show
 # whatever colour transparent pixels hold, black for most files).
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+_DECODING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _complete_images_only():
+    """PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` off while an image decodes here. Libraries turn it on for the whole
+    process at import (lmms-eval does), after which a cut file decodes with its missing part filled in silently."""
+    with _DECODING_LOCK:
+        previous = PIL.ImageFile.LOAD_TRUNCATED_IMAGES
+        PIL.ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            PIL.ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def to_rgb_image(image) -> PIL.Image.Image:
@@ -56,7 +75,8 @@ def to_rgb_image(image) -> PIL.Image.Image:
             raise ValueError(f"Image file {str(image)!r} does not exist.")
         try:
             with PIL.Image.open(io.BytesIO(image) if encoded else Path(image)) as opened:
-                opened.load()
+                with _complete_images_only():
+                    opened.load()
                 image = opened.copy()
         except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Image {name} could not be decoded: {error}") from error
@@ -74,7 +94,8 @@ def to_rgb_image(image) -> PIL.Image.Image:
         )
     else:
         try:
-            image.load()  # a lazily opened image decodes here: a truncated file fails now, naming it
+            with _complete_images_only():
+                image.load()  # a lazily opened image decodes here: a truncated file fails now, naming it
         except (OSError, PIL.Image.DecompressionBombError) as error:
             name = getattr(image, "filename", "") or "a PIL image"
             raise ValueError(f"Image {name!r} could not be decoded: {error}") from error
