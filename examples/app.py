@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import threading
-from pathlib import Path
 
 import torch
 

@@ -33,7 +33,6 @@ from transformers_bagel.convert_bagel_to_hf import (
     BAGEL_7B_IMAGE_SIZES,
     load_original_model,
     original_processor,
-    resolve_image_sizes,
 )
 from transformers_bagel.modeling_bagel import BagelForConditionalGeneration
 

@@ -33,7 +33,6 @@ from .configuration_bagel import BagelConfig, BagelTextConfig
 from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache, BranchKeys
 from .numerics import FiniteLogitsCheck
 from .modeling_bagel_vision import (
-    BagelVisionEmbeddings,
     BagelVisionModel,
     flattened_grid_position_ids,
     in_tree_initialize_weights,
