@@ -812,7 +812,10 @@ class BagelPipeline(DiffusionPipeline):
         if output_type == "latent":
             return latents
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        decoded = self.vae.decode(latents.to(self.vae.dtype)).sample
+        # One image at a time (as diffusers' `vae.enable_slicing()` decodes): a batched convolution rounds differently
+        # from a single one, so a seeded image would depend on the images decoded with it.
+        latents = latents.to(self.vae.dtype)
+        decoded = torch.cat([self.vae.decode(latents[i : i + 1]).sample for i in range(latents.shape[0])])
         if not bool(torch.isfinite(decoded).all()):
             raise RuntimeError(non_finite_message("The VAE's decoded images hold", self.vae, "VAE"))
         # `[-1, 1]` -> `[0, 1]` in float32 (the VAE may be half precision); PIL pixels by truncation (see
@@ -858,9 +861,17 @@ class BagelPipeline(DiffusionPipeline):
         vae_cache, done = {}, {}
         for prompt in contexts:
             if id(prompt) not in done:  # num_images_per_prompt repeats one prompt's contexts: prefill them once
-                done[id(prompt)] = self._prefill_prompt(
-                    context, prompt, use_text, use_image, vae_cache, generator, sample_posterior
+                # With the default cache, every prompt after the first is prefilled on its own and appended, so its
+                # keys (and a seeded image) are exactly those of the prompt generated alone; prefilled into the shared
+                # row, its attention would also run over the earlier prompts' keys (masked out) and round differently.
+                alone = BagelContext() if done and cache is None else context
+                prompt_spans = self._prefill_prompt(
+                    alone, prompt, use_text, use_image, vae_cache, generator, sample_posterior
                 )
+                if alone is not context:
+                    offset = context.append_context(alone)
+                    prompt_spans = {kind: span.shifted(offset) for kind, span in prompt_spans.items()}
+                done[id(prompt)] = prompt_spans
             for kind, span in done[id(prompt)].items():
                 spans[kind].append(span)
         return _Guidance(

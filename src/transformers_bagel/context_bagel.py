@@ -29,6 +29,10 @@ class BagelContextSpan:
     def end(self) -> int:
         return self.start + self.length
 
+    def shifted(self, offset: int) -> "BagelContextSpan":
+        """The same context with its keys `offset` further along the cache row (see [`BagelContext.append_context`])."""
+        return BagelContextSpan(self.start + offset, self.length, self.next_position)
+
 
 @dataclass
 class BranchKeys:
@@ -116,6 +120,24 @@ class BagelContext:
     def new_span(self) -> BagelContextSpan:
         """An empty context placed after every cached key (its first token takes position 0)."""
         return BagelContextSpan(start=self.num_keys, length=0, next_position=0)
+
+    def append_context(self, other: "BagelContext") -> int:
+        """
+        Appends every cached key and value of `other` (prefilled on its own) after this context's keys, through the
+        Cache API, and returns the offset to add to the `start` of `other`'s spans ([`BagelContextSpan.shifted`]).
+
+        A context prefilled alone and appended gives exactly the keys it has alone, whatever was cached before it;
+        prefilling it into this context directly gives the same keys up to float rounding (its attention runs over
+        the earlier contexts' keys, masked out). Batched generation appends each prompt's context this way, so a
+        seeded image is the same whether it was generated alone or in a batch.
+        """
+        offset = self.num_keys
+        if other.num_keys:
+            for layer_idx, layer in enumerate(other.cache.layers):
+                self.cache.update(layer.keys[:, :, : other.num_keys], layer.values[:, :, : other.num_keys], layer_idx)
+            self.num_keys += other.num_keys
+            self._step_inputs.clear()
+        return offset
 
     def check_extendable(self, span: BagelContextSpan) -> None:
         if span.end != self.num_keys:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -107,8 +109,30 @@ class _LatentBlockRouting(ExpertRouting):
 
     def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
         latent = gen(hidden_states[:, 1:-1])
-        ends = und(hidden_states[:, :: hidden_states.shape[1] - 1]).to(latent.dtype)  # positions 0 and -1
+        with _RowsApart():
+            ends = und(hidden_states[:, :: hidden_states.shape[1] - 1]).to(latent.dtype)  # positions 0 and -1
         return torch.cat([ends[:, :1], latent, ends[:, 1:]], dim=1)
+
+
+class _RowsApart(TorchFunctionMode):
+    """
+    Runs every `linear` on a `(rows, tokens, features)` input as one matmul per row (a batched matmul against the
+    broadcast weight) instead of one matmul over all rows' tokens. For the two boundary tokens of each denoising row:
+    a CPU GEMM over few rows takes a kernel that rounds differently from one over many, so with a single matmul a row's
+    boundary tokens (and, through attention, its image) would depend on how many rows share the forward; per row they
+    do not, and a seeded image is the same alone or in a batch. The work is the same. Quantised weights are left to
+    their own kernels.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # Plain weights only: quantised tensor subclasses (torchao) keep their own matmul kernels.
+        if func is F.linear and args[0].dim() == 3 and type(args[1]) in (torch.Tensor, nn.Parameter):
+            inputs, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            output = torch.matmul(inputs, weight.t().expand(inputs.shape[0], -1, -1))
+            return output + bias if bias is not None else output
+        return func(*args, **kwargs)
 
 
 def _keys_from(key_start: int) -> Callable:
@@ -834,7 +858,7 @@ class BagelModel(BagelPreTrainedModel):
         Args:
             latents (`torch.Tensor` of shape `(total_tokens, patch_latent_dim)`): packed latent patches.
             latent_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`): token grid of each latent image.
-            latent_timesteps (`torch.Tensor` of shape `(num_images,)` or `(total_tokens,)`): flow time t of each image
+            latent_timesteps (`torch.Tensor` of shape `(1,)`, `(num_images,)` or `(total_tokens,)`): flow time t of all images, of each image
                 (0 for a clean conditioning image) or of each token.
             position_ids (`torch.LongTensor` of shape `(total_tokens,)`, *optional*): the 2-D position ids of the
                 tokens, when already known (denoising steps keep them); derived from `latent_grid_hw` otherwise.
@@ -847,10 +871,15 @@ class BagelModel(BagelPreTrainedModel):
             )
         latent_timesteps = torch.as_tensor(latent_timesteps, device=latents.device).reshape(-1)
         num_images = latent_grid_hw.shape[0]
-        if latent_timesteps.shape[0] == 1 and num_images > 1:
-            latent_timesteps = latent_timesteps.expand(num_images)
-        time_embeds = self.time_embedder(latent_timesteps)
-        if latent_timesteps.shape[0] != latents.shape[0]:
+        if latent_timesteps.shape[0] == 1:
+            # One time for every image (denoising): embedded once and broadcast to every token, so an image's inputs
+            # do not depend on how many images share the call (a matmul over more rows may round differently). As a
+            # block of 4 equal rows: CPU GEMMs over 1-3 rows round differently with the weights' memory alignment
+            # (weights mapped from safetensors sit 8 bytes off a 64-byte line, moved copies do not).
+            time_embeds = self.time_embedder(latent_timesteps.expand(4))[:1]
+        else:
+            time_embeds = self.time_embedder(latent_timesteps)
+        if latent_timesteps.shape[0] not in (1, latents.shape[0]):
             # One time per image: embed it once and give it to the image's tokens.
             if token_image_index is None:
                 lengths = (latent_grid_hw[:, 0] * latent_grid_hw[:, 1]).to(latents.device)
@@ -1521,10 +1550,13 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
 
         input_ids, grid = context.step_inputs(("latent_block", rows, height, width, device), block)
         if isinstance(timestep, torch.Tensor):
-            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(rows)
+            timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1)
+            if timestep.shape[0] != 1:
+                timestep = timestep.expand(rows)
         else:
-            # torch.full passes the value to the kernel: no blocking host-to-device copy (torch.tensor would make one).
-            timestep = torch.full((rows,), float(timestep), device=device)
+            # One time for all rows, embedded once. torch.full passes the value to the kernel: no blocking
+            # host-to-device copy (torch.tensor would make one).
+            timestep = torch.full((1,), float(timestep), device=device)
         output = self(
             input_ids=input_ids,
             latents=latents.reshape(rows * num_tokens, -1),
