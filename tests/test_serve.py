@@ -168,6 +168,31 @@ def test_concurrent_seeded_requests_batch_and_match_sequential(client, server):
         assert np.array_equal(alone, batched)  # bit for bit (see test_pipeline's batch test)
 
 
+def test_concurrent_chat_requests_batch_and_answer_as_alone(client, server):
+    digits = ("seven", "three", "one", "zero")
+    images = [_generate(client, f"a handwritten digit {name}", seed=index) for index, name in enumerate(digits)]
+    settings = [{"max_tokens": 8}, {"max_tokens": 1}, {"max_tokens": 8, "stop": ["e"]}, {"max_tokens": 5}]
+
+    def ask(index):
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(images[index])}},
+            {"type": "text", "text": "Which digit is this?" if index != 3 else "Which digit is it? Answer in one word."}]}]
+        answer = client.chat.completions.create(model=MODEL, messages=messages, **settings[index])
+        return answer.choices[0].message.content, answer.choices[0].finish_reason, answer.usage.model_dump()
+
+    alone = [ask(index) for index in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, range(4)))
+    metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    largest = max(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith('bagel_batch_size{kind="chat",quantile="0.99"}'))  # fmt: skip
+    assert largest > 1, "the concurrent chat requests were not batched"
+    assert together == alone
+    assert "seven" in alone[0][0].lower() and alone[0][1] == "stop"
+    assert alone[1][1] == "length" and alone[1][2]["completion_tokens"] == 1
+    assert "e" not in alone[2][0] and alone[2][1] == "stop"
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, server):
     seven = _generate(client)
     cases = [

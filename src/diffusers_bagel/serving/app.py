@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import logging
+from transformers import StoppingCriteriaList
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -115,16 +116,26 @@ class _ChatRequest:
     streamer: object = None
 
 
-class _StopOnStrings:
-    """A transformers stopping criterion: stops once the generated text holds one of `stops`."""
+class _RowStops:
+    """
+    A transformers stopping criterion for a batch of chat requests: row `r` is done once its generated text holds one
+    of `stops[r]` or it has `max_tokens[r]` new tokens; `ended_at[r]` keeps how many new tokens it had then.
+    """
 
-    def __init__(self, tokenizer, prompt_length: int, stops: list[str]):
-        self.tokenizer, self.prompt_length, self.stops = tokenizer, prompt_length, stops
+    def __init__(self, tokenizer, prompt_length: int, stops: list[list[str]], max_tokens: list[int]):
+        self.tokenizer, self.prompt_length, self.stops, self.max_tokens = tokenizer, prompt_length, stops, max_tokens
+        self.ended_at: list[int | None] = [None] * len(stops)
 
     def __call__(self, input_ids, scores, **kwargs):
-        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
-        done = any(stop in text for stop in self.stops)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_length
+        for row, stops in enumerate(self.stops):
+            if self.ended_at[row] is not None:
+                continue
+            text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True) if stops else ""
+            if generated >= self.max_tokens[row] or any(stop in text for stop in stops):
+                self.ended_at[row] = generated
+        done = [ended is not None for ended in self.ended_at]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -142,7 +153,7 @@ class _Engine:
 
     def execute(self, jobs: list[Job]) -> list:
         if jobs[0].kind == "chat":
-            return [self._chat(job.payload) for job in jobs]
+            return self._chat([job.payload for job in jobs])
         return self._images(jobs)
 
     def _images(self, jobs: list[Job]) -> list:
@@ -165,43 +176,50 @@ class _Engine:
             start = stop
         return results
 
-    def _chat(self, request: _ChatRequest):
+    def _chat(self, requests: list[_ChatRequest]) -> list[dict]:
+        """One `generate` call for the requests (several only when greedy and not streamed: see `chat_completions`),
+        their prompts left-padded into one batch; each row stops on its own stop strings and `max_tokens`."""
         model, processor = self.pipe.model, self.pipe.processor
+        first = requests[0]
         try:
             inputs = processor.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            ).to(model.device)
+                [request.messages for request in requests], add_generation_prompt=True, tokenize=True,
+                return_dict=True, return_tensors="pt",
+            ).to(model.device)  # fmt: skip
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             prompt_length = inputs["input_ids"].shape[1]
-            options = {"max_new_tokens": request.max_tokens, "streamer": request.streamer}
-            if request.temperature > 0:
-                options.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
-                torch.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
+            stops = _RowStops(processor.tokenizer, prompt_length, [request.stop for request in requests],
+                              [request.max_tokens for request in requests])  # fmt: skip
+            options = {"max_new_tokens": max(request.max_tokens for request in requests), "streamer": first.streamer,
+                       "stopping_criteria": StoppingCriteriaList([stops])}  # fmt: skip
+            if first.temperature > 0:  # a sampled request runs alone: its seed sets the generator
+                options.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
+                torch.manual_seed(first.seed if first.seed is not None else secrets.randbits(63))
             else:
                 options["do_sample"] = False
-            if request.stop:
-                from transformers import StoppingCriteriaList
-
-                options["stopping_criteria"] = StoppingCriteriaList(
-                    [_StopOnStrings(processor.tokenizer, prompt_length, request.stop)]
-                )
             with torch.no_grad():
                 output = model.generate(**inputs, **options)
         except BaseException:
-            if request.streamer is not None:
-                request.streamer.end()  # the streaming response stops waiting
+            if first.streamer is not None:
+                first.streamer.end()  # the streaming response stops waiting
             raise
-        new_tokens = output[0, prompt_length:]
-        text = processor.batch_decode(new_tokens[None], skip_special_tokens=True)[0]
-        text, stopped = _cut_at_stop(text, request.stop)
         eos = model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) if eos is not None else set()
-        ended = len(new_tokens) > 0 and int(new_tokens[-1]) in eos
-        finish = "stop" if stopped or ended or len(new_tokens) < request.max_tokens else "length"
-        usage = {"prompt_tokens": prompt_length, "completion_tokens": len(new_tokens),
-                 "total_tokens": prompt_length + len(new_tokens)}  # fmt: skip
-        return {"text": text, "finish_reason": finish, "usage": usage}
+        results = []
+        for row, request in enumerate(requests):
+            new_tokens = output[row, prompt_length:].tolist()
+            ended = next((index + 1 for index, token in enumerate(new_tokens) if token in eos), None)
+            length = min(end for end in (ended, stops.ended_at[row], len(new_tokens)) if end is not None)
+            new_tokens = new_tokens[:length]
+            text = processor.tokenizer.decode(new_tokens, skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, request.stop)
+            finish = "stop" if stopped or ended == length or length < request.max_tokens else "length"
+            prompt_tokens = int(inputs["attention_mask"][row].sum())
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": length,
+                     "total_tokens": prompt_tokens + length}  # fmt: skip
+            results.append({"text": text, "finish_reason": finish, "usage": usage})
+        return results
 
 
 def _png_base64(image) -> str:
@@ -545,7 +563,9 @@ def create_app(pipe, config: ServerConfig | None = None):
         stream = parse_bool(body.get("stream", False), "stream")
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:
-            job = Job(kind="chat", key=None, weight=1, payload=chat)
+            # Greedy requests batch into one `generate` (padding does not change a greedy answer's tokens); a sampled
+            # one runs alone, so that its seed alone decides its text.
+            job = Job(kind="chat", key="greedy" if chat.temperature == 0 else None, weight=1, payload=chat)
             result = await _run_job(job, request)
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": config.model_name,
