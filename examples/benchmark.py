@@ -506,7 +506,8 @@ class DecoderRuns:
     image also goes through that expert)."""
 
     def __init__(self, pipe: BagelPipeline):
-        self.layer = pipe.model.model.language_model.layers[-1]
+        self.text_model = pipe.model.model.language_model
+        self.layer = self.text_model.layers[-1]
         self.count, self.denoising = 0, False
 
     def _layer_called(self, module, args, kwargs):
@@ -516,11 +517,24 @@ class DecoderRuns:
         self.count += self.denoising
 
     def __enter__(self):
+        self.compiled = self.text_model._compiled_denoising
+        if self.compiled is not None:
+            # Compiled layers call no module hook: count the calls of the compiled layer stack instead (the decoder
+            # calls it only for denoising, and only when no step cache predicted its output).
+            def counting(*args, **kwargs):
+                self.count += 1
+                return self.compiled(*args, **kwargs)
+
+            self.text_model._compiled_denoising = counting
+            self.handles = []
+            return self
         self.handles = [self.layer.register_forward_pre_hook(self._layer_called, with_kwargs=True),
                         self.layer.mlp_moe_gen.register_forward_pre_hook(self._mlp_called)]  # fmt: skip
         return self
 
     def __exit__(self, *exc):
+        if self.compiled is not None:
+            self.text_model._compiled_denoising = self.compiled
         for handle in self.handles:
             handle.remove()
 
