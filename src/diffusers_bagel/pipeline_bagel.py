@@ -836,6 +836,7 @@ class BagelPipeline(DiffusionPipeline):
         sample_posterior: bool = False,
         cache: Cache | None = None,
         reuse_full_for_image: bool = True,
+        batch_invariant: bool = False,
     ) -> "_Guidance":
         """
         Prefills every context the guidance needs into one [`BagelContext`], each token once, as the original does:
@@ -850,13 +851,14 @@ class BagelPipeline(DiffusionPipeline):
 
         Args:
             cache (`Cache`, *optional*): the transformers cache to fill (a `DynamicCache` by default).
+            batch_invariant (`bool`, defaults to `False`): see `__call__`.
         """
         batch_size = len(contexts)
         use_text = cfg_text_scale > 1.0
         image_reuses_full = all(_is_prefix(c.no_image, c.full) and len(c.no_image.segments) == len(c.full.segments)
                                 for c in contexts)  # fmt: skip
         use_image = use_text and cfg_img_scale > 1.0 and not (image_reuses_full and reuse_full_for_image)
-        context = BagelContext(cache)
+        context = BagelContext(cache, batch_invariant=batch_invariant)
         spans = {"cond": [], "text": [], "image": []}
         vae_cache, done = {}, {}
         for prompt in contexts:
@@ -1049,6 +1051,7 @@ class BagelPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         sample_posterior: bool = False,
         enable_taylorseer: bool = False,
+        batch_invariant: bool = False,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
@@ -1091,6 +1094,12 @@ class BagelPipeline(DiffusionPipeline):
             enable_taylorseer (`bool`, defaults to `False`): the original's TaylorSeer step caching (about 2x fewer
                 decoder runs at 50 steps: each guidance branch runs its decoder in full on its first 5 steps and then
                 every 3rd, and predicts the other steps from Taylor factors). Its state belongs to this call only.
+            batch_invariant (`bool`, defaults to `False`): make each image independent of the other images of the
+                batch, bit for bit on CPU (a seeded image is then the same alone or in a batch; `bagel serve` sets
+                it). Every prompt's context is always prefilled on its own, the flow time embedded once and each
+                image VAE-decoded alone; this adds per-row matmuls for the two boundary tokens of each image, which
+                cost a few percent of a step on CPU. GPU GEMM kernels are chosen by shape, so there it narrows the
+                differences but promises no bitwise equality.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`BagelPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
@@ -1188,6 +1197,7 @@ class BagelPipeline(DiffusionPipeline):
             guidance = self.prepare_guidance(
                 contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
                 sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
+                batch_invariant=batch_invariant,
             )  # fmt: skip
             taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
             with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:

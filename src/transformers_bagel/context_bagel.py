@@ -108,12 +108,17 @@ class BagelContext:
 
     Args:
         cache (`Cache`, *optional*): the cache to fill; a new `DynamicCache` by default.
+        batch_invariant (`bool`, defaults to `False`): denoise so that a row's result does not depend on the other
+            rows of the forward, bit for bit on CPU: the two boundary tokens of each row get their linear layers as
+            one small matmul per row instead of one over all rows (a matmul over few rows takes a kernel that rounds
+            differently). It costs one read of those weights per row (a few percent of a step on CPU).
     """
 
-    def __init__(self, cache: Cache | None = None):
+    def __init__(self, cache: Cache | None = None, batch_invariant: bool = False):
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"`cache` must be a transformers Cache, got {type(cache).__name__}.")
         self.cache = cache if cache is not None else DynamicCache()
+        self.batch_invariant = batch_invariant
         self.num_keys = 0
         self._step_inputs: dict = {}
 

@@ -1,6 +1,7 @@
 """BAGEL: a Mixture-of-Transformer-Experts decoder shared by understanding (text, ViT tokens) and generation (VAE
 latent tokens), with a SigLIP NaViT encoder and flow-matching heads."""
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,14 +103,15 @@ class _LatentBlockRouting(ExpertRouting):
     original, so no FLOP is spent on a token's other expert.
     """
 
-    def __init__(self):
+    def __init__(self, rows_apart: bool = False):
         self.und_index = self.gen_index = None
         self.kind = "latent_block"
         self.detach_und = False
+        self.rows_apart = rows_apart  # see BagelContext(batch_invariant=True)
 
     def __call__(self, hidden_states: torch.Tensor, und: Callable, gen: Callable, token_dims: int = 2) -> torch.Tensor:
         latent = gen(hidden_states[:, 1:-1])
-        with _RowsApart():
+        with _RowsApart() if self.rows_apart else contextlib.nullcontext():
             ends = und(hidden_states[:, :: hidden_states.shape[1] - 1]).to(latent.dtype)  # positions 0 and -1
         return torch.cat([ends[:, :1], latent, ends[:, 1:]], dim=1)
 
@@ -120,8 +122,8 @@ class _RowsApart(TorchFunctionMode):
     broadcast weight) instead of one matmul over all rows' tokens. For the two boundary tokens of each denoising row:
     a CPU GEMM over few rows takes a kernel that rounds differently from one over many, so with a single matmul a row's
     boundary tokens (and, through attention, its image) would depend on how many rows share the forward; per row they
-    do not, and a seeded image is the same alone or in a batch. The work is the same. Quantised weights are left to
-    their own kernels.
+    do not, and a seeded image is the same alone or in a batch (`BagelContext(batch_invariant=True)`). The FLOPs are
+    the same, but each row reads the weights again. Quantised weights are left to their own kernels.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -1207,7 +1209,7 @@ class BagelModel(BagelPreTrainedModel):
             ),
             token_image_index=torch.arange(rows, device=device).repeat_interleave(num_tokens),
             latent_mask=input_ids == config.latent_token_id,
-            routing=_LatentBlockRouting(),
+            routing=_LatentBlockRouting(rows_apart=context.batch_invariant),
             branch_keys=branch_keys,
         )
 

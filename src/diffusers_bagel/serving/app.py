@@ -165,9 +165,10 @@ class _Engine:
                 images.append(request.images)
                 generators.append(torch.Generator().manual_seed(request.seed + index))
         settings = dict(requests[0].settings)
+        # batch_invariant: a seeded request gives the same image whether it ran alone or in a batch.
         output = self.pipe(
             prompts, image=images if jobs[0].kind == "edit" else None, generator=generators, num_images_per_prompt=1,
-            **settings,
+            batch_invariant=True, **settings,
         )  # fmt: skip
         results, start = [], 0
         for request in requests:
