@@ -621,18 +621,19 @@ class BagelPipeline(DiffusionPipeline):
             )
             vae.to(torch.float32)
 
-    def _encode_vae_image(self, image: PIL.Image.Image, generator, sample_posterior: bool) -> torch.Tensor:
+    def _encode_vae_image(self, image: PIL.Image.Image, generator, sample_posterior: bool, device) -> torch.Tensor:
         """Clean conditioning latents of one image: `(h * w, patch_latent_dim)` in the normalised latent space."""
         pixels = self.processor.image_processor.preprocess_vae([image])["vae_pixel_values"][0]
-        pixels = pixels[None].to(device=self._execution_device, dtype=self.vae.dtype)
+        pixels = pixels[None].to(device=device, dtype=self.vae.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latent = posterior.sample(generator) if sample_posterior else posterior.mode()
         latent = (latent - self.vae.config.shift_factor) * self.vae.config.scaling_factor
         return pack_latents(latent, self.latent_patch_size)[0]
 
-    def _segment_tokens(self, segments: list, vae_cache: dict, generator, sample_posterior: bool):
+    def _segment_tokens(self, segments: list, vae_cache: dict, generator, sample_posterior: bool, device):
         """Token ids, ViT images and clean latents (with their grids) of a list of segments, laid out by
-        [`BagelSequence`]. Each image is VAE-encoded once per `vae_cache`."""
+        [`BagelSequence`]. Each image is VAE-encoded once per `vae_cache`. `device`: the execution device, looked up
+        once per call by the caller (diffusers' `_execution_device` walks every module of every component)."""
         sequence = BagelSequence(self.model.config)
         vit_images, latents, latent_grids = [], [], []
         for kind, value in segments:
@@ -641,7 +642,7 @@ class BagelPipeline(DiffusionPipeline):
             elif kind == "vae":
                 key = id(value)
                 if key not in vae_cache:
-                    vae_cache[key] = (value, self._encode_vae_image(value, generator, sample_posterior))
+                    vae_cache[key] = (value, self._encode_vae_image(value, generator, sample_posterior, device))
                 tokens = vae_cache[key][1]
                 latents.append(tokens)
                 latent_grids.append((value.height // self.latent_downsample, value.width // self.latent_downsample))
@@ -652,8 +653,7 @@ class BagelPipeline(DiffusionPipeline):
                 sequence.add_image(gh * gw, latent=False)
         return sequence.input_ids, vit_images, latents, latent_grids
 
-    def _image_inputs(self, vit_images: list, latents: list, latent_grids: list) -> dict:
-        device = self._execution_device
+    def _image_inputs(self, vit_images: list, latents: list, latent_grids: list, device) -> dict:
         inputs = {}
         if vit_images:
             vit = self.processor.image_processor.preprocess(vit_images, return_tensors="pt")
@@ -669,13 +669,13 @@ class BagelPipeline(DiffusionPipeline):
         config = self.model.config
         rows, vit_images, latents, latent_grids = [], [], [], []
         vae_cache = {}
+        device = self._execution_device
         for context in contexts:
-            ids, vit, lat, grids = self._segment_tokens(context.segments, vae_cache, generator, sample_posterior)
+            ids, vit, lat, grids = self._segment_tokens(context.segments, vae_cache, generator, sample_posterior, device)
             rows.append(ids)
             vit_images += vit
             latents += lat
             latent_grids += grids
-        device = self._execution_device
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), config.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -684,19 +684,21 @@ class BagelPipeline(DiffusionPipeline):
                 input_ids[i, length - len(ids) :] = torch.tensor(ids)
                 attention_mask[i, length - len(ids) :] = 1
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        inputs.update(self._image_inputs(vit_images, latents, latent_grids))
+        inputs.update(self._image_inputs(vit_images, latents, latent_grids, device))
         return inputs
 
     def _prefill_segments(
         self, context: BagelContext, span: BagelContextSpan, segments: list, vae_cache: dict, generator,
-        sample_posterior: bool,
+        sample_posterior: bool, device,
     ) -> BagelContextSpan:  # fmt: skip
         """Appends `segments` to `span` (the last context of `context`) in one forward; returns the grown span."""
-        ids, vit_images, latents, latent_grids = self._segment_tokens(segments, vae_cache, generator, sample_posterior)
+        ids, vit_images, latents, latent_grids = self._segment_tokens(
+            segments, vae_cache, generator, sample_posterior, device
+        )
         if not ids:
             return span
-        inputs = self._image_inputs(vit_images, latents, latent_grids)
-        input_ids = torch.tensor([ids], device=self._execution_device)
+        inputs = self._image_inputs(vit_images, latents, latent_grids, device)
+        input_ids = torch.tensor([ids], device=device)
         # logits_to_keep=1: only the cache is wanted, not vocabulary logits over the whole context.
         output = self.model(input_ids=input_ids, context=context, context_spans=span, logits_to_keep=1, **inputs)
         return output.context_span
@@ -861,6 +863,7 @@ class BagelPipeline(DiffusionPipeline):
         context = BagelContext(cache, batch_invariant=batch_invariant)
         spans = {"cond": [], "text": [], "image": []}
         vae_cache, done = {}, {}
+        device = self._execution_device  # once: diffusers walks every module of every component to find it
         for prompt in contexts:
             if id(prompt) not in done:  # num_images_per_prompt repeats one prompt's contexts: prefill them once
                 # With the default cache, every prompt after the first is prefilled on its own and appended, so its
@@ -868,7 +871,7 @@ class BagelPipeline(DiffusionPipeline):
                 # row, its attention would also run over the earlier prompts' keys (masked out) and round differently.
                 alone = BagelContext() if done and cache is None else context
                 prompt_spans = self._prefill_prompt(
-                    alone, prompt, use_text, use_image, vae_cache, generator, sample_posterior
+                    alone, prompt, use_text, use_image, vae_cache, generator, sample_posterior, device
                 )
                 if alone is not context:
                     offset = context.append_context(alone)
@@ -892,7 +895,7 @@ class BagelPipeline(DiffusionPipeline):
 
     def _prefill_prompt(
         self, context: BagelContext, prompt: "_Contexts", use_text: bool, use_image: bool, vae_cache: dict, generator,
-        sample_posterior: bool,
+        sample_posterior: bool, device,
     ) -> dict[str, BagelContextSpan]:  # fmt: skip
         """The spans of one prompt's branches: the full context prefilled once, cut where a guidance context is its
         prefix; a guidance context that is not a prefix is prefilled as a span of its own."""
@@ -905,15 +908,17 @@ class BagelPipeline(DiffusionPipeline):
         span, done_at = context.new_span(), 0
         at_cut = {0: span}
         for cut in sorted(set(cuts.values())):
-            if cut > done_at:
-                span = self._prefill_segments(context, span, full[done_at:cut], vae_cache, generator, sample_posterior)
-                done_at = cut
+            # One forward per segment, as the original prefills: an image block alone sees every earlier key, so its
+            # attention needs no mask, and a lone latent block takes the experts by slices (no gather / scatter).
+            for segment in full[done_at:cut]:
+                span = self._prefill_segments(context, span, [segment], vae_cache, generator, sample_posterior, device)
+            done_at = max(done_at, cut)
             at_cut[cut] = span
         spans = {kind: at_cut[cut] for kind, cut in cuts.items()}
         for kind, needed, separate in (("text", use_text, prompt.no_text), ("image", use_image, prompt.no_image)):
             if needed and kind not in spans:
                 spans[kind] = self._prefill_segments(
-                    context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior
+                    context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior, device
                 )
         return spans
 

@@ -137,6 +137,14 @@ class _RowsApart(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _is_latent_block(gen_token_mask: torch.Tensor | None) -> bool:
+    """Whether every row is `[<|vision_start|>, latent tokens, <|vision_end|>]` (the layout of `_LatentBlockRouting`)."""
+    if gen_token_mask is None or gen_token_mask.shape[1] < 3:
+        return False
+    ends = gen_token_mask[:, :: gen_token_mask.shape[1] - 1]
+    return bool(gen_token_mask[:, 1:-1].all()) and not bool(ends.any())
+
+
 def _keys_from(key_start: int) -> Callable:
     """Mask restriction: keys before `key_start` (other contexts of a packed cache row) are invisible."""
 
@@ -618,8 +626,19 @@ class BagelTextModel(BagelPreTrainedModel):
         segments = None
         if block_ids is not None and not bool((block_ids >= 0).any()):
             block_ids = None
+        one_full_block = (
+            branch_keys is None and block_ids is not None and key_start == 0 and attention_mask is None
+            and and_mask_function is None and bool((block_ids == block_ids[:, :1]).all())
+            # and the cache returns only filled keys (a static cache returns its unused slots too, to be masked)
+            and (cache is None or cache.get_mask_sizes(block_ids.shape[1], 0)[0] == past_seen + block_ids.shape[1])
+        )  # fmt: skip
         if branch_keys is not None:
             causal_mask = None  # every row's keys are chosen by `branch_keys`
+        elif one_full_block:
+            # The new tokens are one image block (a prefill of one image, as the original prefills them): each sees
+            # every key, so no mask is built and the attention runs unmasked.
+            causal_mask = None
+            kwargs["is_causal"] = False
         elif is_flash_attention_requested(self.config) and (block_ids is not None or key_start or and_mask_function):
             # Flash attention takes no mask: the original's formulation, one call per segment (causal text runs, full
             # image blocks, bottom-right aligned over every earlier key).
@@ -656,7 +675,11 @@ class BagelTextModel(BagelPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
         if routing is None:
-            routing = ExpertRouting(gen_token_mask, detach_und=self.config.freeze_und and torch.is_grad_enabled())
+            detach_und = self.config.freeze_und and torch.is_grad_enabled()
+            if not detach_und and _is_latent_block(gen_token_mask):
+                routing = _LatentBlockRouting()  # one latent block per row: the experts by slices
+            else:
+                routing = ExpertRouting(gen_token_mask, detach_und=detach_und)
         hidden_states = inputs_embeds
         if position_embeddings is None:
             position_embeddings = self.rotary_emb(hidden_states, position_ids)
