@@ -883,8 +883,8 @@ class BagelModel(BagelPreTrainedModel):
         Args:
             latents (`torch.Tensor` of shape `(total_tokens, patch_latent_dim)`): packed latent patches.
             latent_grid_hw (`torch.LongTensor` of shape `(num_images, 2)`): token grid of each latent image.
-            latent_timesteps (`torch.Tensor` of shape `(1,)`, `(num_images,)` or `(total_tokens,)`): flow time t of all images, of each image
-                (0 for a clean conditioning image) or of each token.
+            latent_timesteps (`torch.Tensor` of shape `(1,)`, `(num_images,)` or `(total_tokens,)`): flow time t of
+                all images, of each image (0 for a clean conditioning image) or of each token.
             position_ids (`torch.LongTensor` of shape `(total_tokens,)`, *optional*): the 2-D position ids of the
                 tokens, when already known (denoising steps keep them); derived from `latent_grid_hw` otherwise.
             token_image_index (`torch.LongTensor` of shape `(total_tokens,)`, *optional*): the image of each token,
