@@ -138,7 +138,7 @@ class _RowsApart(TorchFunctionMode):
 
 
 def _is_latent_block(gen_token_mask: torch.Tensor | None) -> bool:
-    """Whether every row is `[<|vision_start|>, latent tokens, <|vision_end|>]` (the layout of `_LatentBlockRouting`)."""
+    """Whether every row is `[<|vision_start|>, latent tokens, <|vision_end|>]`, the layout of `_LatentBlockRouting`."""
     if gen_token_mask is None or gen_token_mask.shape[1] < 3:
         return False
     ends = gen_token_mask[:, :: gen_token_mask.shape[1] - 1]
