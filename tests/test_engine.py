@@ -300,3 +300,61 @@ def test_compiled_denoising_step_is_one_graph(converted_dir, no_grad):
     finally:
         pipeline.model.compile_denoising(disable=True)
         torch._dynamo.reset()
+
+
+def test_cache_only_prefill_stores_the_same_keys_without_the_last_layers_work(pipe, no_grad):
+    """`cache_only=True` (the pipeline's context prefills): every layer's keys and values are exactly those of a full
+    forward, while the last layer runs no query, attention, output projection or MLP and no logits are computed."""
+    model = pipe.model
+    contexts = _edit_contexts(pipe)
+    inputs = pipe._tokenize_contexts([contexts.full], None, sample_posterior=False)
+    inputs.pop("attention_mask")
+    num_tokens = inputs["input_ids"].shape[1]
+    last = model.model.language_model.layers[-1]
+    skipped = [last.self_attn.q_proj, last.self_attn.q_proj_moe_gen, last.self_attn.o_proj, last.self_attn.o_proj_moe_gen,
+               last.mlp, last.mlp_moe_gen, model.lm_head]  # fmt: skip
+    calls = []
+    handles = [module.register_forward_hook(lambda *_: calls.append(1)) for module in skipped]
+    try:
+        with FlopCounterMode(display=False) as full_flops:
+            full = model(**inputs, cache=DynamicCache(), use_cache=True)
+        assert calls
+        calls.clear()
+        with FlopCounterMode(display=False) as kv_flops:
+            kv = model(**inputs, cache=DynamicCache(), use_cache=True, cache_only=True)
+        assert not calls
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert kv.logits is None and full.logits is not None
+    for full_layer, kv_layer in zip(full.cache.layers, kv.cache.layers, strict=True):
+        assert torch.equal(full_layer.keys, kv_layer.keys) and torch.equal(full_layer.values, kv_layer.values)
+    config = model.config.text_config
+    q_and_o = 2 * config.hidden_size * config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    per_token = 2 * (q_and_o + 3 * config.hidden_size * config.intermediate_size)  # multiply-adds of the skipped linears
+    assert full_flops.get_total_flops() - kv_flops.get_total_flops() >= per_token * num_tokens
+
+    # The context path (a prefill into a BagelContext) gives the same keys too.
+    context = BagelContext()
+    span = model(**inputs, context=context, context_spans=context.new_span(), cache_only=True).context_span
+    assert span.length == num_tokens
+    for full_layer, context_layer in zip(full.cache.layers, context.cache.layers, strict=True):
+        assert torch.equal(full_layer.keys, context_layer.keys)
+
+
+def test_cache_only_is_refused_where_it_cannot_apply(pipe, no_grad):
+    model = pipe.model
+    ids = torch.tensor([[401, 30, 402]])
+    with pytest.raises(ValueError, match="needs a cache to fill"):
+        model(input_ids=ids, use_cache=False, cache_only=True)
+    with pytest.raises(ValueError, match="no loss"):
+        model(input_ids=ids, labels=ids, cache_only=True)
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        model(input_ids=ids, use_cache=True, cache_only=True, output_hidden_states=True)
+    context = BagelContext()
+    span = model(input_ids=ids, context=context, context_spans=context.new_span(), cache_only=True).context_span
+    config = model.config
+    block = torch.tensor([[config.start_of_image_token_id] + [config.latent_token_id] * 4 + [config.end_of_image_token_id]])
+    with pytest.raises(ValueError, match="denoising forward stores nothing"):
+        model(input_ids=block, latents=torch.randn(4, config.patch_latent_dim), latent_grid_hw=torch.tensor([[2, 2]]),
+              context=context, context_spans=[span], update_cache=False, cache_only=True)  # fmt: skip

@@ -699,8 +699,8 @@ class BagelPipeline(DiffusionPipeline):
             return span
         inputs = self._image_inputs(vit_images, latents, latent_grids, device)
         input_ids = torch.tensor([ids], device=device)
-        # logits_to_keep=1: only the cache is wanted, not vocabulary logits over the whole context.
-        output = self.model(input_ids=input_ids, context=context, context_spans=span, logits_to_keep=1, **inputs)
+        # Only the cache is wanted: the last layer computes its keys and values, and no logits are computed.
+        output = self.model(input_ids=input_ids, context=context, context_spans=span, cache_only=True, **inputs)
         return output.context_span
 
     # -- thinking ---------------------------------------------------------------------------------------------------

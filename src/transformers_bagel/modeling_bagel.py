@@ -154,6 +154,17 @@ def _keys_from(key_start: int) -> Callable:
     return inside_span
 
 
+def _check_cache_only(cache: Cache | None, denoising: bool, kwargs: dict) -> None:
+    """Refuses `cache_only=True` where there is no cache to fill or an output is asked for."""
+    if denoising:
+        raise ValueError("`cache_only=True` is for prefills; a denoising forward stores nothing in the cache.")
+    if cache is None:
+        raise ValueError("`cache_only=True` needs a cache to fill: pass `cache` (or `use_cache=True`) or a `context`.")
+    asked = [name for name in ("output_hidden_states", "output_attentions") if kwargs.get(name)]
+    if asked:
+        raise ValueError(f"`cache_only=True` computes no hidden states or attentions, but {asked[0]}=True was passed.")
+
+
 def flash_attention_segments(
     block_ids: torch.LongTensor | None,
     attention_mask: torch.Tensor | None,
@@ -335,20 +346,27 @@ class BagelAttention(nn.Module):
         cache: Cache | None = None,
         branch_keys: BranchKeys | None = None,
         segments: list[tuple[int, int, int, int, int, bool]] | None = None,
+        keys_values_only: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`keys_values_only=True`: the tokens' keys and values go into `cache` and nothing else is computed (no
+        query, attention or output projection); returns `(None, None)`."""
         batch, seq_len = hidden_states.shape[:2]
 
         def heads(x):
             return x.view(batch, seq_len, -1, self.head_dim)
 
-        query = routing(heads(routing(hidden_states, self.q_proj, self.q_proj_moe_gen)), self.q_norm, self.q_norm_moe_gen)
         key = routing(heads(routing(hidden_states, self.k_proj, self.k_proj_moe_gen)), self.k_norm, self.k_norm_moe_gen)
-        value = heads(routing(hidden_states, self.v_proj, self.v_proj_moe_gen))
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-
+        value = heads(routing(hidden_states, self.v_proj, self.v_proj_moe_gen)).transpose(1, 2)
+        key = key.transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if keys_values_only:
+            # Qwen2's RoPE rotates a query and a key together: the key stands in for the query that is not needed.
+            _, key = apply_rotary_pos_emb(key, key, cos, sin)
+            cache.update(key, value, self.layer_idx)
+            return None, None
+        query = routing(heads(routing(hidden_states, self.q_proj, self.q_proj_moe_gen)), self.q_norm, self.q_norm_moe_gen)
+        query, key = apply_rotary_pos_emb(query.transpose(1, 2), key, cos, sin)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -434,8 +452,11 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         branch_keys: BranchKeys | None = None,
+        keys_values_only: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        """`keys_values_only=True` (the last layer of a cache-only prefill): only the layer's keys and values are
+        computed, into `cache`; returns None."""
         residual = hidden_states
         hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_moe_gen)
         hidden_states, _ = self.self_attn(
@@ -445,8 +466,11 @@ class BagelDecoderLayer(GradientCheckpointingLayer):
             attention_mask=attention_mask,
             cache=cache,
             branch_keys=branch_keys,
+            keys_values_only=keys_values_only,
             **kwargs,
         )
+        if keys_values_only:
+            return None
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = routing(hidden_states, self._und_mlp, self._gen_mlp)
@@ -546,10 +570,15 @@ class BagelTextModel(BagelPreTrainedModel):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: Cache | None,
         branch_keys: BranchKeys | None,
+        cache_only: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
-        """The layer stack (every forward runs it; `compile_denoising` compiles it for denoising forwards)."""
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+    ) -> torch.Tensor | None:
+        """The layer stack (every forward runs it; `compile_denoising` compiles it for denoising forwards). With
+        `cache_only`, the last layer only computes its keys and values and None is returned."""
+        layers = self.layers[: self.config.num_hidden_layers]
+        for index, decoder_layer in enumerate(layers):
+            if cache_only and index == len(layers) - 1:
+                kwargs["keys_values_only"] = True
             hidden_states = decoder_layer(
                 hidden_states,
                 routing,
@@ -594,6 +623,7 @@ class BagelTextModel(BagelPreTrainedModel):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         branch_keys: BranchKeys | None = None,
         step_cache: BagelStepCache | None = None,
+        cache_only: bool = False,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -615,6 +645,9 @@ class BagelTextModel(BagelPreTrainedModel):
             (no mask is built), and `cache` is left as it was.
         step_cache (`BagelStepCache`, *optional*):
             Step caching (TaylorSeer): when it holds a prediction of the layer stack's output, the layers are skipped.
+        cache_only (`bool`, defaults to `False`):
+            Only fill `cache` (a prefill whose outputs are not needed): the last layer computes its keys and values and
+            nothing after them, and `last_hidden_state` is None.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -622,6 +655,8 @@ class BagelTextModel(BagelPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache_only:
+            _check_cache_only(cache, branch_keys is not None or step_cache is not None, kwargs)
         past_seen = int(cache.get_seq_length()) if cache is not None else 0
         segments = None
         if block_ids is not None and not bool((block_ids >= 0).any()):
@@ -692,7 +727,11 @@ class BagelTextModel(BagelPreTrainedModel):
                 run_layers = self._compiled_denoising
             if segments is not None:
                 kwargs["segments"] = segments
+            if cache_only:
+                kwargs["cache_only"] = True
             hidden_states = run_layers(hidden_states, routing, causal_mask, position_embeddings, cache, branch_keys, **kwargs)
+            if cache_only:
+                return BaseModelOutputWithPast(last_hidden_state=None, cache=cache)
             if step_cache is not None:
                 step_cache.store(hidden_states)
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
@@ -1315,6 +1354,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         context_spans: BagelContextSpan | list[BagelContextSpan] | None = None,
         update_cache: bool = True,
         step_cache: BagelStepCache | None = None,
+        cache_only: bool = False,
         **kwargs,
     ) -> BagelCausalLMOutputWithPast:
         r"""
@@ -1344,6 +1384,10 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             Prefill into, or denoise against, contexts packed in one cache (see [`BagelModel.forward`]). A denoising
             forward (`update_cache=False`) returns `velocity` (the flow velocity `llm2vae(h)` of every latent token,
             `(rows * h * w, patch_latent_dim)`, in the order of `latents`) and no logits.
+        cache_only (`bool`, defaults to `False`):
+            Only fill the cache or `context` (a prefill whose logits are not needed, as a guidance context's): the last
+            decoder layer computes its keys and values and nothing after them, and no logits are returned. The cache
+            holds exactly what a full forward stores.
 
         See [`BagelModel.forward`] for the other arguments.
         """
@@ -1358,6 +1402,10 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
                 f"{tuple(input_ids.shape)} (-100 where there is no target)."
             )
         training_targets = noised_latent_images is not None and bool(noised_latent_images.any())
+        if cache_only and (labels is not None or training_targets):
+            raise ValueError("`cache_only=True` computes no outputs, so no loss: pass no `labels` / noised targets.")
+        if cache_only:
+            kwargs["cache_only"] = True
         if training_targets:
             if latents is None or latent_grid_hw is None:
                 raise ValueError("`noised_latent_images` needs the clean `latents` and their `latent_grid_hw`.")
@@ -1402,7 +1450,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
                 ) / _normaliser(normalisers.get("ce"), keep.sum())
             else:
                 ce_loss = hidden_states.sum() * 0.0
-        else:
+        elif not cache_only:  # a cache-only prefill has no hidden states to read
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, slice_indices, :])
         if training_targets:
