@@ -105,3 +105,36 @@ def processor(converted_dir):
 def small_config(converted_dir):
     """`shrunk_config` with one layer."""
     return shrunk_config(converted_dir, num_layers=1)
+
+
+def check_rows_prefilled_together(model, rows: list[dict]) -> None:
+    """Prefilling `rows` (each a dict of one-row model inputs of equal length) in one forward, the first extending an
+    earlier context and the others starting new ones, stores what one forward per row stores (same spans and
+    positions, keys to float rounding), and denoising against the spans gives the same velocities."""
+    from transformers_bagel import BagelContext
+
+    first = torch.tensor([[401, 30, 31, 402]])
+    together = {"input_ids": torch.cat([row["input_ids"] for row in rows])}
+    for name in ("pixel_values", "image_grid_hw", "latents", "latent_grid_hw"):
+        if any(name in row for row in rows):
+            together[name] = torch.cat([row[name] for row in rows if name in row])
+    contexts, spans = [], []
+    for merged in (False, True):
+        context = BagelContext()
+        span = model(input_ids=first, context=context, context_spans=context.new_span()).context_span
+        if merged:
+            new = [span] + [context.new_span()] * (len(rows) - 1)
+            grown = list(model(**together, context=context, context_spans=new, cache_only=True).context_spans)
+        else:
+            grown = [model(**rows[0], context=context, context_spans=span).context_span]
+            grown += [model(**row, context=context, context_spans=context.new_span()).context_span for row in rows[1:]]
+        contexts.append(context)
+        spans.append(grown)
+    assert spans[0] == spans[1]
+    assert contexts[0].num_keys == contexts[1].num_keys == 4 + sum(row["input_ids"].shape[1] for row in rows)
+    for alone, merged in zip(contexts[0].cache.layers, contexts[1].cache.layers, strict=True):
+        assert_close_rel(merged.keys, alone.keys, 1e-5)
+        assert_close_rel(merged.values, alone.values, 1e-5)
+    x_t = torch.randn(len(rows), 4, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(3))
+    velocities = [model.predict_velocity(x_t, 0.6, (2, 2), context, grown) for context, grown in zip(contexts, spans)]
+    assert_close_rel(velocities[1], velocities[0], 1e-5)

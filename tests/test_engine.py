@@ -158,11 +158,20 @@ def test_edit_prefills_each_token_once(pipe, no_grad):
     """The text-guidance context of an edit is the full context before the instruction: its keys are the full
     context's first keys, so the image is prefilled once; the no-image context is prefilled alone, unpadded."""
     contexts = _edit_contexts(pipe)
-    with FlopCounterMode(display=False) as shared:
-        guidance = pipe.prepare_guidance([contexts], 4.0, 2.0, (0.0, 1.0), "text_channel", 0.0)
+    forwards = []
+    handle = pipe.model.model.language_model.register_forward_hook(lambda module, args, out: forwards.append(1))
+    try:
+        with FlopCounterMode(display=False) as shared:
+            guidance = pipe.prepare_guidance([contexts], 4.0, 2.0, (0.0, 1.0), "text_channel", 0.0)
+    finally:
+        handle.remove()
+    # The VAE block, the ViT block, and the instruction after the image and alone (the no-image context) in one
+    # forward of two rows.
+    assert len(forwards) == 3
     cond, text, image = (guidance.spans[kind][0] for kind in ("cond", "text", "image"))
     assert text.start == cond.start == 0 and 0 < text.length < cond.length
     assert image.start == cond.end and guidance.context.num_keys == cond.length + image.length
+    assert image.length == cond.length - text.length and image.next_position == image.length
     with FlopCounterMode(display=False) as alone:
         for segments in (contexts.full, contexts.no_image):
             single = pipe.prepare_guidance(
@@ -270,8 +279,10 @@ def test_bad_denoising_inputs_are_refused(pipe, no_grad):
               context=context, context_spans=[span], update_cache=False)  # fmt: skip
     with pytest.raises(ValueError, match="need a `context`"):
         model(input_ids=torch.tensor([[401]]), update_cache=False)
-    with pytest.raises(ValueError, match="one sequence at a time"):
+    with pytest.raises(ValueError, match="each row of `input_ids` to its own span: got 2 rows and 1 spans"):
         model(input_ids=torch.tensor([[401], [401]]), context=context, context_spans=context.new_span())
+    with pytest.raises(ValueError, match="Only the first row of a prefill may extend a context"):
+        model(input_ids=torch.tensor([[401], [401]]), context=context, context_spans=[context.new_span(), span])
     with pytest.raises(ValueError, match="Only the last context"):
         other = model(input_ids=torch.tensor([[401]]), context=context, context_spans=context.new_span()).context_span
         model(input_ids=torch.tensor([[30]]), context=context, context_spans=span)

@@ -8,7 +8,7 @@ import transformers.modeling_flash_attention_utils as flash_utils
 from transformers.modeling_utils import PreTrainedModel
 
 import flash_reference
-from conftest import assert_close_rel, load_expected
+from conftest import assert_close_rel, check_rows_prefilled_together, load_expected
 from diffusers_bagel import BagelPipeline
 
 
@@ -112,3 +112,20 @@ def test_flash_matches_sdpa_on_images_padding_and_denoising(converted_dir, refer
     assert f_text == text and torch.equal(f_sequences, sequences)
     assert_close_rel(f_logits, logits, 1e-5)
     assert_close_rel(f_images, images, 1e-5)
+
+
+def test_flash_rows_prefilled_in_one_forward_equal_rows_prefilled_alone(original_model, reference_flash, no_grad):
+    """Several contexts prefilled in one forward under flash_attention_2: each row's segments start at its own span
+    (a run never crosses rows), as sdpa's mask does."""
+    from test_modeling import mixed_inputs
+
+    model, _ = original_model
+    model.set_attn_implementation("flash_attention_2")
+    try:
+        before = reference_flash["flash_attn_func"]
+        text = {"input_ids": torch.tensor([[401, 40, 41, 42, 402]])}
+        check_rows_prefilled_together(model, [text, text])
+        check_rows_prefilled_together(model, [mixed_inputs(model.config, seed) for seed in (1, 2, 3)])
+        assert reference_flash["flash_attn_func"] > before
+    finally:
+        model.set_attn_implementation("sdpa")

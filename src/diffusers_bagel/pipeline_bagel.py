@@ -687,21 +687,36 @@ class BagelPipeline(DiffusionPipeline):
         inputs.update(self._image_inputs(vit_images, latents, latent_grids, device))
         return inputs
 
-    def _prefill_segments(
-        self, context: BagelContext, span: BagelContextSpan, segments: list, vae_cache: dict, generator,
+    def _prefill_rows(
+        self, context: BagelContext, span: BagelContextSpan, rows: list[list], vae_cache: dict, generator,
         sample_posterior: bool, device,
-    ) -> BagelContextSpan:  # fmt: skip
-        """Appends `segments` to `span` (the last context of `context`) in one forward; returns the grown span."""
-        ids, vit_images, latents, latent_grids = self._segment_tokens(
-            segments, vae_cache, generator, sample_posterior, device
-        )
-        if not ids:
-            return span
+    ) -> list[BagelContextSpan]:  # fmt: skip
+        """
+        Appends the segments of `rows[0]` to `span` (the last context of `context`); each later row is a new context.
+        Rows of as many tokens run in one forward (the weights are read once for all), otherwise one after another.
+        Returns the span of each row.
+        """
+        tokenized = [self._segment_tokens(row, vae_cache, generator, sample_posterior, device) for row in rows]
+        if len({len(ids) for ids, *_ in tokenized}) > 1:
+            grown = []
+            for row in tokenized:
+                row_span = context.new_span() if grown else span
+                grown += self._prefill_tokens(context, [row_span], [row], device) if row[0] else [row_span]
+            return grown
+        if not tokenized[0][0]:
+            return [span] + [context.new_span() for _ in rows[1:]]
+        return self._prefill_tokens(context, [span] + [context.new_span()] * (len(rows) - 1), tokenized, device)
+
+    def _prefill_tokens(self, context: BagelContext, spans: list, tokenized: list, device) -> list[BagelContextSpan]:
+        """One cache-only forward of tokenized rows of equal length (see `_prefill_rows`)."""
+        vit_images = [image for _, images, _, _ in tokenized for image in images]
+        latents = [tokens for _, _, row_latents, _ in tokenized for tokens in row_latents]
+        latent_grids = [grid for _, _, _, grids in tokenized for grid in grids]
         inputs = self._image_inputs(vit_images, latents, latent_grids, device)
-        input_ids = torch.tensor([ids], device=device)
+        input_ids = torch.tensor([ids for ids, *_ in tokenized], device=device)
         # Only the cache is wanted: the last layer computes its keys and values, and no logits are computed.
-        output = self.model(input_ids=input_ids, context=context, context_spans=span, cache_only=True, **inputs)
-        return output.context_span
+        output = self.model(input_ids=input_ids, context=context, context_spans=spans, cache_only=True, **inputs)
+        return list(output.context_spans)
 
     # -- thinking ---------------------------------------------------------------------------------------------------
 
@@ -898,28 +913,33 @@ class BagelPipeline(DiffusionPipeline):
         sample_posterior: bool, device,
     ) -> dict[str, BagelContextSpan]:  # fmt: skip
         """The spans of one prompt's branches: the full context prefilled once, cut where a guidance context is its
-        prefix; a guidance context that is not a prefix is prefilled as a span of its own."""
+        prefix; a guidance context that is not a prefix is a span of its own, prefilled in the forward of the full
+        context's last segment (an edit's instruction after the image and alone: one forward of two rows)."""
         full = prompt.full.segments
         cuts = {"cond": len(full)}
         if use_text and _is_prefix(prompt.no_text, prompt.full):
             cuts["text"] = len(prompt.no_text.segments)
         if use_image and _is_prefix(prompt.no_image, prompt.full):
             cuts["image"] = len(prompt.no_image.segments)
+        branches = (("text", use_text, prompt.no_text), ("image", use_image, prompt.no_image))
+        separate = [(kind, branch.segments) for kind, needed, branch in branches if needed and kind not in cuts]
         span, done_at = context.new_span(), 0
-        at_cut = {0: span}
+        at_cut, spans = {0: span}, {}
         for cut in sorted(set(cuts.values())):
             # One forward per segment, as the original prefills: an image block alone sees every earlier key, so its
             # attention needs no mask, and a lone latent block takes the experts by slices (no gather / scatter).
-            for segment in full[done_at:cut]:
-                span = self._prefill_segments(context, span, [segment], vae_cache, generator, sample_posterior, device)
+            for index in range(done_at, cut):
+                rows = [[full[index]]] + ([segments for _, segments in separate] if index == len(full) - 1 else [])
+                span, *others = self._prefill_rows(context, span, rows, vae_cache, generator, sample_posterior, device)
+                spans.update(zip((kind for kind, _ in separate), others))
             done_at = max(done_at, cut)
             at_cut[cut] = span
-        spans = {kind: at_cut[cut] for kind, cut in cuts.items()}
-        for kind, needed, separate in (("text", use_text, prompt.no_text), ("image", use_image, prompt.no_image)):
-            if needed and kind not in spans:
-                spans[kind] = self._prefill_segments(
-                    context, context.new_span(), separate.segments, vae_cache, generator, sample_posterior, device
-                )
+        spans.update({kind: at_cut[cut] for kind, cut in cuts.items()})
+        for kind, segments in separate:
+            if kind not in spans:  # an empty full context
+                spans[kind] = self._prefill_rows(
+                    context, context.new_span(), [segments], vae_cache, generator, sample_posterior, device
+                )[0]
         return spans
 
     def guided_velocity(

@@ -145,13 +145,21 @@ def _is_latent_block(gen_token_mask: torch.Tensor | None) -> bool:
     return bool(gen_token_mask[:, 1:-1].all()) and not bool(ends.any())
 
 
-def _keys_from(key_start: int) -> Callable:
-    """Mask restriction: keys before `key_start` (other contexts of a packed cache row) are invisible."""
+def _keys_from(key_start: int | list[int], past_seen: int, device) -> Callable:
+    """Mask restriction: keys before `key_start` (other contexts of a packed cache row) are invisible; a list gives
+    each new token its own first key (several contexts prefilled in one forward)."""
+    if isinstance(key_start, int):
 
-    def inside_span(batch_idx, head_idx, q_idx, kv_idx):
-        return kv_idx >= key_start
+        def inside_span(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx >= key_start
 
-    return inside_span
+        return inside_span
+    starts = torch.tensor(key_start, device=device)
+
+    def inside_own_span(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx >= starts[q_idx - past_seen]  # mask functions take absolute query indices
+
+    return inside_own_span
 
 
 def _check_cache_only(cache: Cache | None, denoising: bool, kwargs: dict) -> None:
@@ -169,18 +177,19 @@ def flash_attention_segments(
     block_ids: torch.LongTensor | None,
     attention_mask: torch.Tensor | None,
     past_seen: int,
-    key_start: int,
+    key_start: int | list[int],
     shape: tuple[int, int],
 ) -> list[tuple[int, int, int, int, int, bool]]:
     """
     BAGEL's attention as flash-attention calls without a mask, as the original runs it: each run of text tokens is
     causal and each image block is full, over every earlier key of its row (flash attention's bottom-right causal
-    alignment), from `key_start` and from the row's first unpadded key. Returns `(row, q_start, q_end, k_start,
-    k_end, causal)` per segment, key indices in the cache's keys (`past_seen` cached tokens, then the new ones).
-    Left padding only (as `generate` pads).
+    alignment), from `key_start` (one index, or one per new token: a run ends where it changes) and from the row's
+    first unpadded key. Returns `(row, q_start, q_end, k_start, k_end, causal)` per segment, key indices in the
+    cache's keys (`past_seen` cached tokens, then the new ones). Left padding only (as `generate` pads).
     """
     batch, length = shape
     ids = block_ids.tolist() if block_ids is not None else [[-1] * length for _ in range(batch)]
+    starts = key_start if isinstance(key_start, list) else [key_start] * length
     valid = attention_mask.bool().tolist() if attention_mask is not None else None
     segments = []
     for row in range(batch):
@@ -197,9 +206,9 @@ def flash_attention_segments(
         start = first_query
         while start < length:
             end = start + 1
-            while end < length and ids[row][end] == ids[row][start]:
+            while end < length and ids[row][end] == ids[row][start] and starts[end] == starts[start]:
                 end += 1
-            segments.append((row, start, end, max(key_start, first_key), past_seen + end, ids[row][start] < 0))
+            segments.append((row, start, end, max(starts[start], first_key), past_seen + end, ids[row][start] < 0))
             start = end
     return segments
 
@@ -618,7 +627,7 @@ class BagelTextModel(BagelPreTrainedModel):
         gen_token_mask: torch.BoolTensor | None = None,
         block_ids: torch.LongTensor | None = None,
         and_mask_function: Callable | None = None,
-        key_start: int = 0,
+        key_start: int | list[int] = 0,
         routing: ExpertRouting | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         branch_keys: BranchKeys | None = None,
@@ -634,8 +643,9 @@ class BagelTextModel(BagelPreTrainedModel):
             bidirectionally.
         and_mask_function (`Callable`, *optional*):
             Extra mask restriction (packed training samples, noised images hidden from later tokens).
-        key_start (`int`, defaults to 0):
-            Keys before this index are invisible to the new tokens (contexts packed one after another in one cache row).
+        key_start (`int` or `list[int]`, defaults to 0):
+            Keys before this index are invisible to the new tokens (contexts packed one after another in one cache row);
+            a list gives the first visible key of each new token (several contexts prefilled in one forward).
         routing (`ExpertRouting`, *optional*):
             Prebuilt expert routing (instead of `gen_token_mask`), kept across denoising steps by [`BagelContext`].
         position_embeddings (`tuple[torch.Tensor, torch.Tensor]`, *optional*):
@@ -657,12 +667,15 @@ class BagelTextModel(BagelPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if cache_only:
             _check_cache_only(cache, branch_keys is not None or step_cache is not None, kwargs)
+        if isinstance(key_start, list) and len(key_start) != inputs_embeds.shape[1]:
+            raise ValueError(f"`key_start` lists {len(key_start)} first keys for {inputs_embeds.shape[1]} new tokens.")
+        hides_keys = any(key_start) if isinstance(key_start, list) else bool(key_start)
         past_seen = int(cache.get_seq_length()) if cache is not None else 0
         segments = None
         if block_ids is not None and not bool((block_ids >= 0).any()):
             block_ids = None
         one_full_block = (
-            branch_keys is None and block_ids is not None and key_start == 0 and attention_mask is None
+            branch_keys is None and block_ids is not None and not hides_keys and attention_mask is None
             and and_mask_function is None and bool((block_ids == block_ids[:, :1]).all())
             # and the cache returns only filled keys (a static cache returns its unused slots too, to be masked)
             and (cache is None or cache.get_mask_sizes(block_ids.shape[1], 0)[0] == past_seen + block_ids.shape[1])
@@ -674,7 +687,7 @@ class BagelTextModel(BagelPreTrainedModel):
             # every key, so no mask is built and the attention runs unmasked.
             causal_mask = None
             kwargs["is_causal"] = False
-        elif is_flash_attention_requested(self.config) and (block_ids is not None or key_start or and_mask_function):
+        elif is_flash_attention_requested(self.config) and (block_ids is not None or hides_keys or and_mask_function):
             # Flash attention takes no mask: the original's formulation, one call per segment (causal text runs, full
             # image blocks, bottom-right aligned over every earlier key).
             if and_mask_function is not None:
@@ -685,8 +698,9 @@ class BagelTextModel(BagelPreTrainedModel):
             causal_mask = None
             segments = flash_attention_segments(block_ids, attention_mask, past_seen, key_start, inputs_embeds.shape[:2])
         else:
-            if key_start:
-                and_mask_function = and_masks(*filter(None, (_keys_from(key_start), and_mask_function)))
+            if hides_keys:
+                hidden_keys = _keys_from(key_start, past_seen, inputs_embeds.device)
+                and_mask_function = and_masks(*filter(None, (hidden_keys, and_mask_function)))
             if block_ids is not None and cache is not None:
                 # The mask functions index blocks by absolute key position: cached tokens are never in a new block
                 # (and a static cache's unused slots neither).
@@ -842,11 +856,14 @@ class BagelModelOutputWithPast(BaseModelOutputWithPast):
     next_position (`torch.LongTensor` of shape `(batch,)`):
         The position the next token of each row would take (BAGEL's "rope" counter), needed to continue from the cache.
     context_span (`BagelContextSpan`, *optional*):
-        After a prefill into a [`BagelContext`]: the grown span.
+        After a prefill into a [`BagelContext`]: the grown span (of the first row).
+    context_spans (`tuple[BagelContextSpan, ...]`, *optional*):
+        After a prefill into a [`BagelContext`]: the grown span of each row.
     """
 
     next_position: torch.LongTensor | None = None
     context_span: BagelContextSpan | None = None
+    context_spans: tuple[BagelContextSpan, ...] | None = None
 
 
 @dataclass
@@ -857,7 +874,8 @@ class BagelCausalLMOutputWithPast(ModelOutput):
     mse_loss (`torch.FloatTensor`, *optional*): flow-matching MSE on noised latent tokens.
     logits (`torch.FloatTensor` of shape `(batch, seq, vocab)`): language-model logits.
     next_position (`torch.LongTensor` of shape `(batch,)`): see [`BagelModelOutputWithPast`].
-    context_span (`BagelContextSpan`, *optional*): see [`BagelModelOutputWithPast`].
+    context_span (`BagelContextSpan`, *optional*), context_spans (`tuple[BagelContextSpan, ...]`, *optional*): see
+        [`BagelModelOutputWithPast`].
     velocity (`torch.FloatTensor` of shape `(total_latent_tokens, patch_latent_dim)`, *optional*): flow velocity of
         the latent tokens of a denoising forward.
     """
@@ -871,6 +889,7 @@ class BagelCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     next_position: torch.LongTensor | None = None
     context_span: BagelContextSpan | None = None
+    context_spans: tuple[BagelContextSpan, ...] | None = None
     velocity: torch.FloatTensor | None = None
 
 
@@ -1000,13 +1019,15 @@ class BagelModel(BagelPreTrainedModel):
         latent_timesteps (`torch.Tensor` of shape `(num_latent_images,)`, *optional*):
             Flow time of each latent image; 0 (clean) by default.
         context (`BagelContext`, *optional*):
-            Contexts packed in one cache row, instead of `cache`. With `update_cache=True` (prefill) `input_ids` (batch 1)
-            are appended to the one span of `context_spans`, see nothing of the other contexts, and the output's
-            `context_span` is the grown span. With `update_cache=False` (denoising) every row of `input_ids` is one
-            latent block `[<|vision_start|>, h * w latent tokens, <|vision_end|>]` that attends to its own span of
-            `context_spans` and to itself, and the cache is left as it was.
+            Contexts packed in one cache row, instead of `cache`. With `update_cache=True` (prefill) each row of
+            `input_ids` is appended to its span of `context_spans` and sees nothing of the other contexts; the rows run
+            in one forward and are stored one after another (rows after the first start new contexts, from empty
+            spans); the output's `context_spans` are the grown spans (`context_span` the first). With
+            `update_cache=False` (denoising) every row of `input_ids` is one latent block `[<|vision_start|>, h * w
+            latent tokens, <|vision_end|>]` that attends to its own span of `context_spans` and to itself, and the cache
+            is left as it was.
         context_spans (`BagelContextSpan` or `list[BagelContextSpan]`, *optional*):
-            The span to extend (prefill), or the span of each row (denoising).
+            The span each row extends (prefill), or the span of each row (denoising).
         update_cache (`bool`, defaults to `True`):
             With a `context`: prefill (True) or denoise (False), see there.
         step_cache (`BagelStepCache`, *optional*):
@@ -1180,24 +1201,10 @@ class BagelModel(BagelPreTrainedModel):
         if update_cache:
             if step_cache is not None:
                 raise ValueError("`step_cache` applies to denoising (`update_cache=False`), not to a prefill.")
-            if len(spans) != 1 or input_ids.shape[0] != 1:
-                raise ValueError(
-                    "A context is prefilled one sequence at a time: `input_ids` of batch 1 and one span "
-                    f"(got batch {input_ids.shape[0]} and {len(spans)} spans)."
-                )
-            span = spans[0]
-            context.check_extendable(span)
-            outputs = self._embed_and_decode(
-                input_ids, None, None, None, span.next_position, context.cache, True, pixel_values, image_grid_hw,
-                latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, span.start,
-                **kwargs,
+            return self._prefill_context(
+                input_ids, pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps, context, spans,
+                document_ids, noised_latent_images, text_only, **kwargs,
             )  # fmt: skip
-            new_tokens = input_ids.shape[1]
-            context.num_keys += new_tokens
-            outputs.context_span = BagelContextSpan(
-                span.start, span.length + new_tokens, int(outputs.next_position[0]) if new_tokens else span.next_position
-            )
-            return outputs
 
         if pixel_values is not None or document_ids is not None or noised_latent_images is not None or text_only:
             raise ValueError("A denoising forward (`update_cache=False`) takes latent blocks only.")
@@ -1229,6 +1236,51 @@ class BagelModel(BagelPreTrainedModel):
             last_hidden_state=outputs.last_hidden_state, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )  # fmt: skip
+
+    def _prefill_context(
+        self, input_ids, pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps, context, spans,
+        document_ids, noised_latent_images, text_only, **kwargs,
+    ) -> BagelModelOutputWithPast:  # fmt: skip
+        """
+        Row r of `input_ids` is appended to `spans[r]`, all rows in one forward: the rows are laid one after another
+        in the cache row, and each token sees its own span's keys and the earlier tokens of its row only. The first
+        span may hold keys (then it must be the context's last); the others must be empty: they start new contexts.
+        """
+        rows, length = input_ids.shape
+        if len(spans) != rows:
+            raise ValueError(
+                f"A prefill appends each row of `input_ids` to its own span: got {rows} rows and {len(spans)} spans."
+            )
+        context.check_extendable(spans[0])
+        if any(span.length for span in spans[1:]):
+            raise ValueError(
+                "Only the first row of a prefill may extend a context; the others start new ones (empty spans from "
+                "`context.new_span()`)."
+            )
+        if rows > 1 and (document_ids is not None or noised_latent_images is not None):
+            raise ValueError("Packed training inputs are prefilled one row at a time.")
+        starts = [spans[0].start] + [context.num_keys + row * length for row in range(1, rows)]
+        position_ids, key_start = None, starts[0]
+        if rows > 1:
+            # Each row's own positions (from its span's next position); block ids and experts from the packed row.
+            offsets = torch.tensor([span.next_position for span in spans], device=input_ids.device)
+            layout = bagel_token_layout(input_ids, self.config, None, offsets, text_only)
+            position_ids = layout.position_ids.reshape(1, -1)
+            key_start = [start for start in starts for _ in range(length)]
+        outputs = self._embed_and_decode(
+            input_ids.reshape(1, -1), None, None, position_ids, spans[0].next_position, context.cache, True,
+            pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images,
+            text_only, key_start, **kwargs,
+        )  # fmt: skip
+        context.num_keys += rows * length
+        if rows > 1:
+            outputs.next_position = layout.next_position
+        outputs.context_spans = tuple(
+            BagelContextSpan(start, span.length + length, int(position))
+            for start, span, position in zip(starts, spans, outputs.next_position.tolist())
+        )
+        outputs.context_span = outputs.context_spans[0]
+        return outputs
 
     def _denoising_inputs(self, input_ids, latent_grid_hw, spans, context) -> "_DenoisingInputs":
         """The step-invariant inputs of denoising rows (checked once, then kept by the context)."""
@@ -1479,6 +1531,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             next_position=outputs.next_position,
             context_span=outputs.context_span,
+            context_spans=outputs.context_spans,
             velocity=velocity,
         )
 
