@@ -563,6 +563,7 @@ class BagelTextModel(BagelPreTrainedModel):
         self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
         self._compiled_denoising = None
+        self._checked_flex_on_cpu = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -570,6 +571,21 @@ class BagelTextModel(BagelPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def _warn_if_flex_heads_too_small(self) -> None:
+        """torch's compiled CPU flex-attention kernel (torch 2.13) returns wrong values for heads under 32 features when
+        the queries do not start at key 0 (a prefill after cached keys), however the mask is built: said once per
+        model. BAGEL's heads have 128 features; only tiny test models are concerned."""
+        if self._checked_flex_on_cpu:
+            return
+        self._checked_flex_on_cpu = True
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        if head_dim < 32:
+            logger.warning(
+                f"flex_attention on the CPU with heads of {head_dim} features: torch's compiled CPU flex kernel "
+                "returns wrong attention for heads under 32 features once queries follow cached keys (seen with torch "
+                "2.13). Use attn_implementation='sdpa' or 'eager' for this model on the CPU."
+            )
 
     def decoder_layers(
         self,
@@ -663,6 +679,8 @@ class BagelTextModel(BagelPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.config._attn_implementation == "flex_attention" and inputs_embeds.device.type == "cpu":
+            self._warn_if_flex_heads_too_small()
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if cache_only:
