@@ -425,6 +425,8 @@ def test_rows_prefilled_in_one_forward_equal_rows_prefilled_alone(original_model
         check_rows_prefilled_together(model, [text, text])
         if implementation != "flex_attention":
             check_rows_prefilled_together(model, [mixed_inputs(model.config, seed) for seed in (1, 2, 3)])
+        with pytest.raises(ValueError, match="`key_start` lists 2 first keys for 3 new tokens"):
+            model.model.language_model(input_ids=torch.tensor([[401, 30, 402]]), key_start=[0, 0])
     finally:
         with_attn(model, "sdpa")
 
