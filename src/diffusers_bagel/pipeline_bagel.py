@@ -653,7 +653,11 @@ class BagelPipeline(DiffusionPipeline):
                 sequence.add_image(gh * gw, latent=False)
         return sequence.input_ids, vit_images, latents, latent_grids
 
-    def _image_inputs(self, vit_images: list, latents: list, latent_grids: list, device) -> dict:
+    def _image_inputs(self, tokenized: list, device) -> dict:
+        """The ViT patches and clean latents (with their grids) of rows tokenized by `_segment_tokens`, in row order."""
+        vit_images = [image for _, images, _, _ in tokenized for image in images]
+        latents = [tokens for _, _, row_latents, _ in tokenized for tokens in row_latents]
+        latent_grids = [grid for _, _, _, grids in tokenized for grid in grids]
         inputs = {}
         if vit_images:
             vit = self.processor.image_processor.preprocess(vit_images, return_tensors="pt")
@@ -667,15 +671,10 @@ class BagelPipeline(DiffusionPipeline):
     def _tokenize_contexts(self, contexts: list[_Context], generator, sample_posterior: bool) -> dict:
         """Token ids (left padded), ViT patches and clean latents of several contexts, in one batch (for `generate`)."""
         config = self.model.config
-        rows, vit_images, latents, latent_grids = [], [], [], []
         vae_cache = {}
         device = self._execution_device
-        for context in contexts:
-            ids, vit, lat, grids = self._segment_tokens(context.segments, vae_cache, generator, sample_posterior, device)
-            rows.append(ids)
-            vit_images += vit
-            latents += lat
-            latent_grids += grids
+        tokenized = [self._segment_tokens(c.segments, vae_cache, generator, sample_posterior, device) for c in contexts]
+        rows = [ids for ids, *_ in tokenized]
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), config.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -684,7 +683,7 @@ class BagelPipeline(DiffusionPipeline):
                 input_ids[i, length - len(ids) :] = torch.tensor(ids)
                 attention_mask[i, length - len(ids) :] = 1
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        inputs.update(self._image_inputs(vit_images, latents, latent_grids, device))
+        inputs.update(self._image_inputs(tokenized, device))
         return inputs
 
     def _prefill_rows(
@@ -709,10 +708,7 @@ class BagelPipeline(DiffusionPipeline):
 
     def _prefill_tokens(self, context: BagelContext, spans: list, tokenized: list, device) -> list[BagelContextSpan]:
         """One cache-only forward of tokenized rows of equal length (see `_prefill_rows`)."""
-        vit_images = [image for _, images, _, _ in tokenized for image in images]
-        latents = [tokens for _, _, row_latents, _ in tokenized for tokens in row_latents]
-        latent_grids = [grid for _, _, _, grids in tokenized for grid in grids]
-        inputs = self._image_inputs(vit_images, latents, latent_grids, device)
+        inputs = self._image_inputs(tokenized, device)
         input_ids = torch.tensor([ids for ids, *_ in tokenized], device=device)
         # Only the cache is wanted: the last layer computes its keys and values, and no logits are computed.
         output = self.model(input_ids=input_ids, context=context, context_spans=spans, cache_only=True, **inputs)
