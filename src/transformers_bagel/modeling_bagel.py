@@ -38,6 +38,7 @@ from .numerics import FiniteLogitsCheck
 from .modeling_bagel_vision import (
     BagelVisionModel,
     flattened_grid_position_ids,
+    grid_position_ids,
     in_tree_initialize_weights,
 )
 
@@ -1090,9 +1091,11 @@ class BagelModel(BagelPreTrainedModel):
             latents, latent_grid_hw, latent_timesteps, document_ids, noised_latent_images, text_only, 0, **kwargs,
         )  # fmt: skip
 
-    def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def _check_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, read_values: bool) -> None:
         """Refuses ids the embedding table cannot hold and masks that do not fit them, before the embedding's
-        IndexError or a broadcast error deep inside."""
+        IndexError or a broadcast error deep inside. Shapes and dtypes are always checked; the id values only with
+        `read_values` (one read of two numbers from the device): not for the tokens `generate` sampled, which come
+        from the model's own vocabulary, so that a decoding step reads nothing back."""
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
         if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
@@ -1102,10 +1105,11 @@ class BagelModel(BagelPreTrainedModel):
                 f"`input_ids` of shape {tuple(input_ids.shape)} holds no tokens: give at least one (a prompt from "
                 "`processor.apply_chat_template(..., add_generation_prompt=True)` ends with `<|im_start|>`)."
             )
-        vocab = self.language_model.embed_tokens.num_embeddings
-        low, high = (int(value) for value in torch.stack(torch.aminmax(input_ids)).tolist())  # one host read
-        if low < 0 or high >= vocab:
-            raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
+        if read_values:
+            vocab = self.language_model.embed_tokens.num_embeddings
+            low, high = (int(value) for value in torch.stack(torch.aminmax(input_ids)).tolist())  # one host read
+            if low < 0 or high >= vocab:
+                raise ValueError(f"`input_ids` holds ids in [{low}, {high}], outside the vocabulary [0, {vocab}).")
         if attention_mask is not None and (
             attention_mask.dim() != 2
             or attention_mask.shape[0] != input_ids.shape[0]
@@ -1132,12 +1136,15 @@ class BagelModel(BagelPreTrainedModel):
         """Embeds text, ViT and latent tokens, builds BAGEL's layout and mask, and runs the decoder (every forward but
         denoising)."""
         if input_ids is not None:
-            self._check_input_ids(input_ids, attention_mask)
+            # `text_only` tokens (generate's decoding steps) are text by definition: no image block, no latent token,
+            # and their ids come from the model's vocabulary; `generate` checked the prompt and the room left in the
+            # position table once per call. So a decoding step reads nothing back from the device.
+            self._check_input_ids(input_ids, attention_mask, read_values=not text_only)
             layout = bagel_token_layout(input_ids, self.config, attention_mask, position_offset, text_only=text_only)
             if position_ids is None:
                 position_ids = layout.position_ids
-            block_ids, gen_token_mask = layout.block_ids, layout.gen_token_mask
-            if position_ids.numel():
+            block_ids, gen_token_mask = (None, None) if text_only else (layout.block_ids, layout.gen_token_mask)
+            if position_ids.numel() and not text_only:
                 self._check_position_limit(int(position_ids.max()))
             inputs_embeds = self.language_model.embed_tokens(input_ids)
         else:
@@ -1228,10 +1235,7 @@ class BagelModel(BagelPreTrainedModel):
             raise ValueError("A denoising forward (`update_cache=False`) takes latent blocks only.")
         if latents is None or latent_grid_hw is None:
             raise ValueError("A denoising forward needs `latents` and `latent_grid_hw`.")
-        dtype = self.language_model.embed_tokens.weight.dtype
-        key = (id(input_ids), id(latent_grid_hw), spans, context.num_keys, input_ids.device, dtype,
-               self.config.text_config._attn_implementation)  # fmt: skip
-        step = context.step_inputs(key, lambda: self._denoising_inputs(input_ids, latent_grid_hw, spans, context))
+        step = self._denoising_step_inputs(input_ids, latent_grid_hw, spans, context)
         if latent_timesteps is None:
             latent_timesteps = torch.zeros(input_ids.shape[0], device=latents.device)
         features = self.get_latent_embeddings(
@@ -1300,22 +1304,39 @@ class BagelModel(BagelPreTrainedModel):
         outputs.context_span = outputs.context_spans[0]
         return outputs
 
-    def _denoising_inputs(self, input_ids, latent_grid_hw, spans, context) -> "_DenoisingInputs":
-        """The step-invariant inputs of denoising rows (checked once, then kept by the context)."""
+    def _denoising_step_inputs(
+        self, input_ids, latent_grid_hw, spans, context: BagelContext, grid: tuple[int, int] | None = None
+    ) -> "_DenoisingInputs":
+        """The step-invariant inputs of denoising rows against `context`, built on the first step of a call and kept by
+        the context for the next ones. `grid`: the `(h, w)` of every row when the caller wrote `input_ids` and
+        `latent_grid_hw` itself (`predict_velocity`): then nothing is read back from the device to check them."""
+        dtype = self.language_model.embed_tokens.weight.dtype
+        key = (id(input_ids), id(latent_grid_hw), spans, context.num_keys, input_ids.device, dtype,
+               self.config.text_config._attn_implementation)  # fmt: skip
+        return context.step_inputs(key, lambda: self._denoising_inputs(input_ids, latent_grid_hw, spans, context, grid))
+
+    def _denoising_inputs(self, input_ids, latent_grid_hw, spans, context, grid=None) -> "_DenoisingInputs":
+        """The step-invariant inputs of denoising rows (checked once, then kept by the context; see
+        `_denoising_step_inputs`)."""
         config = self.config
         rows, length = input_ids.shape
-        grids = latent_grid_hw.tolist()
-        if len(grids) != rows or any(grid != grids[0] for grid in grids):
-            raise ValueError(
-                f"A denoising forward takes one latent image per row, all of one grid: {rows} rows, grids {grids}."
-            )
-        num_tokens = grids[0][0] * grids[0][1]
-        block = [config.start_of_image_token_id] + [config.latent_token_id] * num_tokens + [config.end_of_image_token_id]
-        if length != num_tokens + 2 or not bool((input_ids == torch.tensor(block, device=input_ids.device)).all()):
-            raise ValueError(
-                "Every row of a denoising forward must be `[<|vision_start|>, h * w latent tokens, <|vision_end|>]` "
-                f"for the grid {tuple(grids[0])}."
-            )
+        if grid is None:
+            grids = latent_grid_hw.tolist()  # one read per call, to check what the caller passed
+            if len(grids) != rows or any(grid != grids[0] for grid in grids):
+                raise ValueError(
+                    f"A denoising forward takes one latent image per row, all of one grid: {rows} rows, grids {grids}."
+                )
+            grid = tuple(grids[0])
+            block = torch.tensor(
+                [config.start_of_image_token_id] + [config.latent_token_id] * (grid[0] * grid[1])
+                + [config.end_of_image_token_id], device=input_ids.device,
+            )  # fmt: skip
+            if length != grid[0] * grid[1] + 2 or not bool((input_ids == block).all()):
+                raise ValueError(
+                    "Every row of a denoising forward must be `[<|vision_start|>, h * w latent tokens, "
+                    f"<|vision_end|>]` for the grid {grid}."
+                )
+        num_tokens = grid[0] * grid[1]
         if len(spans) != rows:
             raise ValueError(f"`context_spans` holds {len(spans)} spans for {rows} rows.")
         for span in spans:
@@ -1336,8 +1357,8 @@ class BagelModel(BagelPreTrainedModel):
             latent_grid_hw=latent_grid_hw,
             position_ids=position_ids,
             position_embeddings=text_model.rotary_emb(shape_only, position_ids),
-            latent_position_ids=flattened_grid_position_ids(
-                latent_grid_hw, config.max_latent_size, config.interpolate_pos, device
+            latent_position_ids=grid_position_ids(
+                [grid] * rows, config.max_latent_size, config.interpolate_pos, device
             ),
             token_image_index=torch.arange(rows, device=device).repeat_interleave(num_tokens),
             latent_mask=input_ids == config.latent_token_id,
@@ -1693,6 +1714,8 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
             return (torch.tensor([ids] * rows, device=device), torch.tensor([[height, width]] * rows, device=device))
 
         input_ids, grid = context.step_inputs(("latent_block", rows, height, width, device), block)
+        # The step-invariant inputs from the grid known here, so that no step reads the ids back to check them.
+        self.model._denoising_step_inputs(input_ids, grid, tuple(context_spans), context, grid=(height, width))
         if isinstance(timestep, torch.Tensor):
             timestep = timestep.to(device=device, dtype=torch.float32).reshape(-1)
             if timestep.shape[0] != 1:

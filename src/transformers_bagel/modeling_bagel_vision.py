@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import SiglipVisionConfig
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
@@ -51,8 +52,14 @@ def flattened_grid_position_ids(
         `torch.LongTensor` of shape `(sum(rows * cols),)`, images concatenated in order.
     """
     device = device if device is not None else grid_hw.device
+    return grid_position_ids(patch_grids(grid_hw), max_side, interpolate, device)
+
+
+def grid_position_ids(grids: list[tuple[int, int]], max_side: int, interpolate: bool, device) -> torch.Tensor:
+    """[`flattened_grid_position_ids`] of grids known on the host, as `(rows, columns)` pairs: nothing is read from
+    the device."""
     ids = []
-    for rows, cols in patch_grids(grid_hw):
+    for rows, cols in grids:
         if rows > max_side or cols > max_side:
             raise ValueError(
                 f"An image of {rows}x{cols} patches does not fit the {max_side}x{max_side} position table; "
@@ -187,26 +194,29 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
             )
         packed = self.embeddings(pixel_values, position_ids)
 
-        # Pad the packed patches into (num_images, longest, hidden) with a key-padding mask.
-        num_images, longest = len(lengths), max(lengths)
-        lengths_t = torch.tensor(lengths, device=packed.device)
-        valid = torch.arange(longest, device=packed.device)[None, :] < lengths_t[:, None]
-        hidden_states = packed.new_zeros(num_images, longest, packed.shape[-1])
-        hidden_states[valid] = packed
+        # Pad the packed patches into (num_images, longest, hidden) with a key-padding mask. The lengths are known on
+        # the host, so padding and unpadding are slices: nothing is read back from the device.
+        hidden_states = pad_sequence(packed.split(lengths), batch_first=True)
         attention_mask = None
-        if num_images > 1 and not bool(valid.all()):
+        if len(set(lengths)) > 1:
+            longest, device = max(lengths), packed.device
+            valid = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
             attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=valid.long()
             )
         hidden_states = self.encoder(inputs_embeds=hidden_states, attention_mask=attention_mask, **kwargs)
         hidden_states = self.post_layernorm(hidden_states.last_hidden_state)
-        return BaseModelOutput(last_hidden_state=hidden_states[valid])
+        if len(lengths) == 1:
+            return BaseModelOutput(last_hidden_state=hidden_states[0])
+        unpadded = torch.cat([image[:length] for image, length in zip(hidden_states, lengths)])
+        return BaseModelOutput(last_hidden_state=unpadded)
 
 
 __all__ = [
     "BagelVisionModel",
     "BagelVisionPreTrainedModel",
     "flattened_grid_position_ids",
+    "grid_position_ids",
     "in_tree_initialize_weights",
     "patch_grids",
 ]
