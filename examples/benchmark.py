@@ -84,6 +84,7 @@ import re
 import resource
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,6 +92,9 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AutoTokenizer, SiglipVisionConfig
 from transformers.generation.streamers import BaseStreamer
@@ -150,6 +154,9 @@ GPU_BF16_PEAK_TFLOPS = [
     ("L40S", 362.0),
     ("L4", 121.0),
 ]
+# The floor of --meta_only without --peak_tflops: a bf16 8192^3 matmul measured on one H200 of this project's lender.
+H200_BF16_TFLOPS = (790.0, "bf16 matmul measured on an H200")
+TIMESTEP_SHIFT = 3.0  # the pipeline's default (the original's)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TASKS = ("t2i", "edit", "understand")
 
@@ -649,15 +656,20 @@ class TokenTimes(BaseStreamer):
         pass
 
 
-def run_understanding(pipe, args, flops: FlopModel, clock: Clock, memory: Memory) -> dict:
-    """Prefill of one image and a question, then `--decode_tokens` greedy tokens through `model.generate`."""
+def understanding_inputs(pipe, args, device=None) -> dict:
+    """The chat inputs of the understanding task: one `--width` x `--height` image and a question."""
     image = test_image(args.width, args.height, seed=1)
     question = "Describe this picture in detail: what objects are there and what colours do they have?"
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     inputs = pipe.processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    inputs = {k: v.to(clock.device) for k, v in inputs.items()}
+    return {k: v.to(device) for k, v in inputs.items()} if device is not None else dict(inputs)
+
+
+def run_understanding(pipe, args, flops: FlopModel, clock: Clock, memory: Memory) -> dict:
+    """Prefill of one image and a question, then `--decode_tokens` greedy tokens through `model.generate`."""
+    inputs = understanding_inputs(pipe, args, clock.device)
     model = pipe.model
     new_tokens = args.decode_tokens
     generate = {"do_sample": False, "pad_token_id": model.config.pad_token_id}
@@ -913,6 +925,150 @@ def print_model_summary(preset: str, flops: FlopModel, config: BagelConfig):
     print(f"attention FLOPs per attended key per query token (all layers): {flops.attn_per_key:.4g}")
 
 
+# -- analysis on fake tensors (--meta_only) ---------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """
+    Bytes of the tensor storages created inside the mode and still alive, and their peak. Fake tensors have storages
+    of their real sizes (and no data), so under fake weights this is the activation memory of a call, allocated
+    nowhere. Views share their base's storage and count once; a storage counts until it is freed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = weakref.WeakSet()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # A view or an in-place result lives in an input's storage (a weight's, say): nothing new.
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in inputs and storage not in self._seen:
+                    self._seen.add(storage)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._free, storage.nbytes())
+                    self.peak = max(self.peak, self.live)
+        return out
+
+
+def fake_weights(module: torch.nn.Module, fake_mode: FakeTensorMode) -> torch.nn.Module:
+    """`module`, built on the meta device, with every parameter and buffer a fake tensor on the CPU: real shapes,
+    dtypes and storage sizes, no data. Real inputs then run through it (`allow_non_fake_inputs`): whatever touches a
+    weight is fake, while the token ids, positions and image grids stay real, so the model reads its layout as it
+    does on a real run."""
+    with fake_mode:
+        return module.to_empty(device="cpu")
+
+
+def analyse_on_fake_tensors(args, peak_tflops: float) -> dict:
+    """
+    Counted FLOPs and memory of a whole generation at the configuration's full size, on fake weights (nothing is
+    allocated or computed): for text-to-image and editing, the context prefill, one step with every guidance branch
+    (t = 1) and one with the full context only, the number of guided steps of the schedule, the KV cache, the activation
+    peak, the VAE decode; for understanding, the prefill of one image and a question and one decoding step. The floor
+    of a task is its FLOPs over `peak_tflops`.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    pipe = build_pipeline(args.config, torch.device("meta"), args.dtype, args.attn, args.num_layers)
+    fake_weights(pipe.model, fake_mode)
+    fake_weights(pipe.vae, fake_mode)
+    model = pipe.model
+    scheduler = FlowMatchEulerScheduler()
+    scheduler.set_timesteps(args.steps, timestep_shift=TIMESTEP_SHIFT)
+    sigmas = scheduler.sigmas.tolist()
+    grid = (args.height // pipe.latent_downsample, args.width // pipe.latent_downsample)
+    report = {
+        "config": args.config, "dtype": str(args.dtype).replace("torch.", ""), "image": f"{args.width}x{args.height}",
+        "steps": args.steps, "peak_tflops": peak_tflops,
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "vae_param_bytes": sum(p.numel() * p.element_size() for p in pipe.vae.parameters()),
+        "kv_cache_bytes": {}, "peak_activation_bytes": {}, "activation_peaks": {}, "floor_s": {},
+    }  # fmt: skip
+    latents = torch.zeros(1, model.config.latent_channels, grid[0] * pipe.latent_patch_size,
+                          grid[1] * pipe.latent_patch_size, dtype=args.dtype)  # fmt: skip
+    with torch.no_grad(), LiveBytes() as live:
+        _, report["vae_decode_flops"] = count_flops(model, lambda: pipe.vae.decode(latents))
+    vae_peak = live.peak
+
+    for name in ("t2i", "edit"):
+        task = make_task(name, args)
+        contexts = pipe.build_contexts(task.items, think=False)
+        with torch.no_grad():
+            with LiveBytes() as live:
+                guidance, prefill_flops = count_flops(model, lambda: prefill(pipe, contexts, task.preset))
+            kv_bytes = guidance.context.key_value_bytes()
+            prefill_peak = live.peak - kv_bytes  # beyond the finished cache: the prefill's transient memory
+            x = pipe.prepare_latents(1, args.height, args.width, torch.float32, torch.device("cpu"),
+                                     torch.manual_seed(args.seed))  # fmt: skip
+            pipe.guided_velocity(x, sigmas[0], grid, guidance)  # builds the context's step-invariant inputs
+            with LiveBytes() as live:
+                _, step_flops = count_flops(model, lambda: pipe.guided_velocity(x, sigmas[0], grid, guidance))
+            step_peak = live.peak
+            cond = guidance.spans["cond"]
+            _, unguided_flops = count_flops(
+                model, lambda: model.predict_velocity(x.to(args.dtype), sigmas[0], grid, guidance.context, cond)
+            )
+        guided_steps = sum(guidance.use_text and scheduler.cfg_active(sigma, guidance.cfg_interval)
+                           for sigma in sigmas[:-1])  # fmt: skip
+        total = (prefill_flops + guided_steps * step_flops + (args.steps - guided_steps) * unguided_flops
+                 + report["vae_decode_flops"])  # fmt: skip
+        report[name] = {
+            "prefill_flops": prefill_flops, "step_flops": step_flops, "unguided_step_flops": unguided_flops,
+            "guided_steps": guided_steps, "cfg_branches": guidance.num_branches,
+            "context_tokens": branch_lengths(guidance), "total_flops": total,
+        }  # fmt: skip
+        report["kv_cache_bytes"][name] = kv_bytes
+        report["peak_activation_bytes"][name] = max(prefill_peak, step_peak, vae_peak)
+        report["activation_peaks"][name] = {"prefill": prefill_peak, "step": step_peak, "vae_decode": vae_peak}
+        report["floor_s"][name] = total / (peak_tflops * 1e12)
+        del guidance, contexts
+
+    report["understand"] = analyse_understanding_on_fake_tensors(pipe, args)
+    return report
+
+
+def analyse_understanding_on_fake_tensors(pipe, args) -> dict:
+    """FLOPs of the prefill of one image and a question, and of one decoding step after it (fake weights)."""
+    model = pipe.model
+    inputs = understanding_inputs(pipe, args)
+    with torch.no_grad():
+        output, prefill_flops = count_flops(model, lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        token = torch.zeros((1, 1), dtype=torch.long)
+        position = output.next_position[:, None]
+        _, step_flops = count_flops(model, lambda: model(input_ids=token, position_ids=position, cache=output.cache,
+                                                         text_only=True, use_cache=True))  # fmt: skip
+    return {"context_tokens": int(inputs["input_ids"].shape[1]), "prefill_flops": prefill_flops,
+            "decode_step_flops": step_flops}  # fmt: skip
+
+
+def print_fake_analysis(report: dict) -> None:
+    tera = 1e12
+    print(f"\n## Counted on fake tensors: {report['config']} in {report['dtype']}, {report['image']}, "
+          f"{report['steps']} steps (nothing allocated or computed)")  # fmt: skip
+    print(f"weights {report['param_bytes'] / 1e9:.2f} GB (+ VAE {report['vae_param_bytes'] / 1e9:.3f} GB); "
+          f"VAE decode {report['vae_decode_flops'] / tera:.3f} TFLOP")  # fmt: skip
+    rows = []
+    for name in ("t2i", "edit"):
+        r = report[name]
+        rows.append([name, _lengths(r["context_tokens"]), r["prefill_flops"] / tera, r["step_flops"] / tera,
+                     r["unguided_step_flops"] / tera, f"{r['guided_steps']}/{report['steps']}",
+                     report["kv_cache_bytes"][name] / 2**30, report["peak_activation_bytes"][name] / 2**30,
+                     r["total_flops"] / 1e15, report["floor_s"][name]])  # fmt: skip
+    print_table(["task", "context tokens", "prefill TFLOP", "guided step TFLOP", "unguided step TFLOP",
+                 "guided steps", "KV cache GiB", "activation peak GiB", "PFLOP/image",
+                 f"floor s at {report['peak_tflops']:g} TFLOP/s"], rows)  # fmt: skip
+    u = report["understand"]
+    print(f"understanding: {u['context_tokens']} prompt tokens, prefill {u['prefill_flops'] / tera:.3f} TFLOP, "
+          f"one decoding step {u['decode_step_flops'] / 1e9:.2f} GFLOP")
+
+
 # -- main --------------------------------------------------------------------------------------------------------------
 
 
@@ -957,7 +1113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="The device's peak TFLOP/s for the utilisation column (default: data sheet for known "
                              "GPUs, else a measured matmul).")
     parser.add_argument("--meta_only", action="store_true",
-                        help="Build the configuration on the meta device, print parameters and FLOPs/token, exit.")
+                        help="Analyse the configuration on fake tensors (no weights allocated, nothing computed, any "
+                             "machine): parameters, counted FLOPs of the prefill, a guided and an unguided step and "
+                             "the VAE decode, KV cache and activation peak of t2i and edit at --height x --width, the "
+                             "floor in seconds at --peak_tflops (default: 790, an H200's measured bf16 matmul); "
+                             "dtype bfloat16 unless --dtype. Then exit.")
     parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                         help="Weight-only quantisation of every decoder linear (both experts) with torchao "
                              "(pip install -e '.[quant]'): int8 on CPU or CUDA, int4 (group size 128) on CUDA. "
@@ -973,7 +1133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda was asked for but CUDA is not available.")
     on_gpu = args.device.type == "cuda"
     args.config = args.config or ("7b" if on_gpu else "small")
-    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    # --meta_only counts the release's own dtype by default: nothing runs, so the CPU's float32 is no reason to change.
+    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu or args.meta_only else torch.float32)
     args.height = args.height or PRESETS[args.config]["default_size"]
     args.width = args.width or args.height
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -1042,6 +1203,10 @@ def main(argv=None):
     report = {"config": args.config, "params": flops.params, "gflop_per_latent_token": flops.gen_token / 1e9,
               "gflop_per_und_token": flops.und_token / 1e9}
     if args.meta_only:
+        peak, peak_source = (args.peak_tflops, "--peak_tflops") if args.peak_tflops else H200_BF16_TFLOPS
+        report.update(analyse_on_fake_tensors(args, peak))
+        report["peak_source"] = peak_source
+        print_fake_analysis(report)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return report

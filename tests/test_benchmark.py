@@ -140,6 +140,36 @@ def test_7b_configuration_has_the_published_size(tmp_path):
     assert 12.9 < figures["gflop_per_latent_token"] < 13.2  # "about 13 GFLOP per latent token per branch"
     assert "GFLOP per latent token per CFG branch" in stdout
 
+    # Analysed on fake tensors at 1024x1024 in bfloat16, the pipeline's own prefill and steps, counted by
+    # FlopCounterMode, give what the sizes give: every latent token through the generation expert and the latent
+    # heads, the two boundary tokens of a row through the understanding expert, attention over the row's context and
+    # block (4 x heads x head_dim per query-key pair and layer), the flow-time embedding once per step.
+    assert figures["param_bytes"] == 2 * params["total"]
+    # (FlopCounterMode counts a matmul's multiply-adds, not its bias additions)
+    block, tokens = 64 * 64 + 2, 64 * 64
+    und_token = 2 * n * (h * h + 2 * h * kv + h * h + 3 * h * i)
+    gen_token = und_token + 2 * (64 * h + h * 64)  # plus vae2llm and llm2vae
+    time_embedding = 2 * 4 * (256 * h + h * h)
+    for task, branches, guided in (("t2i", 2, 41), ("edit", 3, 50)):
+        lengths = figures[task]["context_tokens"]
+        assert len(lengths) == branches and figures[task]["guided_steps"] == guided  # cfg_interval (0.4, 1] / [0, 1]
+        attention = sum(4 * 28 * 128 * n * block * (length + block) for length in lengths)
+        step = branches * (tokens * gen_token + 2 * und_token) + attention + time_embedding
+        assert figures[task]["step_flops"] == step, task
+        unguided = tokens * gen_token + 2 * und_token + 4 * 28 * 128 * n * block * (lengths[0] + block) + time_embedding
+        assert figures[task]["unguided_step_flops"] == unguided, task
+        # keys and values of every layer in bfloat16, each token once: the no-text context is a prefix of the full one
+        cached = lengths[0] + (lengths[2] if task == "edit" else 0)
+        assert figures["kv_cache_bytes"][task] == 2 * n * 4 * 128 * 2 * cached
+        total = (figures[task]["prefill_flops"] + guided * step + (50 - guided) * unguided
+                 + figures["vae_decode_flops"])  # fmt: skip
+        assert figures[task]["total_flops"] == total
+        assert math.isclose(figures["floor_s"][task], total / 790e12)
+        assert 0 < figures["peak_activation_bytes"][task] < 8 * 2**30
+    assert figures["edit"]["prefill_flops"] > 100 * figures["t2i"]["prefill_flops"] > 0  # an image vs a prompt
+    assert figures["understand"]["prefill_flops"] > 0 and figures["understand"]["decode_step_flops"] > 0
+    assert "floor s at 790 TFLOP/s" in stdout
+
 
 def test_help_documents_every_flag():
     usage = _run("--help")
