@@ -77,6 +77,7 @@ velocities and latents differ (a correctness check: both compute the same veloci
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import math
@@ -1118,6 +1119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the VAE decode, KV cache and activation peak of t2i and edit at --height x --width, the "
                              "floor in seconds at --peak_tflops (default: 790, an H200's measured bf16 matmul); "
                              "dtype bfloat16 unless --dtype. Then exit.")
+    parser.add_argument("--targets", action="store_true",
+                        help="The prepared GPU run (scripts/gpu_benchmark.sh): one table of build time, text-to-image "
+                             "plain / TaylorSeer / compiled, editing, peak memory, understanding first token and "
+                             "decode rate, and int8 weights (peak memory, final-latent error), each against BAGEL-7B's "
+                             "targets on one H200. Needs torchao.")
     parser.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                         help="Weight-only quantisation of every decoder linear (both experts) with torchao "
                              "(pip install -e '.[quant]'): int8 on CPU or CUDA, int4 (group size 128) on CUDA. "
@@ -1162,23 +1168,147 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--step_caches must name some of {','.join(STEP_CACHES)} (or none), got {unknown}.")
     if args.num_layers is not None and args.num_layers < 1:
         parser.error(f"--num_layers must be >= 1, got {args.num_layers}.")
-    if args.quantize != "none":
+    if args.targets and (args.meta_only or args.quantize != "none" or args.compile):
+        parser.error("--targets runs its own set (int8 and compiled included): drop --meta_only, --quantize, --compile.")
+    if args.quantize != "none" or args.targets:
         try:
             import torchao  # noqa: F401
         except ImportError:
-            parser.error("--quantize needs torchao: pip install -e '.[quant]'")
+            parser.error(f"{'--targets' if args.targets else '--quantize'} needs torchao: pip install -e '.[quant]'")
         if args.quantize == "int4" and not on_gpu:
             parser.error("--quantize int4 runs on CUDA only; use int8 on the CPU.")
     return args
 
 
-def quantize_decoder(model, scheme: str) -> None:
-    """torchao weight-only quantisation, in place, of every linear of the MoT decoder (understanding and generation
-    experts); the ViT, connector, embeddings and heads stay in the model's dtype."""
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def quantize_linears(module: torch.nn.Module, scheme: str) -> None:
+    """torchao weight-only quantisation, in place, of every linear layer of `module` (`--quantize`: the MoT decoder's
+    layers, understanding and generation experts; `--targets`: the whole model, LM head and ViT included, only the
+    embedding table staying in the model's dtype)."""
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     config = Int8WeightOnlyConfig() if scheme == "int8" else Int4WeightOnlyConfig(group_size=128)
-    quantize_(model.model.language_model.layers, config)
+    quantize_(module, config)
+
+
+# -- the prepared GPU run (--targets) ---------------------------------------------------------------------------------
+
+# BAGEL-7B-MoT on one H200 in bfloat16, 1024x1024, 50 steps, the original's defaults: (figure, target, "<=" or ">=").
+TARGETS = {
+    "t2i_s": (8.0, "<="), "t2i_taylorseer_s": (3.5, "<="), "edit_s": (15.0, "<="), "peak_gib": (31.0, "<="),
+    "int8_peak_gib": (17.0, "<="), "first_token_s": (0.150, "<="), "decode_tok_s": (60.0, ">="),
+}  # fmt: skip
+
+
+def run_targets(args, flops: FlopModel) -> dict:
+    """
+    The prepared GPU run: one table of the figures BAGEL-7B is held to on one GPU, each against its target. Three
+    pipelines with the same random weights are built in turn (seeded): bfloat16 for understanding (first-token
+    latency, decode tokens/s), text-to-image plain and with TaylorSeer, and editing; the same with every linear layer
+    in int8 (torchao weight-only) for text-to-image, with its final latents against bfloat16's; bfloat16 again with the
+    denoising layers compiled (`compile_denoising`), whose warm-up call pays the compilation. Peak memory is the
+    device allocator's peak over each call (its warm-up included). Progress lines are printed as figures come in.
+    """
+    clock, memory = Clock(args.device), Memory(args.device)
+    figures = {}
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def fresh_pipeline() -> BagelPipeline:
+        gc.collect()
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(args.seed)  # the same random weights every time
+        start = clock.now()
+        pipe = build_pipeline(args.config, args.device, args.dtype, args.attn, args.num_layers)
+        figures.setdefault("build_s", clock.now() - start)
+        return pipe
+
+    def generation(pipe, task, method="plain") -> tuple[float, float, torch.Tensor, float]:
+        memory.reset()
+        start = clock.now()
+        seconds, latents, _ = time_generation(pipe, task, args, clock, method)
+        return seconds, memory.peak_gib(), latents, clock.now() - start - seconds
+
+    t2i, edit = make_task("t2i", args), make_task("edit", args)
+    with torch.no_grad():
+        pipe = fresh_pipeline()
+        log(f"built {args.config} with random weights on {args.device} in {figures['build_s']:.1f} s")
+        understanding = run_understanding(pipe, args, flops, clock, memory)
+        figures.update(first_token_s=understanding["first_token_s"], decode_tok_s=understanding["decode_tok_s"],
+                       understand_peak_gib=understanding["peak_mem_gib"])  # fmt: skip
+        log(f"understanding: first token {figures['first_token_s']:.3f} s, {figures['decode_tok_s']:.1f} tokens/s")
+        figures["t2i_s"], figures["t2i_peak_gib"], reference, _ = generation(pipe, t2i)
+        log(f"t2i: {figures['t2i_s']:.2f} s/image, peak {figures['t2i_peak_gib']:.2f} GiB")
+        seconds, peak, latents, _ = generation(pipe, t2i, "taylorseer")
+        figures.update(t2i_taylorseer_s=seconds, t2i_taylorseer_peak_gib=peak,
+                       t2i_taylorseer_latent_error=relative_error(latents, reference))  # fmt: skip
+        log(f"t2i TaylorSeer: {seconds:.2f} s/image")
+        figures["edit_s"], figures["edit_peak_gib"], _, _ = generation(pipe, edit)
+        log(f"edit: {figures['edit_s']:.2f} s/image, peak {figures['edit_peak_gib']:.2f} GiB")
+        figures["peak_gib"] = max(figures[key] for key in ("understand_peak_gib", "t2i_peak_gib", "edit_peak_gib"))
+        del pipe
+
+        pipe = fresh_pipeline()
+        quantize_linears(pipe.model, "int8")
+        seconds, peak, latents, _ = generation(pipe, t2i)
+        figures.update(int8_t2i_s=seconds, int8_peak_gib=peak, int8_latent_error=relative_error(latents, reference))
+        log(f"int8 weights: t2i {seconds:.2f} s/image, peak {peak:.2f} GiB")
+        del pipe
+
+        pipe = fresh_pipeline()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        pipe.model.compile_denoising()
+        seconds, peak, latents, warmup = generation(pipe, t2i)
+        figures.update(compiled_t2i_s=seconds, compiled_peak_gib=peak, compile_warmup_s=warmup,
+                       compiled_latent_error=relative_error(latents, reference))  # fmt: skip
+        log(f"compiled: t2i {seconds:.2f} s/image (warm-up with compilation {warmup:.0f} s)")
+        del pipe
+    return figures
+
+
+def relative_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |latents - reference| / max |reference| (final latents of the same noise)."""
+    return float((latents - reference).abs().max() / reference.abs().max())
+
+
+def print_targets_table(figures: dict, args) -> None:
+    image = f"{args.width}x{args.height}"
+    rows = [
+        ["random weights built on the device (s)", figures["build_s"], None],
+        [f"text-to-image {image}, {args.steps} steps (s/image)", figures["t2i_s"], "t2i_s"],
+        ["  with TaylorSeer (s/image)", figures["t2i_taylorseer_s"], "t2i_taylorseer_s"],
+        ["  its final-latent error against plain", figures["t2i_taylorseer_latent_error"], None],
+        ["  compiled denoising layers (s/image)", figures["compiled_t2i_s"], "t2i_s"],
+        ["  its warm-up call, compilation included (s)", figures["compile_warmup_s"], None],
+        [f"edit {image}, dual CFG (s/image)", figures["edit_s"], "edit_s"],
+        ["peak memory, text-to-image (GiB)", figures["t2i_peak_gib"], "peak_gib"],
+        ["peak memory, edit (GiB)", figures["edit_peak_gib"], "peak_gib"],
+        ["peak memory, understanding (GiB)", figures["understand_peak_gib"], "peak_gib"],
+        ["understanding: first token (s)", figures["first_token_s"], "first_token_s"],
+        ["understanding: decode (tokens/s)", figures["decode_tok_s"], "decode_tok_s"],
+        ["int8 weights: text-to-image (s/image)", figures["int8_t2i_s"], None],
+        ["int8 weights: peak memory (GiB)", figures["int8_peak_gib"], "int8_peak_gib"],
+        ["int8 weights: final-latent error against bf16", figures["int8_latent_error"], None],
+    ]
+    table = []
+    for label, value, key in rows:
+        target, met = "", ""
+        if key is not None:
+            bound, sense = TARGETS[key]
+            target = f"{sense} {bound:g}"
+            met = "yes" if (value <= bound if sense == "<=" else value >= bound) else "NO"
+        table.append([label, value, target, met])
+    dtype = str(args.dtype).replace("torch.", "")
+    print(f"\n## {args.config} on {device_label(args.device)}, {dtype}, {time.strftime('%Y-%m-%d')} (targets: BAGEL-7B "
+          "on one H200)")  # fmt: skip
+    print_table(["figure", "value", "target", "met"], table)
 
 
 def main(argv=None):
@@ -1215,19 +1345,23 @@ def main(argv=None):
         # CPU inductor cannot build flex_attention kernels for dynamic shapes (torch 2.13): compile every shape.
         torch._dynamo.config.automatic_dynamic_shapes = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    if args.targets:
+        figures = run_targets(args, flops)
+        print_targets_table(figures, args)
+        report.update(device=device_label(args.device), dtype=str(args.dtype), targets=figures)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return report
     clock, memory = Clock(args.device), Memory(args.device)
     peak, peak_source = device_peak_tflops(args.device, args.dtype, args.peak_tflops)
-    if args.device.type == "cuda":
-        device_name = torch.cuda.get_device_name(args.device)
-    else:
-        device_name = f"CPU ({torch.get_num_threads()} threads)"
+    device_name = device_label(args.device)
     print(f"\ndevice: {device_name}; dtype {str(args.dtype).replace('torch.', '')}; attention {args.attn}; "
           f"peak {peak:.4g} TFLOP/s ({peak_source}); compile {'on' if args.compile else 'off'}")
 
     start = time.perf_counter()
     pipe = build_pipeline(args.config, args.device, args.dtype, args.attn, args.num_layers)
     if args.quantize != "none":
-        quantize_decoder(pipe.model, args.quantize)
+        quantize_linears(pipe.model.model.language_model.layers, args.quantize)
     print(f"built with random weights on {args.device} in {time.perf_counter() - start:.1f}s"
           + (f"; decoder weights quantised to {args.quantize}" if args.quantize != "none" else ""))
 

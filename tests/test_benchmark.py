@@ -194,3 +194,26 @@ def test_int8_quantised_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["quantize"] == "int8" and report["tasks"][0]["task"] == "t2i"
     assert _number(str(report["tasks"][0]["s_per_image"])) > 0
+
+
+def test_prepared_gpu_run_prints_every_figure_against_its_target(tmp_path):
+    """`--targets` (what scripts/gpu_benchmark.sh runs on a GPU), rehearsed on the tiny model: one table with every
+    figure, the 8-bit and compiled pipelines computing what the float one computes (to int8 rounding, to float
+    rounding)."""
+    pytest.importorskip("torchao")
+    out = tmp_path / "figures.json"
+    stdout = _run(
+        "--targets", "--config", "tiny", "--device", "cpu", "--steps", "2", "--warmup_steps", "1",
+        "--decode_tokens", "3", "--json", str(out),
+    )  # fmt: skip
+    rows = {row["figure"].strip(): row for row in _table(stdout, "## tiny on CPU")}
+    assert len(rows) == 15, rows
+    for row in rows.values():
+        _number(row["value"])
+        assert row["met"] in ("", "yes", "NO") and (row["met"] == "") == (row["target"] == "")
+    assert rows["int8 weights: peak memory (GiB)"]["target"] == "<= 17"
+    assert rows["understanding: decode (tokens/s)"]["target"] == ">= 60"
+    figures = json.loads(out.read_text())["targets"]
+    assert 0 < figures["int8_latent_error"] < 0.05  # int8 rounding moves the latents, a little
+    assert figures["compiled_latent_error"] < 1e-4  # the compiled layers compute what the eager ones compute
+    assert figures["compile_warmup_s"] > 0 and figures["build_s"] > 0
