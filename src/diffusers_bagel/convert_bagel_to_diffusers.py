@@ -15,7 +15,8 @@ Usage:
     python -m diffusers_bagel.convert_bagel_to_diffusers --input_dir ORIG --output_dir OUT
 
 The model and its processor are read by `transformers_bagel.convert_bagel_to_hf` (the original loader's corrections,
-strict key and shape checks, no pickles); this module adds the VAE and the scheduler and writes the folder. The
+strict key and shape checks on the weights' header, no pickles), which also writes the model tensor by tensor (memory
+holds one tensor, not the checkpoint); this module adds the VAE and the scheduler and writes the folder. The
 layering is one way: `diffusers_bagel` assembles pipeline folders from `transformers_bagel`'s parts, never the reverse.
 """
 
@@ -31,10 +32,12 @@ from diffusers.utils import logging
 from transformers_bagel.configuration_bagel import BagelConfig
 from transformers_bagel.convert_bagel_to_hf import (
     BAGEL_7B_IMAGE_SIZES,
-    load_original_model,
     original_processor,
+    read_original_release,
+    save_original_model,
 )
 from transformers_bagel.modeling_bagel import BagelForConditionalGeneration
+from transformers_bagel.safetensors_streaming import parse_shard_size
 
 from . import pipeline_folder
 from .convert_flux_vae import load_flux_vae
@@ -70,7 +73,7 @@ def convert(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
-    max_shard_size: str = "5GB",
+    max_shard_size: int | str = "5GB",
     image_sizes: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -78,22 +81,28 @@ def convert(
     Converts `input_dir` (original layout) into `output_dir` (diffusers layout). Returns `output_dir`.
 
     The folder is written atomically: everything is built in a temporary folder beside `output_dir` and moved into
-    place at the end, so a killed conversion leaves no half-written folder (and an `overwrite` replaces the old folder
-    as a whole: no stale shard or component survives). A non-empty `output_dir` is refused unless `overwrite=True`;
-    the input folder is never written. Image sizes not given are the 7B's, lowered to what the model's tables hold.
+    place at the end, so a killed conversion (or a NaN tensor found half-way) leaves no half-written folder (and an
+    `overwrite` replaces the old folder as a whole: no stale shard or component survives). A non-empty `output_dir`
+    is refused unless `overwrite=True`; the input folder is never written. Image sizes not given are the 7B's, lowered
+    to what the model's tables hold. Everything that can be checked without reading the weights (configs, tokenizer,
+    tensor names and shapes, a truncated file, `max_shard_size`) is checked before anything is written; the model's
+    tensors are then streamed: read, cast, checked for NaN / inf and written one at a time, so memory peaks at about
+    one tensor, not the checkpoint.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_output_dir(input_dir, output_dir, overwrite)
+    parse_shard_size(max_shard_size)
 
-    model, tokenizer, vae_params = load_original_model(input_dir, dtype=dtype)
-    config = model.config
-    processor = original_processor(tokenizer, config, image_sizes)
-    vae = load_flux_vae(input_dir / "ae.safetensors", params=vae_params, dtype=dtype)
+    release = read_original_release(input_dir)  # configs and the weights' header: every check that needs no data
+    config = release.config
+    processor = original_processor(release.tokenizer, config, image_sizes)
+    vae = load_flux_vae(input_dir / "ae.safetensors", params=release.vae_params, dtype=dtype)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.converting-", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging / "model", max_shard_size=max_shard_size)
+        # Tensor by tensor: memory holds one tensor of the checkpoint at a time, never the model.
+        save_original_model(release, staging / "model", dtype=dtype, max_shard_size=max_shard_size)
         vae.save_pretrained(staging / "vae")
         FlowMatchEulerScheduler().save_pretrained(staging / "scheduler")
         processor.save_pretrained(staging / "processor")
