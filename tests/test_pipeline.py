@@ -200,6 +200,29 @@ def test_seeded_images_are_the_same_alone_or_in_a_batch(pipe, no_grad, task):
         assert np.array_equal(batched.images[i], alone.images[0]), f"image {i} differs from the one generated alone"
 
 
+def test_batched_edits_pair_one_image_per_prompt_and_refuse_other_counts(pipe, no_grad):
+    """`pipe([p1, p2], image=[a, b])` edits `a` with `p1` and `b` with `p2` (paired in order, as diffusers pairs a
+    batch's images), exactly as `image=[[a], [b]]` and as each edit alone; one image goes to every prompt; a count
+    that fits neither is refused before any work, saying how to give a prompt several images."""
+    a, b, c = (PIL.Image.fromarray(np.full((64, 64, 3), value, dtype=np.uint8)) for value in (30, 130, 230))
+    contexts = [[kind for kind, _ in pipe.build_contexts(items, think=False).full.segments] for items in
+                pipe._normalize_prompts(["Make it red.", "Blur it."], [a, b])]  # fmt: skip
+    assert contexts == [["vae", "vit", "text"]] * 2  # one image each, not both
+    options = {"num_inference_steps": 2, "output_type": "latent"}
+    seeds = lambda: [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]  # noqa: E731
+    paired = pipe(["Make it red.", "Blur it."], image=[a, b], generator=seeds(), **options).images
+    lists = pipe(["Make it red.", "Blur it."], image=[[a], [b]], generator=seeds(), **options).images
+    alone = pipe("Blur it.", image=b, generator=torch.Generator().manual_seed(1), **options).images
+    assert torch.equal(paired, lists) and (paired[1] - alone[0]).abs().max() < 1e-5
+    shared = pipe._normalize_prompts(["Make it red.", "Blur it."], [a])
+    assert [[item for item in items if not isinstance(item, str)] for items in shared] == [[a], [a]]
+    assert pipe._normalize_prompts("Combine them.", [a, b])[0][:2] == [a, b]  # one prompt: all its images
+    with pytest.raises(ValueError, match=r"3 images for 2 prompts: give one image per prompt .* list of image lists"):
+        pipe(["Make it red.", "Blur it."], image=[a, b, c], **options)
+    with pytest.raises(ValueError, match="mixes images and lists of images"):
+        pipe(["Make it red.", "Blur it."], image=[a, [b]], **options)
+
+
 def test_generator_reproducible_and_output_types(pipe):
     kwargs = {"height": 32, "width": 48, "num_inference_steps": 2}
     first = pipe("a cat", generator=torch.manual_seed(7), output_type="np", **kwargs)

@@ -2,6 +2,7 @@
 one `check_inputs` per call, `prepare_latents` dtypes, and post-processing through diffusers' `VaeImageProcessor`."""
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,33 +170,31 @@ def test_interrupt_set_from_another_thread_stops_the_running_call(pipe):
     assert steps == [0]
 
 
-def test_concurrent_calls_keep_their_own_properties_and_interrupt(pipe):
-    """Two threads on one pipeline, both inside their first step's callback at once: each reads its own call's values,
-    and the interrupt one sets stops that call only; the other's result is that of the same call run alone."""
+def test_concurrent_calls_run_one_after_another_and_match_calls_run_alone(pipe):
+    """Two threads on one pipeline: the calls run one after another (a call's values, the scheduler and step-cache
+    hooks live on the pipeline, as in diffusers), each callback reads its own call's values, and each result is
+    bit-identical to the same call run alone: never a mix."""
     fresh = _fresh(pipe)
-    both_running, interrupt_set = threading.Barrier(2, timeout=120), threading.Barrier(2, timeout=120)
     calls = {
         "a": dict(CALL, prompt="a red cat", num_inference_steps=4, cfg_text_scale=5.0),
         "b": dict(CALL, prompt="a blue dog", num_inference_steps=6, cfg_text_scale=3.0, cfg_renorm_type="channel"),
     }
-    seen = {"a": [], "b": []}
-    results, errors = {}, []
+    order, seen, results, errors = [], {"a": [], "b": []}, {}, []
+    started = threading.Barrier(2, timeout=120)
 
     def callback_for(name):
         def callback(pipeline, step, timestep, kwargs):
-            if step == 0:
-                both_running.wait()
-                if name == "a":
-                    pipeline._interrupt = True
-                interrupt_set.wait()
+            order.append(name)
             seen[name].append((step, pipeline.num_timesteps, pipeline.cfg_text_scale, pipeline.cfg_renorm_type,
                                pipeline.interrupt))  # fmt: skip
+            time.sleep(0.02)  # room for the other thread to step in, were calls allowed to overlap
             return kwargs
 
         return callback
 
     def worker(name):
         try:
+            started.wait()
             results[name] = fresh(**calls[name], output_type="latent", generator=torch.Generator().manual_seed(1),
                                   callback_on_step_end=callback_for(name)).images  # fmt: skip
         except Exception as error:  # noqa: BLE001 - reported below
@@ -207,10 +206,25 @@ def test_concurrent_calls_keep_their_own_properties_and_interrupt(pipe):
     for thread in threads:
         thread.join()
     assert not errors, errors
-    assert seen["a"] == [(0, 4, 5.0, "global", True)]
+    assert order in (["a"] * 4 + ["b"] * 6, ["b"] * 6 + ["a"] * 4)  # one call, then the other: no interleaving
+    assert seen["a"] == [(step, 4, 5.0, "global", False) for step in range(4)]
     assert seen["b"] == [(step, 6, 3.0, "channel", False) for step in range(6)]
-    alone = fresh(**calls["b"], output_type="latent", generator=torch.Generator().manual_seed(1)).images
-    assert torch.equal(results["b"], alone)
+    for name, call in calls.items():
+        alone = fresh(**call, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+        assert torch.equal(results[name], alone), name
+
+
+def test_a_call_after_an_interrupted_one_starts_uninterrupted_even_on_another_thread(pipe):
+    fresh = _fresh(pipe)
+    fresh(**CALL, num_inference_steps=3, output_type="latent",
+          callback_on_step_end=lambda pipeline, step, t, kwargs: setattr(pipeline, "_interrupt", True) or kwargs)
+    assert fresh.interrupt is True
+    steps = []
+    thread = threading.Thread(target=lambda: fresh(**CALL, num_inference_steps=3, output_type="latent",
+                                                   callback_on_step_end=lambda p, step, t, kw: steps.append(step) or kw))
+    thread.start()
+    thread.join()
+    assert steps == [0, 1, 2] and fresh.interrupt is False
 
 
 # -- callbacks ----------------------------------------------------------------------------------------------------------

@@ -78,37 +78,6 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-@dataclass
-class _CallState:
-    """
-    The values of one pipeline call that diffusers pipelines expose as properties (`interrupt`, `num_timesteps`,
-    the guidance scales). Each call has its own, so that calls from several threads on one pipeline do not share
-    them; see [`BagelPipeline.interrupt`].
-    """
-
-    cfg_text_scale: float
-    cfg_img_scale: float
-    cfg_interval: tuple[float, float]
-    cfg_renorm_type: str
-    num_timesteps: int | None = None
-    interrupt: bool = False
-
-
-# The calls running on each thread, innermost last, as (pipeline, state): a step callback runs on its call's thread,
-# so the pipeline's properties read there give that call's values.
-_RUNNING_CALLS = threading.local()
-
-
-@contextlib.contextmanager
-def _running_call(pipeline: "BagelPipeline", state: _CallState):
-    stack = _RUNNING_CALLS.__dict__.setdefault("stack", [])
-    stack.append((pipeline, state))
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
 class BagelVaeImageProcessor(VaeImageProcessor):
     """
     diffusers' [`~diffusers.image_processor.VaeImageProcessor`] whose PIL images are made by truncation to `uint8`,
@@ -190,13 +159,15 @@ class _DenoisingLayers(torch.nn.Module, CacheMixin):
         self.layers = layers
 
 
-def _one_call_at_a_time_with_step_cache(call):
-    """Calls run concurrently, except while a diffusers step cache is enabled: its hooks sit on the shared model."""
+def _one_call_at_a_time(call):
+    """Calls on one pipeline from several threads run one after another: a call's values (`num_timesteps`, the
+    guidance scales, `_interrupt`), the scheduler's timesteps and a step cache's hooks live on the pipeline, as in
+    every diffusers pipeline, so overlapping calls would mix them. The lock is re-entrant: a step callback may call
+    the pipeline again."""
 
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
-        lock = self._step_cache_lock if self.is_cache_enabled else contextlib.nullcontext()
-        with lock:
+        with self._call_lock:
             return call(self, *args, **kwargs)
 
     return wrapper
@@ -261,73 +232,52 @@ class BagelPipeline(DiffusionPipeline):
         self.image_processor = BagelVaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor * patch_size, vae_latent_channels=latent_channels
         )
+        self._call_lock = threading.RLock()
+        # The current (or last) call's values behind the properties, as diffusers pipelines keep them.
+        self._cfg_text_scale = self._cfg_img_scale = self._cfg_interval = self._cfg_renorm_type = None
+        self._num_timesteps = None
+        self._interrupt = False
 
     # -- properties -----------------------------------------------------------------------------------------------
 
-    def _current_call(self) -> _CallState | None:
-        """The call of this thread on this pipeline (inside a step callback, the call that runs it), else the most
-        recently started call, else `None`."""
-        for pipeline, state in reversed(getattr(_RUNNING_CALLS, "stack", ())):
-            if pipeline is self:
-                return state
-        return getattr(self, "_last_call_state", None)
-
     @property
     def cfg_text_scale(self) -> float | None:
-        """The text guidance scale of the current call (see [`~BagelPipeline.interrupt`] for which call), its preset
-        value when the call left it unset; `None` before any call."""
-        state = self._current_call()
-        return None if state is None else state.cfg_text_scale
+        """The text guidance scale of the current (or last) call, its preset value when the call left it unset;
+        `None` before any call."""
+        return self._cfg_text_scale
 
     @property
     def cfg_img_scale(self) -> float | None:
-        """The image guidance scale of the current call (the preset's when unset); `None` before any call."""
-        state = self._current_call()
-        return None if state is None else state.cfg_img_scale
+        """The image guidance scale of the current (or last) call (the preset's when unset); `None` before any
+        call."""
+        return self._cfg_img_scale
 
     @property
     def cfg_interval(self) -> tuple[float, float] | None:
-        """The guidance interval of the current call (the preset's when unset); `None` before any call."""
-        state = self._current_call()
-        return None if state is None else state.cfg_interval
+        """The guidance interval of the current (or last) call (the preset's when unset); `None` before any call."""
+        return self._cfg_interval
 
     @property
     def cfg_renorm_type(self) -> str | None:
-        """The guidance renormalisation of the current call (the preset's when unset); `None` before any call."""
-        state = self._current_call()
-        return None if state is None else state.cfg_renorm_type
+        """The guidance renormalisation of the current (or last) call (the preset's when unset); `None` before any
+        call."""
+        return self._cfg_renorm_type
 
     @property
     def num_timesteps(self) -> int | None:
-        """The number of denoising steps of the current call; `None` before its schedule is set."""
-        state = self._current_call()
-        return None if state is None else state.num_timesteps
+        """The number of denoising steps of the current (or last) call; `None` before its schedule is set."""
+        return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:
         """
-        Whether the current call is asked to stop denoising: set `pipe._interrupt = True` (as in diffusers'
-        pipelines), typically inside `callback_on_step_end`, and the call leaves its loop after the current step and
-        decodes the latents it has.
-
-        Every call has its own values, so that several threads can call one pipeline at once. The properties
-        (`interrupt`, `num_timesteps`, `cfg_text_scale`, `cfg_img_scale`, `cfg_interval`, `cfg_renorm_type`) give,
-        inside a step callback, the values of the call running that callback, and elsewhere those of the most
-        recently started call, as the attributes of a diffusers pipeline do. Setting `pipe._interrupt` in a callback
-        stops that callback's call only; set from another thread, it stops the most recently started call.
+        Whether the running call is asked to stop denoising: set `pipe._interrupt = True` (as in diffusers'
+        pipelines), in `callback_on_step_end` or from another thread (a "stop" button), and the call leaves its loop
+        after the current step and decodes the latents it has. Each call starts with it False. Calls on one pipeline
+        from several threads run one after another (see `__call__`), so the properties always belong to the call that
+        runs.
         """
-        state = self._current_call()
-        return False if state is None else state.interrupt
-
-    @property
-    def _interrupt(self) -> bool:
-        return self.interrupt
-
-    @_interrupt.setter
-    def _interrupt(self, value: bool) -> None:
-        state = self._current_call()
-        if state is not None:
-            state.interrupt = bool(value)
+        return self._interrupt
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -381,8 +331,23 @@ class BagelPipeline(DiffusionPipeline):
                     if len(image) != len(batch):
                         raise ValueError(f"`image` has {len(image)} image lists for {len(batch)} prompts.")
                     per_prompt = [list(i) for i in image]
-                else:
+                elif any(isinstance(i, (list, tuple)) for i in image):
+                    raise ValueError(
+                        "`image` mixes images and lists of images: give one image per prompt, or one list of images "
+                        "per prompt."
+                    )
+                elif len(batch) == 1:
+                    per_prompt = [list(image)]  # one prompt: all its images, in order (multi-image editing)
+                elif len(image) == len(batch):
+                    per_prompt = [[i] for i in image]  # one image per prompt, paired in order (as diffusers pairs)
+                elif len(image) == 1:
                     per_prompt = [list(image)] * len(batch)
+                else:
+                    raise ValueError(
+                        f"`image` has {len(image)} images for {len(batch)} prompts: give one image per prompt (they are "
+                        "paired in order), one image for every prompt, or a list of image lists (one list per prompt) "
+                        "to give a prompt several images."
+                    )
             else:
                 raise TypeError(
                     f"`image` must be a PIL image, numpy array, torch tensor, file path or a list of them, "
@@ -1001,8 +966,6 @@ class BagelPipeline(DiffusionPipeline):
         group of guidance branches run together is its own cache context. A `TaylorSeerCacheConfig` without
         `cache_identifiers` caches every decoder layer's output. For the original BAGEL's TaylorSeer, pass
         `enable_taylorseer=True` to the call instead.
-
-        While a step cache is enabled, calls on this pipeline run one at a time (the hooks sit on the shared model).
         """
         if not isinstance(config, STEP_CACHE_CONFIGS):
             names = ", ".join(c.__name__ for c in STEP_CACHE_CONFIGS)
@@ -1016,7 +979,6 @@ class BagelPipeline(DiffusionPipeline):
             config = copy.copy(config)
             config.cache_identifiers = [r"layers\.\d+"]
         self._step_cache_config = config
-        self._step_cache_lock = threading.Lock()
 
     def disable_cache(self) -> None:
         """Removes the step cache set by [`~BagelPipeline.enable_cache`]."""
@@ -1048,7 +1010,7 @@ class BagelPipeline(DiffusionPipeline):
     # -- call -------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    @_one_call_at_a_time_with_step_cache
+    @_one_call_at_a_time
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
@@ -1088,7 +1050,10 @@ class BagelPipeline(DiffusionPipeline):
                 "num_frames": n, "fps": f}` (see [`~transformers_bagel.video_utils.load_video_frames`]): its sampled
                 frames enter the context as ViT images, in order.
             image (image, `list` of images, or `list` of lists, *optional*):
-                Input image(s) to edit (PIL, numpy HWC, torch CHW, or a path). They are placed before the prompt.
+                Input image(s) to edit (PIL, numpy HWC, torch CHW, or a path), placed before the prompt. With one
+                prompt, a list gives it all its images, in order. With a batch of prompts, a list of as many images
+                as prompts pairs them in order (one image per prompt), a single image (or a list of one) goes to every
+                prompt, and a list of lists gives each prompt its own images; any other count is refused.
             height (`int`, *optional*), width (`int`, *optional*):
                 Output size, multiples of 16. Default: 1024 for text-to-image (capped by the model's largest image),
                 the VAE-resized size of the (last) input image for editing.
@@ -1186,56 +1151,48 @@ class BagelPipeline(DiffusionPipeline):
         self._check_latents_and_generator(latents, generator, batch_size, height, width, len(batch), num_images_per_prompt)
         self._check_positions(contexts, think, max_think_tokens)
 
-        # This call's values behind the pipeline's properties: its own, and the pipeline's "most recent call".
-        state = _CallState(
-            cfg_text_scale=cfg_text_scale,
-            cfg_img_scale=cfg_img_scale,
-            cfg_interval=tuple(cfg_interval),
-            cfg_renorm_type=cfg_renorm_type,
-        )
-        self._last_call_state = state
-        with _running_call(self, state):
-            self._upcast_cpu_vae()
-            device = self._execution_device
-            grid = (height // self.latent_downsample, width // self.latent_downsample)
-            x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
+        self._cfg_text_scale, self._cfg_img_scale = cfg_text_scale, cfg_img_scale
+        self._cfg_interval, self._cfg_renorm_type = tuple(cfg_interval), cfg_renorm_type
+        self._num_timesteps, self._interrupt = None, False
+        self._upcast_cpu_vae()
+        device = self._execution_device
+        grid = (height // self.latent_downsample, width // self.latent_downsample)
+        x = self.prepare_latents(batch_size, height, width, torch.float32, device, generator, latents)
 
-            thoughts = None
-            if think:
-                thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
+        thoughts = None
+        if think:
+            thoughts = self._think(contexts, max_think_tokens, think_do_sample, think_temperature, generator)
 
-            # Per-call state: this call's own scheduler (timesteps and step index) and TaylorSeer states, so that
-            # calls on one pipeline from several threads do not interfere.
-            scheduler = copy.deepcopy(self.scheduler)
-            scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
-            state.num_timesteps = len(scheduler.timesteps)
-            # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
-            sigmas = scheduler.sigmas.tolist()
-            # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
-            # branch's velocity when both have run the same steps, i.e. when guidance starts at the first step (the
-            # flow times decrease, so the guided steps are then the first ones and the branch is not used after them).
-            guided_from_start = scheduler.cfg_active(sigmas[0], cfg_interval)
-            guidance = self.prepare_guidance(
-                contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
-                sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
-                batch_invariant=batch_invariant,
-            )  # fmt: skip
-            taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
-            with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
-                for i, timestep in enumerate(scheduler.timesteps):
-                    if state.interrupt:
-                        break
-                    v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
-                    x = scheduler.step(v, timestep, x, return_dict=False)[0]
-                    if callback_on_step_end is not None:
-                        x = self._run_step_callback(
-                            callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, x, grid
-                        )
-                    progress_bar.update()
-            del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=device, timestep_shift=timestep_shift)
+        self._num_timesteps = len(scheduler.timesteps)
+        # Read the flow times to the host once: `float(sigmas[i])` on an accelerator would synchronise every step.
+        sigmas = scheduler.sigmas.tolist()
+        # With TaylorSeer each branch counts its own steps: a no-image branch equal to the full one gives the full
+        # branch's velocity when both have run the same steps, i.e. when guidance starts at the first step (the
+        # flow times decrease, so the guided steps are then the first ones and the branch is not used after them).
+        guided_from_start = scheduler.cfg_active(sigmas[0], cfg_interval)
+        guidance = self.prepare_guidance(
+            contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, generator,
+            sample_posterior, reuse_full_for_image=not enable_taylorseer or guided_from_start,
+            batch_invariant=batch_invariant,
+        )  # fmt: skip
+        taylorseer = {kind: TaylorSeerState() for kind in ("cond", "text", "image")} if enable_taylorseer else None
+        with self._step_cache_hooks(guidance), self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, timestep in enumerate(scheduler.timesteps):
+                if self.interrupt:
+                    break
+                v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
+                x = scheduler.step(v, timestep, x, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    x = self._run_step_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, x, grid
+                    )
+                progress_bar.update()
+        del guidance, taylorseer  # the contexts' caches and Taylor factors are this call's only
 
-            images = self._decode(x, grid, output_type)
-            self.maybe_free_model_hooks()
+        images = self._decode(x, grid, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images, thoughts)
         return BagelPipelineOutput(images=images, text=thoughts)
