@@ -71,3 +71,26 @@ def test_auto_classes_load_the_subfolders(converted_dir):
     assert type(model) is BagelForConditionalGeneration
     assert type(AutoProcessor.from_pretrained(converted_dir, subfolder="processor")) is BagelProcessor
     assert AutoConfig.from_pretrained(converted_dir, subfolder="model").model_type == "bagel"
+
+
+def test_a_saved_pipeline_folder_loads_by_every_route(converted_dir, tmp_path, monkeypatch, no_grad):
+    """`pipe.save_pretrained(folder)` (what a fine-tune or `bagel push` ships) writes the custom-pipeline index and
+    its code file like a converted folder: `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`,
+    `BagelPipeline.from_pretrained` and the Auto classes' pointers all work and give the same image."""
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    reference = load_pipeline(converted_dir)
+    reference.save_pretrained(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_bagel", "BagelPipeline"]
+    assert (saved / "pipeline_bagel.py").read_text() == PIPELINE_CODE
+    expected = reference("a cat", generator=torch.manual_seed(3), **CALL).images
+    for load in (lambda: DiffusionPipeline.from_pretrained(saved, trust_remote_code=True),
+                 lambda: BagelPipeline.from_pretrained(saved)):  # fmt: skip
+        pipeline = load()
+        assert type(pipeline) is BagelPipeline
+        pipeline.model.set_attn_implementation("sdpa")
+        pipeline.set_progress_bar_config(disable=True)
+        assert torch.equal(pipeline("a cat", generator=torch.manual_seed(3), **CALL).images, expected)
+    with pytest.raises(ValueError, match="subfolder='model'"):
+        AutoModelForImageTextToText.from_pretrained(saved)

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import functools
+import json
 import os
 import re
 import threading
@@ -34,7 +35,7 @@ from transformers_bagel.numerics import non_finite_message
 from transformers_bagel.processing_bagel import BagelProcessor
 from transformers_bagel.sequence_layout import BagelSequence
 
-from .pipeline_folder import pipeline_index_class_name
+from .pipeline_folder import CLASS_NAME, pipeline_index_class_name, write_pipeline_code_and_pointers
 from .pipeline_output import BagelPipelineOutput
 from .scheduling_flow_match_euler import CFG_RENORM_TYPES, FlowMatchEulerScheduler
 from .taylorseer import TaylorSeerState, TaylorSeerStepCache
@@ -278,6 +279,24 @@ class BagelPipeline(DiffusionPipeline):
         runs.
         """
         return self._interrupt
+
+    def to_json_string(self) -> str:
+        """The pipeline's `model_index.json`, naming the class in diffusers' custom-pipeline form (`["pipeline_bagel",
+        "BagelPipeline"]`, with `pipeline_bagel.py` beside it), as a converted folder's."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = CLASS_NAME
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """
+        [`~ConfigMixin.save_config`] with the other top-level files of a BAGEL pipeline folder (`pipeline_bagel.py`,
+        the root `config.json` / `processor_config.json`): every folder `save_pretrained` writes loads through
+        `BagelPipeline.from_pretrained`, `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` and the Auto
+        classes' pointers, as a converted one does.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        write_pipeline_code_and_pointers(save_directory)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def load_config(cls, *args, **kwargs):

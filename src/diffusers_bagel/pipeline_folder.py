@@ -20,7 +20,14 @@ import diffusers
 from transformers_bagel.configuration_bagel import PIPELINE_FOLDER_KEY
 
 
-__all__ = ["PIPELINE_MODULE", "PIPELINE_CODE", "write_pipeline_folder_files", "pipeline_index_class_name"]
+__all__ = [
+    "CLASS_NAME",
+    "PIPELINE_MODULE",
+    "PIPELINE_CODE",
+    "pipeline_index_class_name",
+    "write_pipeline_code_and_pointers",
+    "write_pipeline_folder_files",
+]
 
 PIPELINE_MODULE = "pipeline_bagel"
 """Module file (without `.py`) the folder ships for diffusers' custom-pipeline loading."""
@@ -43,12 +50,23 @@ def _write_json(path: Path, value: dict) -> None:
         handle.write("\n")
 
 
+CLASS_NAME = [PIPELINE_MODULE, "BagelPipeline"]
+"""The pipeline class as `model_index.json` names it: diffusers' custom-pipeline form."""
+
+
 def write_pipeline_folder_files(folder) -> None:
     """Writes `model_index.json`, `pipeline_bagel.py` and the root `config.json` / `processor_config.json` into a
     pipeline `folder`."""
     folder = Path(folder)
-    index = {"_class_name": [PIPELINE_MODULE, "BagelPipeline"], "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": CLASS_NAME, "_diffusers_version": diffusers.__version__}
     _write_json(folder / "model_index.json", {**index, **COMPONENTS})
+    write_pipeline_code_and_pointers(folder)
+
+
+def write_pipeline_code_and_pointers(folder) -> None:
+    """Writes `pipeline_bagel.py` and the root `config.json` / `processor_config.json` (everything of the folder's top
+    level but `model_index.json`)."""
+    folder = Path(folder)
     (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_CODE, encoding="utf-8")
     components = {PIPELINE_FOLDER_KEY: {"model": "model", "processor": "processor"}}
     _write_json(folder / "config.json", {"model_type": "bagel", **components})
