@@ -326,8 +326,18 @@ def test_converter_refuses_wrong_shapes(tmp_path):
 def test_placeholder_count_must_match_images(original_model, no_grad):
     model, _ = original_model
     inputs = mixed_inputs(model.config)
-    with pytest.raises(ValueError, match="6 image placeholder tokens .* but 5 image tokens"):
+    with pytest.raises(ValueError, match=r"1 image blocks of \[6\] placeholder tokens .* 1 images of \[5\] tokens"):
         model(**dict(inputs, pixel_values=inputs["pixel_values"][:5], image_grid_hw=torch.tensor([[1, 5]])))
+    # The same number of patches as two images: every count matches in total, but not image by image.
+    assert inputs["image_grid_hw"].prod(-1).tolist() == [6]
+    with pytest.raises(ValueError, match=r"1 image blocks of \[6\] .* `image_grid_hw` describes 2 images of \[3, 3\]"):
+        model(**dict(inputs, image_grid_hw=torch.tensor([[1, 3], [1, 3]])))
+    with pytest.raises(ValueError, match=r"`latent_grid_hw` describes 2 latent images of \[2, 2\]"):
+        model(**dict(inputs, latent_grid_hw=torch.tensor([[1, 2], [2, 1]])))
+    poisoned = inputs["pixel_values"].clone()
+    poisoned[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="`pixel_values` hold NaN or infinite values"):
+        model(**dict(inputs, pixel_values=poisoned))
     with pytest.raises(ValueError, match="image_grid_hw describes"):
         model(**dict(inputs, image_grid_hw=torch.tensor([[2, 2]])))
     with pytest.raises(ValueError, match="no `pixel_values`"):

@@ -40,6 +40,7 @@ from .modeling_bagel_vision import (
     flattened_grid_position_ids,
     grid_position_ids,
     in_tree_initialize_weights,
+    patch_grids,
 )
 
 
@@ -992,15 +993,23 @@ class BagelModel(BagelPreTrainedModel):
         dtype = self.vae2llm.weight.dtype
         return self.vae2llm(latents.to(dtype)) + time_embeds + self.latent_pos_embed(position_ids).to(dtype)
 
-    def _scatter(self, inputs_embeds, input_ids, token_id, features, what):
-        mask = input_ids == token_id
-        count = int(mask.sum())
-        if count != features.shape[0]:
+    @staticmethod
+    def _check_slots(input_ids: torch.LongTensor, token_id: int, grid_hw: torch.LongTensor, what: str, name: str):
+        """
+        Refuses images whose token counts do not match the placeholder blocks of `input_ids`, block by block (one
+        image per run of `token_id`, in order): not only the total, which a wrong grid or a wrong number of images
+        can meet while giving every image the wrong patches. One read from the device (a prefill's, once per call).
+        """
+        sizes = [rows * cols for rows, cols in patch_grids(grid_hw)]
+        edges = F.pad(input_ids == token_id, (1, 1)).to(torch.int8).diff(dim=1)  # +1 where a run starts, -1 after it
+        starts, ends = (edges == 1).nonzero()[:, 1], (edges == -1).nonzero()[:, 1]
+        runs = (ends - starts).tolist()
+        if runs != sizes:
             raise ValueError(
-                f"input_ids hold {count} {what} placeholder tokens (id {token_id}) but {features.shape[0]} {what} "
-                "tokens were given; the processor's placeholders and the images must match."
+                f"input_ids hold {len(runs)} {what} blocks of {runs} placeholder tokens (id {token_id}), but `{name}` "
+                f"describes {len(sizes)} {what}s of {sizes} tokens; the processor's placeholders and the images must "
+                "match."
             )
-        return inputs_embeds.masked_scatter(mask[..., None], features.to(inputs_embeds.dtype))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -1159,8 +1168,13 @@ class BagelModel(BagelPreTrainedModel):
         if pixel_values is not None:
             if image_grid_hw is None:
                 raise ValueError("`pixel_values` needs `image_grid_hw` (the patch grid of each image).")
+            self.vision_model.check_patches(pixel_values, image_grid_hw)
+            if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
+                raise ValueError("`pixel_values` hold NaN or infinite values: the images or their preprocessing are broken.")
+            self._check_slots(input_ids, self.config.image_token_id, image_grid_hw, "image", "image_grid_hw")
             features = self.get_image_features(pixel_values, image_grid_hw)
-            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.image_token_id, features, "image")
+            mask = (input_ids == self.config.image_token_id)[..., None]
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
         elif input_ids is not None and not text_only and bool((input_ids == self.config.image_token_id).any()):
             raise ValueError("input_ids contain image placeholder tokens but no `pixel_values` were given.")
         if latents is not None:
@@ -1168,8 +1182,10 @@ class BagelModel(BagelPreTrainedModel):
                 raise ValueError("`latents` needs `latent_grid_hw` (the token grid of each latent image).")
             if latent_timesteps is None:
                 latent_timesteps = torch.zeros(latent_grid_hw.shape[0], device=latents.device)
+            self._check_slots(input_ids, self.config.latent_token_id, latent_grid_hw, "latent image", "latent_grid_hw")
             features = self.get_latent_embeddings(latents, latent_grid_hw, latent_timesteps)
-            inputs_embeds = self._scatter(inputs_embeds, input_ids, self.config.latent_token_id, features, "latent")
+            mask = (input_ids == self.config.latent_token_id)[..., None]
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
         elif gen_token_mask is not None and bool(gen_token_mask.any()):
             raise ValueError("input_ids contain latent placeholder tokens but no `latents` were given.")
 

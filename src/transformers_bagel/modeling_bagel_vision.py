@@ -160,6 +160,22 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    def check_patches(self, pixel_values: torch.Tensor, image_grid_hw: torch.LongTensor) -> list[int]:
+        """The number of patches of each image, refusing `pixel_values` that are not packed patches of this encoder or
+        whose count differs from what `image_grid_hw` describes."""
+        patch_dim = self.config.num_channels * self.config.patch_size**2
+        if pixel_values.dim() != 2 or pixel_values.shape[-1] != patch_dim:
+            raise ValueError(
+                f"pixel_values must be packed patches of shape (total_patches, {patch_dim}) (num_channels x "
+                f"patch_size**2), as BagelImageProcessor returns them; got {tuple(pixel_values.shape)}."
+            )
+        lengths = [rows * cols for rows, cols in patch_grids(image_grid_hw)]
+        if sum(lengths) != pixel_values.shape[0]:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_hw describes {sum(lengths)}."
+            )
+        return lengths
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -177,17 +193,7 @@ class BagelVisionModel(BagelVisionPreTrainedModel):
 
         Returns a [`BaseModelOutput`] whose `last_hidden_state` is packed like the input: `(total_patches, hidden)`.
         """
-        patch_dim = self.config.num_channels * self.config.patch_size**2
-        if pixel_values.dim() != 2 or pixel_values.shape[-1] != patch_dim:
-            raise ValueError(
-                f"pixel_values must be packed patches of shape (total_patches, {patch_dim}) (num_channels x "
-                f"patch_size**2), as BagelImageProcessor returns them; got {tuple(pixel_values.shape)}."
-            )
-        lengths = [rows * cols for rows, cols in patch_grids(image_grid_hw)]
-        if sum(lengths) != pixel_values.shape[0]:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_hw describes {sum(lengths)}."
-            )
+        lengths = self.check_patches(pixel_values, image_grid_hw)
         if position_ids is None:
             position_ids = flattened_grid_position_ids(
                 image_grid_hw, self.embeddings.num_patches_per_side, device=pixel_values.device
