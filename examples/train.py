@@ -13,7 +13,10 @@ Images are paths (relative to --image_dir), bytes, or datasets Image values. Wit
 text-to-image set is used; without --checkpoint the tiny random-weight test model (converted on first use).
 
 Several tasks at once from a data config (weighted sources mixed reproducibly and packed into the same batches;
-see transformers_bagel.training.mixture for the keys; an original BAGEL data YAML with dataset groups is converted):
+see transformers_bagel.training.mixture for the keys; an original BAGEL data YAML with dataset groups is converted).
+Weights are relative; a source of weight 0 is left out with a warning; a weight so small that one epoch would run
+past 100x the rows of all sources is refused (see transformers_bagel.training.mixture, "Weights"). The data config
+and the data are read before the model loads, so a bad file fails at once, naming the file and line:
 
     python examples/train.py --checkpoint CONVERTED_DIR --dataset_config mix.yaml --output_dir runs/mix
 
@@ -131,15 +134,19 @@ def synthetic_rows(count: int = 16):
 
 
 def load_rows(data: str):
-    import datasets
+    """The rows of --data; a file that does not read (not UTF-8, a broken JSON line, no rows, ...) is named with its
+    line."""
+    from transformers_bagel.training import load_data_rows
 
     path = Path(data)
+    if not path.exists():
+        raise SystemExit(f"--data {data}: no such file or folder.")
     if path.is_dir():
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+        return load_data_rows("imagefolder", [str(path)], where=f"--data {data}")
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
     if builder is None:
         raise SystemExit(f"--data {data}: expected a .jsonl/.json/.csv/.parquet file or an imagefolder directory.")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    return load_data_rows(builder, [str(path)], where=f"--data {data}")
 
 
 def parse_columns(pairs) -> dict:
@@ -152,11 +159,37 @@ def parse_columns(pairs) -> dict:
     return columns
 
 
+# Flags that must be positive (counts, sizes, rates) and those that are probabilities in [0, 1].
+_POSITIVE_FLAGS = ("max_steps", "lora_rank", "lora_alpha", "learning_rate", "gradient_accumulation_steps",
+                   "max_grad_norm", "max_tokens", "timestep_shift", "save_steps", "logging_steps")  # fmt: skip
+_PROBABILITY_FLAGS = ("text_dropout", "vit_dropout", "vae_dropout")
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses a zero, negative or non-finite number where the run needs a positive one, naming the flag, before
+    anything loads."""
+    import math
+
+    for name in _POSITIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name} must be a positive number, got {value}.")
+    for name in _PROBABILITY_FLAGS:
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            parser.error(f"--{name} is a probability: it must be in [0, 1], got {value}.")
+    if not 0 <= args.ema < 1:
+        parser.error(f"--ema is a decay: it must be in [0, 1) (0 disables it), got {args.ema}.")
+    if args.min_lr < 0 or not math.isfinite(args.min_lr):
+        parser.error(f"--min_lr must be a finite number >= 0, got {args.min_lr}.")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}.")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_steps < 1:
-        parser.error(f"--max_steps must be >= 1, got {args.max_steps}.")
+    check_numbers(parser, args)
     if args.warmup_steps is None:
         args.warmup_steps = min(2000, args.max_steps // 10)
     elif not 0 <= args.warmup_steps <= args.max_steps:
@@ -164,14 +197,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--warmup_steps {args.warmup_steps} must be in [0, --max_steps {args.max_steps}]: a longer warm-up keeps "
             "the learning rate near 0 for the whole run."
         )
-    if args.logging_steps < 1 or args.save_steps < 1:
-        parser.error("--logging_steps and --save_steps must be >= 1.")
     if args.dataset_config is not None:
         if args.data is not None or args.columns or args.cache_latents:
             parser.error("--dataset_config names its data, columns and tasks itself: drop --data / --columns / "
                          "--cache_latents.")  # fmt: skip
         if not args.dataset_config.is_file():
             parser.error(f"--dataset_config {args.dataset_config}: no such file.")
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        parser.error(f"--image_dir {args.image_dir}: no such folder.")
+    if args.cache_latents and args.task not in ("text_to_image", "edit"):
+        parser.error("--cache_latents applies to text_to_image and edit data.")
+    if args.lora and (args.freeze_vit or args.freeze_und or args.freeze_llm):
+        parser.error("--freeze_* apply to full fine-tuning; --lora trains the adapters only.")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error(f"--peak_tflops must be positive, got {args.peak_tflops}.")
     if args.bf16 and (args.use_cpu or not torch.cuda.is_available() or not torch.cuda.is_bf16_supported()):
@@ -215,23 +252,22 @@ def main(argv=None):
         from quickstart import default_checkpoint
 
         checkpoint = default_checkpoint(ROOT / "outputs")
-    torch.manual_seed(args.seed)
-    model = BagelForConditionalGeneration.from_pretrained(checkpoint / "model", dtype=torch.float32)
+    columns = parse_columns(args.columns)
     processor = BagelProcessor.from_pretrained(checkpoint / "processor")
-    vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
-    if args.timestep_shift is not None:
-        model.config.timestep_shift = args.timestep_shift
-
+    # The data before the model: a bad data config or data file (syntax, encoding, weights, sizes) fails at once.
     if args.dataset_config is not None:
         samples = load_mixture(args, processor.image_processor)
         rows = samples
     else:
         rows = synthetic_rows() if args.data is None else load_rows(args.data)
-    columns = parse_columns(args.columns)
+    torch.manual_seed(args.seed)
+    model = BagelForConditionalGeneration.from_pretrained(checkpoint / "model", dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
+    if args.timestep_shift is not None:
+        model.config.timestep_shift = args.timestep_shift
+
     if args.cache_latents:
-        names = {"text_to_image": ["image"], "edit": ["source", "target"]}.get(args.task)
-        if names is None:
-            raise SystemExit("--cache_latents applies to text_to_image and edit data.")
+        names = {"text_to_image": ["image"], "edit": ["source", "target"]}[args.task]
         rows = cache_vae_latents(rows, vae, processor.image_processor, [columns.get(n, n) for n in names], args.image_dir)
     collator = BagelDataCollator(
         processor,
@@ -248,8 +284,6 @@ def main(argv=None):
     print(f"{len(rows)} {'samples' if args.dataset_config is not None else 'rows'} -> {len(train_dataset)} packed batches of <= {args.max_tokens} tokens")
 
     if args.lora:
-        if args.freeze_vit or args.freeze_und or args.freeze_llm:
-            raise SystemExit("--freeze_* apply to full fine-tuning; --lora trains the adapters only.")
         model = get_bagel_lora_model(
             model, r=args.lora_rank, lora_alpha=args.lora_alpha, include_latent_projections=args.lora_latent_projections
         )

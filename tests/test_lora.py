@@ -2,10 +2,15 @@
 understanding path's logits stay bit-identical), the saved adapter is a standard PEFT folder that reproduces the
 trained outputs in a fresh model, through transformers' `load_adapter` and in a BagelPipeline, and merges."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
@@ -158,3 +163,102 @@ def test_adapter_in_the_pipeline_and_merged(trained, converted_dir):
     probes = _probes(merged, trained["collator"])
     torch.testing.assert_close(probes["velocity"], trained["after"]["velocity"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(probes["und_logits"], trained["before"]["und_logits"], rtol=0, atol=0)
+
+
+# -- adapter paths: a local-looking path never waits on the Hub (issue 23) -------------------------------------------
+
+
+class _Reached(Exception):
+    """Raised by the stand-in for peft's loader: the path was handed on to peft (and from there to the Hub)."""
+
+
+@pytest.fixture()
+def no_hub(monkeypatch, tmp_path):
+    """No network: the Hub download and peft's loader are stand-ins; the working directory is an empty folder."""
+    import huggingface_hub
+    from peft import PeftModel
+
+    def hub(*args, **kwargs):
+        raise AssertionError("a local-looking path was sent to the Hub")
+
+    def peft_loader(model, path, **kwargs):
+        raise _Reached(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(PeftModel, "from_pretrained", peft_loader)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["./runs/missing-lora", "../missing-lora", "~/no-such-lora-folder", "runs/missing-lora/", "runs/a/missing-lora",
+     "runs/missing lora", "runs/..lora", "missing-lora"],
+)  # fmt: skip
+def test_a_local_looking_missing_adapter_fails_at_once(no_hub, path):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=rf"LoRA adapter folder '{re.escape(path)}' does not exist \(relative to"):
+        load_bagel_lora(object(), path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_missing_adapter_under_an_existing_folder_fails_at_once(no_hub):
+    (no_hub / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'runs/missing-lora' does not exist"):
+        load_bagel_lora(object(), "runs/missing-lora")
+    (no_hub / "runs" / "edit-lora").mkdir()  # the run's output folder, not its adapter
+    with pytest.raises(FileNotFoundError, match=r"'runs/edit-lora' holds no adapter_config.json .*OUTPUT_DIR/final"):
+        load_bagel_lora(object(), "runs/edit-lora")
+
+
+def test_offline_a_hub_id_outside_the_cache_fails_at_once(no_hub, monkeypatch):
+    import huggingface_hub
+
+    cached = {}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name, **kw: cached.get((repo, name)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"'runs/missing-lora' does not exist: .*HF_HUB_OFFLINE is set"):
+        load_bagel_lora(object(), "runs/missing-lora")
+    cached[("someone/bagel-lora", "adapter_config.json")] = "/cache/adapter_config.json"
+    with pytest.raises(_Reached):  # in the cache: peft loads it offline
+        load_bagel_lora(object(), "someone/bagel-lora")
+
+
+def test_hub_ids_still_go_to_the_hub_and_a_failed_lookup_names_both_readings(no_hub, monkeypatch):
+    from peft import PeftModel
+
+    with pytest.raises(_Reached):
+        load_bagel_lora(object(), "runs/missing-lora")  # no `runs/` here, online: a valid repo id
+    with pytest.raises(_Reached):
+        load_bagel_lora(object(), "someone/bagel-lora")
+
+    def not_found(model, path, **kwargs):
+        raise ValueError(f"Can't find 'adapter_config.json' at '{path}'")
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", not_found)
+    with pytest.raises(FileNotFoundError, match=r"no local folder of that name .* the Hub lookup of it as a repo id"):
+        load_bagel_lora(object(), "someone/bagel-lora")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab-_./~ \\:", min_size=1, max_size=12))
+def test_only_valid_repo_ids_are_sent_to_the_hub(path):
+    """Property: a path that is not local-looking is a valid `namespace/name` repo id; every other path is decided
+    locally (in the empty test folder it does not exist: FileNotFoundError, with the Hub never called)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from transformers_bagel.training.lora import _looks_local
+
+    if not _looks_local(path):
+        assert path.count("/") == 1
+        validate_repo_id(path)
+        return
+    try:
+        validate_repo_id(path)
+        valid = path.count("/") == 1
+    except HFValidationError:
+        valid = False
+    assert not valid or path.startswith((".", "~")) or path.endswith("/") or Path(path).parent.is_dir()

@@ -338,7 +338,7 @@ def test_original_config_without_paths_converts_and_names_what_to_fill_in(caplog
         (lambda c: c["sources"][0].update(wieght=2), ValueError, r"Source 't2i': unknown key\(s\) \['wieght'\]"),
         (lambda c: c["sources"][1].update(data="nope.jsonl"), FileNotFoundError, r"Source 'vqa': `data` names missing"),
         (lambda c: c["sources"][1].update(image_dir="nope"), FileNotFoundError, r"Source 'vqa': `image_dir`"),
-        (lambda c: c["sources"][0].update(weight=0), ValueError, r"Source 't2i': `weight` must be a positive"),
+        (lambda c: c["sources"][0].update(weight=float("inf")), ValueError, r"Source 't2i': `weight` must be a finite"),
         (lambda c: c["sources"][0].update(weight=-1.0), ValueError, r"Source 't2i': `weight`"),
         (lambda c: c["sources"][0].update(weight="heavy"), ValueError, r"Source 't2i': `weight`"),
         (lambda c: c["sources"][0].update(weight=float("nan")), ValueError, r"Source 't2i': `weight`"),

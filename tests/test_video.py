@@ -256,3 +256,54 @@ def test_training_rows_with_a_video_column_become_frame_blocks(tmp_path):
         assert np.array_equal(np.asarray(segment["image"]), np.asarray(frame))
     with pytest.raises(ValueError, match="column 'video', row 4"):
         row_to_sample({"video": "missing", "question": "q", "answer": "a"}, "understanding", 4, image_dir=tmp_path)
+
+
+# -- (f) video parts refuse what they would ignore (issue 23) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"num_frame": 4}, r"Part 0 of the message 0 \(type 'video'\) has unknown key\(s\) \['num_frame'\]; a video part "
+                           r"takes \['type', 'video', 'path', 'num_frames', 'fps'\]"),
+        ({"url": "https://example.com/a.mp4"}, r"unknown key\(s\) \['url'\] \(a URL is not downloaded"),
+        ({"max_frames": 2, "sample_fps": 1}, r"unknown key\(s\) \['max_frames', 'sample_fps'\]"),
+    ],
+)  # fmt: skip
+def test_unknown_keys_of_a_video_part_are_refused_naming_them(processor, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _chat(processor, [{"type": "video", "video": _frames(3), **extra}, {"type": "text", "text": "what?"}])
+    with pytest.raises(ValueError, match=message):  # rendering the text only checks them too
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "video", "num_frames": 2, **extra}]}])
+
+
+def test_frames_sampled_beforehand_are_kept_with_their_count(processor, caplog):
+    """`bagel chat --video clip --num_frames 12` samples 12 frames and hands them over: with `num_frames` equal to
+    their count (what the CLI must pass), the processor keeps all 12, exactly as 12 image parts; without it they are
+    sampled down to the default 8, with a warning that says how to keep them."""
+    import logging
+
+    twelve = _frames(12, seed=5)
+    question = {"type": "text", "text": "what?"}
+    kept = _chat(processor, understanding_messages("what?", video=twelve, num_frames=len(twelve))[0]["content"])
+    as_images = _chat(processor, [*({"type": "image", "image": f} for f in twelve), question])
+    _same_inputs(kept, as_images)
+    with caplog.at_level(logging.WARNING):
+        default = _chat(processor, understanding_messages("what?", video=twelve)[0]["content"])
+    assert default["image_grid_hw"].shape[0] == DEFAULT_NUM_FRAMES
+    assert "12 frames in memory are sampled down to 8" in caplog.text and "num_frames" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _chat(processor, [{"type": "video", "video": _frames(4)}, question])  # nothing dropped: no warning
+    assert "sampled down" not in caplog.text
+
+
+def test_num_frames_of_the_part_and_of_the_call_must_agree(processor):
+    part = {"type": "video", "video": _frames(8), "num_frames": 4}
+    question = {"type": "text", "text": "what?"}
+    with pytest.raises(ValueError, match=r"sets `num_frames`=4 but apply_chat_template was called with num_frames=2"):
+        _chat(processor, [part, question], num_frames=2)
+    agreed = _chat(processor, [part, question], num_frames=4)
+    assert agreed["image_grid_hw"].shape[0] == 4
+    with pytest.raises(ValueError, match=r"sets `fps`=1 but apply_chat_template was called with fps=2"):
+        _chat(processor, [{"type": "video", "video": _frames(8), "fps": 1}, question], fps=2)

@@ -17,7 +17,7 @@ from .video_utils import _check_num_frames, load_video_frames
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["BagelProcessor", "BAGEL_CHAT_TEMPLATE"]
+__all__ = ["BagelProcessor", "BAGEL_CHAT_TEMPLATE", "VIDEO_PART_KEYS"]
 
 
 # BAGEL has no roles and no system template (SPEC section 3): every text is `<|im_start|>text<|im_end|>`, every image
@@ -58,6 +58,8 @@ _NO_VIDEOS_ARGUMENT = (
     "`<|vision_start|><|image_pad|><|vision_end|>` slot per frame."
 )
 _VIDEO_KEYS = ("video", "path")
+# Every key a {"type": "video", ...} chat part may hold; any other is refused (a typo would otherwise be ignored).
+VIDEO_PART_KEYS = ("type", *_VIDEO_KEYS, "num_frames", "fps")
 
 
 class BagelProcessor(ProcessorMixin):
@@ -115,11 +117,16 @@ class BagelProcessor(ProcessorMixin):
 
         A video part (`video` or `path`: a video file, a folder of frames or a list of frames, see
         [`~video_utils.load_video_frames`]) is decoded and sampled here, with its own `num_frames` / `fps` keys or
-        else the call's `num_frames=` / `fps=` (also accepted in `processor_kwargs`), and stands for its frames: one
+        else the call's `num_frames=` / `fps=` (also accepted in `processor_kwargs`; the part and the call giving
+        different values is refused), and stands for its frames: one
         `<|vision_start|><|image_pad|><|vision_end|>` block and one image each, exactly as the same frames given as
         consecutive image parts (BAGEL has no video token; the original's VLM data puts a video so). The text depends
         on the number of frames, so videos are decoded with `tokenize=False` too; a bare `{"type": "video",
         "num_frames": n}` renders `n` slots for images given to the processor. The caller's messages are not changed.
+        A video part takes only the keys of [`VIDEO_PART_KEYS`] (`type`, `video`, `path`, `num_frames`, `fps`);
+        another key is refused naming it. Frames already in memory are sampled like any video (8 of them without
+        `num_frames` / `fps`, with a warning when that drops frames): to keep frames sampled beforehand (e.g. by
+        [`~video_utils.load_video_frames`]), give `num_frames=len(frames)`.
         """
         processor_kwargs = dict(kwargs.pop("processor_kwargs", None) or {})
         video_kwargs = {}
@@ -179,9 +186,10 @@ class BagelProcessor(ProcessorMixin):
 
     def _video_parts(self, part: dict, where: str, video_kwargs: dict, kwargs: dict) -> list[dict]:
         """A video part as the image parts of its sampled frames (a bare slot is kept for the template)."""
+        _check_video_part_keys(part, where)
         video = next((part[key] for key in _VIDEO_KEYS if part.get(key) is not None), None)
-        num_frames = part.get("num_frames", video_kwargs["num_frames"])
-        fps = part.get("fps", video_kwargs["fps"])
+        num_frames = _video_setting(part, video_kwargs, "num_frames", where)
+        fps = _video_setting(part, video_kwargs, "fps", where)
         if video is None:
             if kwargs.get("tokenize"):
                 raise ValueError(
@@ -201,6 +209,13 @@ class BagelProcessor(ProcessorMixin):
             frames = load_video_frames(video, num_frames=num_frames, fps=fps)
         except (ValueError, TypeError) as error:
             raise ValueError(f"{where} (type 'video') could not be read: {error}") from error
+        given = _frames_in_memory(video)
+        if num_frames is None and fps is None and given > len(frames):
+            logger.warning(
+                f"{where}: the video's {given} frames in memory are sampled down to {len(frames)} (the default "
+                f"count); if they are already sampled, pass `num_frames` (e.g. {given}) in the part or the call to "
+                "keep them all."
+            )
         logger.info(f"{where}: a video of {len(frames)} frame(s), one image block each.")
         return [{"type": "image", "image": frame} for frame in frames]
 
@@ -381,6 +396,37 @@ class BagelProcessor(ProcessorMixin):
                 f"The text has {placeholders} {token} placeholder(s) but {len(images)} image(s) were passed as "
                 f"`{argument}`; give exactly one image per placeholder."
             )
+
+
+def _check_video_part_keys(part: dict, where: str) -> None:
+    """Refuses keys of a video part other than [`VIDEO_PART_KEYS`], naming them and the allowed ones."""
+    unknown = sorted(str(key) for key in set(part) - set(VIDEO_PART_KEYS))
+    if unknown:
+        hint = " (a URL is not downloaded: download the video and give its `path`)" if "url" in unknown else ""
+        raise ValueError(
+            f"{where} (type 'video') has unknown key(s) {unknown}{hint}; a video part takes {list(VIDEO_PART_KEYS)}."
+        )
+
+
+def _video_setting(part: dict, video_kwargs: dict, key: str, where: str):
+    """`num_frames` / `fps` of a video part: the part's own, else the call's; both given and different is refused
+    (one of them would be silently ignored)."""
+    own, call = part.get(key), video_kwargs.get(key)
+    if own is not None and call is not None and own != call:
+        raise ValueError(
+            f"{where} (type 'video') sets `{key}`={own!r} but apply_chat_template was called with {key}={call!r}: "
+            "give it in one place only."
+        )
+    return own if own is not None else call
+
+
+def _frames_in_memory(video) -> int:
+    """The number of frames of a video given in memory (a list, or a 4-d array); 0 for a file or a folder."""
+    if isinstance(video, (list, tuple)):
+        return len(video)
+    if getattr(video, "ndim", None) == 4:
+        return int(video.shape[0])
+    return 0
 
 
 def _flatten_images(images) -> list:

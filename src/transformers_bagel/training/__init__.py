@@ -9,6 +9,7 @@ Training BAGEL with the Hugging Face Trainer.
 - `mixture`: multi-task training from a data config: [`BagelMixtureDataset`] mixes weighted sources (parquet, JSON
   lines, CSV, image folders) reproducibly with `datasets.interleave_datasets`; [`original_data_config_to_mixture`]
   reads the original's YAML data config.
+- `data_files`: config and data files read with errors naming the file and line ([`load_data_rows`]).
 - `trainer`: [`BagelTrainer`] (also logs `tokens_per_second` and `mfu`), [`bagel_training_arguments`] (the original's optimiser defaults), [`freeze_modules`],
   [`bagel_fsdp_config`].
 - `callbacks`: [`BagelEMACallback`] (EMA of the weights, saved with checkpoints).
@@ -22,9 +23,18 @@ The loss itself (`ce_loss`, `mse_loss`) is computed by `BagelForConditionalGener
 from .callbacks import EMA_WEIGHTS_NAME, BagelEMACallback, load_ema_weights
 from .collator import IGNORE_INDEX, BagelDataCollator, BagelPackedDataset, pad_images
 from .fsdp import apply_fsdp2, load_sharded_checkpoint, save_sharded_checkpoint
-from .lora import GEN_EXPERT_TARGET_MODULES, bagel_lora_config, get_bagel_lora_model, load_bagel_lora
+from .data_files import load_data_rows, read_config_file
+from .lora import (
+    GEN_EXPERT_TARGET_MODULES,
+    bagel_lora_config,
+    check_bagel_lora_path,
+    get_bagel_lora_model,
+    load_bagel_lora,
+)
 from .mixture import (
+    MAX_EPOCH_FACTOR,
     BagelMixtureDataset,
+    check_mixture_weights,
     load_mixture_config,
     load_source_rows,
     mixture_order,
@@ -59,6 +69,7 @@ from .trainer import (
 
 
 __all__ = [
+    "MAX_EPOCH_FACTOR",
     "PEAK_TFLOPS_BF16",
     "BagelDataCollator",
     "BagelMixtureDataset",
@@ -76,12 +87,15 @@ __all__ = [
     "bagel_lora_config",
     "bagel_training_arguments",
     "cache_vae_latents",
+    "check_bagel_lora_path",
+    "check_mixture_weights",
     "device_peak_tflops",
     "edit_sample",
     "freeze_modules",
     "get_bagel_lora_model",
     "latents_from_vae_inputs",
     "load_bagel_lora",
+    "load_data_rows",
     "load_ema_weights",
     "load_image",
     "load_mixture_config",
@@ -90,6 +104,7 @@ __all__ = [
     "mixture_order",
     "original_data_config_to_mixture",
     "pad_images",
+    "read_config_file",
     "read_data_config",
     "row_to_sample",
     "samples_from_rows",

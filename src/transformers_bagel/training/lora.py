@@ -86,13 +86,52 @@ def get_bagel_lora_model(model, config: LoraConfig | None = None, **config_kwarg
     return peft_model
 
 
+def check_bagel_lora_path(adapter_path, subfolder: str | None = None, revision: str | None = None) -> None:
+    """
+    Refuses, at once and without the network, an adapter path that cannot load: a local-looking path (see below)
+    that is not a folder, a folder without `adapter_config.json`, or a Hub repo id while `HF_HUB_OFFLINE` is set
+    and the Hub cache does not hold it. Call it before loading a model (`load_bagel_lora` calls it first).
+
+    A path is local, never sent to the Hub, when it is a `PathLike`, is absolute, starts with `.` or `~`, ends with
+    a separator, holds the OS's own separator (Windows), is not a valid Hub repo id `namespace/name` (one `/`, the
+    Hub's characters), or when its parent folder exists (`runs/` of `runs/missing-lora`). Anything else is a Hub
+    repo id, looked up by peft as before (a lookup that fails is reported naming both readings).
+
+    Raises:
+        `FileNotFoundError` naming the path and what is missing.
+    """
+    text = str(adapter_path)
+    config_name = "adapter_config.json" if not subfolder else f"{subfolder}/adapter_config.json"
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not (folder / config_name).is_file():
+            raise FileNotFoundError(
+                f"LoRA adapter folder {text!r} holds no {config_name} (a LoRA run of examples/train.py saves its "
+                "adapter in OUTPUT_DIR/final, and in each OUTPUT_DIR/checkpoint-N)."
+            )
+        return
+    if _looks_local(adapter_path):
+        # A local-looking path is never sent to the Hub (where it would spend retries before failing the same way).
+        raise FileNotFoundError(f"LoRA adapter folder {text!r} does not exist (relative to {os.getcwd()!r}).")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(text, config_name, revision=revision), str):
+            raise FileNotFoundError(
+                f"LoRA adapter {text!r} does not exist: there is no local folder of that name (relative to "
+                f"{os.getcwd()!r}), and HF_HUB_OFFLINE is set while the Hub cache does not hold that repo's "
+                f"{config_name}."
+            )
+
+
 def load_bagel_lora(target, adapter_path: str, adapter_name: str = "default", merge: bool = False, **kwargs):
     """
     Loads a saved adapter into a [`BagelForConditionalGeneration`] or into a `BagelPipeline`'s model, in place.
 
     Args:
         target: the model, or a pipeline with a `.model`.
-        adapter_path (`str`): folder written by `PeftModel.save_pretrained` (or a `Trainer` checkpoint of a LoRA run).
+        adapter_path (`str`): folder written by `PeftModel.save_pretrained` (or a `Trainer` checkpoint of a LoRA run),
+            or a Hub repo id. A path that looks local and does not exist fails at once ([`check_bagel_lora_path`]).
         adapter_name (`str`, defaults to `"default"`).
         merge (`bool`, defaults to `False`): fold the adapter into the base weights (`merge_and_unload`): no LoRA
             modules remain and inference runs at the base model's speed.
@@ -101,15 +140,21 @@ def load_bagel_lora(target, adapter_path: str, adapter_name: str = "default", me
     Returns:
         The `peft.PeftModel` (unmerged) or the merged model. A pipeline's `.model` is the model object in both cases.
     """
-    if _looks_local(adapter_path) and not Path(adapter_path).expanduser().is_dir():
-        # A local-looking path is never sent to the Hub (where it would spend retries before failing the same way).
-        raise FileNotFoundError(f"LoRA adapter folder {str(adapter_path)!r} does not exist.")
+    check_bagel_lora_path(adapter_path, kwargs.get("subfolder"), kwargs.get("revision"))
     is_pipeline = not hasattr(target, "predict_velocity") and hasattr(target, "model")
     model = target.model if is_pipeline else target
-    peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, **kwargs)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_path, adapter_name=adapter_name, **kwargs)
+    except ValueError as error:  # peft: "Can't find 'adapter_config.json' at ..." after a failed Hub lookup
+        if Path(str(adapter_path)).expanduser().is_dir() or "adapter_config.json" not in str(error):
+            raise
+        raise FileNotFoundError(
+            f"LoRA adapter {str(adapter_path)!r} does not exist: there is no local folder of that name (relative to "
+            f"{os.getcwd()!r}), and the Hub lookup of it as a repo id failed ({error})."
+        ) from error
     peft_model.eval()
     # peft loads an adapter whose saved weights match no module with a warning only: the model would run unchanged.
-    saved = load_peft_weights(str(adapter_path))
+    saved = load_peft_weights(str(adapter_path), **{k: kwargs[k] for k in ("subfolder", "revision") if k in kwargs})
     loaded = {name for name, _ in peft_model.named_parameters()}
     matched = [key for key in saved if _with_adapter_name(key, adapter_name) in loaded]
     if not matched:
@@ -133,25 +178,50 @@ def _with_adapter_name(saved_key: str, adapter_name: str) -> str:
 
 
 def _looks_local(path) -> bool:
-    """Whether `path` names a local folder rather than a Hub repo id (`owner/name`)."""
+    """Whether `path` names a local folder rather than a Hub repo id (`namespace/name`); see
+    [`check_bagel_lora_path`]."""
     if isinstance(path, os.PathLike):
         return True
     text = str(path)
-    first = text.split("/", 1)[0]
+    separators = {os.sep, os.altsep} - {None, "/"}
     return (
         os.path.isabs(text)
         or text.startswith((".", "~"))
-        or text.count("/") != 1
-        or text.endswith("/")
-        or os.sep != "/" and os.sep in text
-        or Path(first).is_dir()
+        or text.endswith(("/", os.sep))
+        or any(separator in text for separator in separators)
+        or not _is_repo_id(text)
+        or Path(text).parent.is_dir() and Path(text).parent != Path(".")
     )
+
+
+def _is_repo_id(text: str) -> bool:
+    """A valid Hub repo id with a namespace (`owner/name`): adapters have no legacy bare names."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_offline() -> bool:
+    """`HF_HUB_OFFLINE`, read now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 __all__ = [
     "GEN_EXPERT_TARGET_MODULES",
     "LATENT_PROJECTION_TARGET_MODULES",
     "bagel_lora_config",
+    "check_bagel_lora_path",
     "get_bagel_lora_model",
     "load_bagel_lora",
 ]

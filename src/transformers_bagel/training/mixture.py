@@ -29,7 +29,7 @@ Keys of a source (anything else is refused, naming the source and the key):
 | `data` | a `.parquet` / `.jsonl` / `.json` / `.csv` file, a list of them, or a folder (its data files of one kind, else the `imagefolder` builder); relative paths are resolved against the config file's folder |
 | `builder`, `split` | force a `datasets` builder (`parquet`, `json`, `csv`, `imagefolder`); the split (`train`) |
 | `image_dir` | base folder of relative image paths in the rows |
-| `weight` | sampling weight (> 0), normalised over the sources into `interleave_datasets` probabilities |
+| `weight` | sampling weight (>= 0; relative), normalised over the sources into `interleave_datasets` probabilities; 0 leaves the source out (see "Weights") |
 | `num_rows` | use the first N rows (after `shuffle`, if set) |
 | `num_files` | of a folder, use the first N data files (sorted), as the original's `num_used_data` of parquet groups |
 | `shuffle`, `shuffle_seed` | shuffle the source's rows first (seed defaults to the mixture's) |
@@ -37,7 +37,7 @@ Keys of a source (anything else is refused, naming the source and the key):
 | `max_image_size`, `min_image_size` | VAE image sizes of this source (the original's `image_transform_args`) |
 | `vit_max_image_size`, `vit_min_image_size` | ViT image sizes (`vit_image_transform_args`) |
 | `max_pixels` | pixel budget of this source's images |
-| `num_frames` | frames taken from each row's `video` (understanding sources; see [`row_to_sample`]) |
+| `num_frames` | frames taken from each row's `video` (understanding sources only; see [`row_to_sample`]) |
 
 Per-source image sizes resize the images of the source's samples with BAGEL's rule (both sides multiples of the
 stride) before the collator's image processor sees them; they can only narrow the processor's own range, and a size
@@ -50,6 +50,21 @@ source with its probability, independently, so over N samples the share of a sou
 share. `all_exhausted` (default) keeps drawing until every row of every source was used at least once (sources with a
 small weight are not truncated; frequent ones repeat), `first_exhausted` stops at the first source that runs out,
 `all_exhausted_without_replacement` uses every row once.
+
+Weights: only their ratios matter (each source's share of the draws is `weight / sum(weights)`). A weight must be
+a finite number >= 0 and their sum finite. A source of weight 0 is left out of the mixture with one warning naming it
+(as the original's converter below leaves out groups of weight 0, and as `interleave_datasets` never draws a dataset
+of probability 0); its `data` is not read and need not exist; a config whose sources all have weight 0 is refused.
+With `all_exhausted`, an epoch lasts until every row of the rarest source (largest `rows / share`) was drawn once:
+about `max(rows / share)` samples. A tiny weight makes that unbounded (1e-5 on a few rows: hundreds of thousands of
+samples; 1e-300: no end), so a mixture whose expected epoch is longer than `MAX_EPOCH_FACTOR` (100) times the rows
+of all sources together is refused before any order is drawn, naming the source, its weight and the smallest weight
+that fits ([`check_mixture_weights`]). `first_exhausted` and `all_exhausted_without_replacement` have no such bound
+(their epochs are at most the rows of all sources).
+
+Errors in the files themselves name the file and the line: YAML / JSON syntax errors in the config, bytes that are
+not UTF-8 (a Latin-1 file), a broken JSON line or CSV row, a parquet file that does not open, a source without rows
+(see [`~data_files.load_data_rows`]).
 
 Resumption: the mixture is a map-style dataset whose order depends only on the config and the seed, and
 [`BagelPackedDataset`] packs it greedily in that order, so the packs are the same in every run. The Trainer then
@@ -74,6 +89,7 @@ import torch
 from transformers.utils import logging
 
 from ..image_processing_bagel import bagel_resize_size
+from .data_files import load_data_rows, read_config_file
 from .samples import DEFAULT_COLUMNS, TASKS, row_to_sample
 
 
@@ -101,6 +117,8 @@ SOURCE_KEYS = (
     "num_frames",
 )
 STOPPING_STRATEGIES = ("all_exhausted", "first_exhausted", "all_exhausted_without_replacement")
+# With `all_exhausted`, the longest an epoch may be, in times the rows of all sources together (see "Weights").
+MAX_EPOCH_FACTOR = 100
 BUILDERS = ("parquet", "json", "csv", "imagefolder")
 _SUFFIX_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _SIZE_KEYS = ("max_image_size", "min_image_size", "vit_max_image_size", "vit_min_image_size", "max_pixels")
@@ -111,20 +129,16 @@ _POSITIVE_INT_KEYS = ("num_rows", "num_files", "num_frames", *_SIZE_KEYS)
 
 
 def _read_config_file(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"Data config {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        import json
-
-        return json.loads(text)
-    import yaml  # a dependency of `datasets`
-
-    return yaml.safe_load(text)
+    return read_config_file(path, "Data config")
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_seed(value) -> bool:
+    """A seed numpy and `datasets` take: an integer >= 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _data_files(name: str, data, base_dir: Path, builder: str | None, num_files: int | None) -> tuple[str, list[str]]:
@@ -180,7 +194,18 @@ def _data_files(name: str, data, base_dir: Path, builder: str | None, num_files:
     return builder, [str(path) for path in paths]
 
 
-def _validate_source(source, index: int, base_dir: Path, names: set) -> dict:
+def _source_weight(name: str, weight) -> float:
+    """A source's weight: a finite number >= 0 (0 leaves the source out; see "Weights")."""
+    if not _is_number(weight) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(
+            f"Source {name!r}: `weight` must be a finite number >= 0 (0 leaves the source out), got {weight!r}."
+        )
+    return float(weight)
+
+
+def _validate_source(source, index: int, base_dir: Path, names: set) -> dict | None:
+    """One source of a data config, checked and resolved; `None` for a source of weight 0 (left out: its name, keys
+    and task are checked, its data is not)."""
     if not isinstance(source, dict):
         raise TypeError(f"Source {index} of the data config must be a mapping, got {type(source).__name__}.")
     name = source.get("name")
@@ -191,19 +216,27 @@ def _validate_source(source, index: int, base_dir: Path, names: set) -> dict:
     unknown = sorted(set(source) - set(SOURCE_KEYS))
     if unknown:
         raise ValueError(f"Source {name!r}: unknown key(s) {unknown}; the keys are {list(SOURCE_KEYS)}.")
-    for key in ("task", "data", "weight"):
+    names.add(name)
+    for key in ("task", "weight"):
         if source.get(key) is None:
             raise ValueError(f"Source {name!r}: missing key `{key}`.")
     task = source["task"]
     if task not in TASKS:
         raise ValueError(f"Source {name!r}: unknown `task` {task!r}; expected one of {TASKS}.")
-    weight = source["weight"]
-    if not _is_number(weight) or not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"Source {name!r}: `weight` must be a positive finite number, got {weight!r}.")
+    weight = _source_weight(name, source["weight"])
+    if weight == 0:
+        return None  # left out (load_mixture_config warns once); its data need not exist
+    if source.get("data") is None:
+        raise ValueError(f"Source {name!r}: missing key `data`.")
     for key in _POSITIVE_INT_KEYS:
         value = source.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ValueError(f"Source {name!r}: `{key}` must be a positive integer, got {value!r}.")
+    if source.get("num_frames") is not None and task != "understanding":
+        raise ValueError(
+            f"Source {name!r}: `num_frames` samples the frames of a `video` column, which only understanding sources "
+            f"read; a {task!r} source has no video: remove `num_frames`."
+        )
     for low, high in (("min_image_size", "max_image_size"), ("vit_min_image_size", "vit_max_image_size")):
         if source.get(low) is not None and source.get(high) is not None and source[low] > source[high]:
             raise ValueError(f"Source {name!r}: `{low}` ({source[low]}) is larger than `{high}` ({source[high]}).")
@@ -216,10 +249,8 @@ def _validate_source(source, index: int, base_dir: Path, names: set) -> dict:
     for key in ("shuffle",):
         if source.get(key) is not None and not isinstance(source[key], bool):
             raise ValueError(f"Source {name!r}: `{key}` must be true or false, got {source[key]!r}.")
-    if source.get("shuffle_seed") is not None and (
-        not isinstance(source["shuffle_seed"], int) or isinstance(source["shuffle_seed"], bool)
-    ):
-        raise ValueError(f"Source {name!r}: `shuffle_seed` must be an integer, got {source['shuffle_seed']!r}.")
+    if source.get("shuffle_seed") is not None and not _is_seed(source["shuffle_seed"]):
+        raise ValueError(f"Source {name!r}: `shuffle_seed` must be an integer >= 0, got {source['shuffle_seed']!r}.")
     columns = source.get("columns") or {}
     if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
         raise ValueError(f"Source {name!r}: `columns` must map roles to column names, got {columns!r}.")
@@ -235,10 +266,9 @@ def _validate_source(source, index: int, base_dir: Path, names: set) -> dict:
         if not image_dir.is_dir():
             raise FileNotFoundError(f"Source {name!r}: `image_dir` {str(image_dir)!r} is not a folder.")
     builder, files = _data_files(name, source["data"], base_dir, builder, source.get("num_files"))
-    names.add(name)
     return {
         **{key: source.get(key) for key in SOURCE_KEYS},
-        "weight": float(weight),
+        "weight": weight,
         "split": split,
         "columns": dict(columns) or None,
         "image_dir": None if image_dir is None else str(image_dir),
@@ -258,11 +288,13 @@ def load_mixture_config(config, base_dir: str | Path | None = None) -> dict:
             config file's folder (a dict: the working directory).
 
     Returns:
-        `dict` with `sources` (each with all keys of `SOURCE_KEYS`, plus the resolved `builder` and `data_files`),
-        `seed` and `stopping_strategy` (None where the config leaves them out).
+        `dict` with `sources` (each with all keys of `SOURCE_KEYS`, plus the resolved `builder` and `data_files`;
+        sources of weight 0 left out, with one warning naming them), `seed` and `stopping_strategy` (None where the
+        config leaves them out).
 
     Raises:
-        `ValueError` / `FileNotFoundError` / `TypeError` naming the source and the key at fault.
+        `ValueError` / `FileNotFoundError` / `TypeError` naming the source and the key at fault, or the file, line and
+        column of a config file that does not parse (or is not UTF-8).
     """
     if isinstance(config, (str, Path)):
         path = Path(config)
@@ -283,29 +315,28 @@ def load_mixture_config(config, base_dir: str | Path | None = None) -> dict:
     if not isinstance(sources, list) or not sources:
         raise ValueError("The data config needs a non-empty `sources` list.")
     seed = config.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"The data config's `seed` must be an integer, got {seed!r}.")
+    if seed is not None and not _is_seed(seed):
+        raise ValueError(f"The data config's `seed` must be an integer >= 0, got {seed!r}.")
     strategy = config.get("stopping_strategy")
     if strategy is not None and strategy not in STOPPING_STRATEGIES:
         raise ValueError(f"Unknown `stopping_strategy` {strategy!r}; expected one of {STOPPING_STRATEGIES}.")
     names = set()
-    return {
-        "sources": [_validate_source(source, index, base_dir, names) for index, source in enumerate(sources)],
-        "seed": seed,
-        "stopping_strategy": strategy,
-    }
+    checked = [_validate_source(source, index, base_dir, names) for index, source in enumerate(sources)]
+    kept = [source for source in checked if source is not None]
+    left_out = [source["name"] for source, result in zip(sources, checked) if result is None]
+    if not kept:
+        raise ValueError(f"Every source of the data config has weight 0 ({left_out}): there is nothing to train on.")
+    if left_out:
+        logger.warning(f"Data config: source(s) {left_out} have weight 0 and are left out of the mixture.")
+    return {"sources": kept, "seed": seed, "stopping_strategy": strategy}
 
 
 def load_source_rows(source: dict, seed: int = 0) -> datasets.Dataset:
     """The rows of one validated source ([`load_mixture_config`]) as a `datasets.Dataset`: loaded with its builder,
-    shuffled if asked, and cut to `num_rows`."""
+    shuffled if asked, and cut to `num_rows`. A file that does not read, or no rows, is named with the source
+    ([`load_data_rows`])."""
     name = source["name"]
-    if source["builder"] == "imagefolder":
-        rows = datasets.load_dataset("imagefolder", data_dir=source["data_files"][0], split=source["split"])
-    else:
-        rows = datasets.load_dataset(source["builder"], data_files=source["data_files"], split=source["split"])
-    if len(rows) == 0:
-        raise ValueError(f"Source {name!r}: `data` holds no rows.")
+    rows = load_data_rows(source["builder"], source["data_files"], source["split"], where=f"Source {name!r}")
     if source.get("shuffle"):
         shuffle_seed = source.get("shuffle_seed")
         rows = rows.shuffle(seed=seed if shuffle_seed is None else shuffle_seed)
@@ -317,16 +348,88 @@ def load_source_rows(source: dict, seed: int = 0) -> datasets.Dataset:
     return rows
 
 
+def check_mixture_weights(
+    lengths: list[int], weights: list[float], stopping_strategy: str = "all_exhausted", names: list[str] | None = None
+) -> None:
+    """
+    Refuses weights that do not make a sane mixture, naming the source and its weight (see "Weights" in the module
+    docstring): each weight a finite number > 0, their sum finite, each source with rows, and with `all_exhausted`
+    an expected epoch (`max_i rows_i / share_i` draws) of at most [`MAX_EPOCH_FACTOR`] times the rows of all sources
+    together.
+
+    Args:
+        lengths (`list[int]`): rows of each source.
+        weights (`list[float]`): weight of each source (relative: only their ratios matter).
+        stopping_strategy (`str`): see [`mixture_order`].
+        names (`list[str]`, *optional*): the sources' names, for the messages (default: `source 0`, `source 1`, ...).
+
+    Raises:
+        `ValueError` naming the source, its weight and rows, the epoch it would make and the smallest weight that
+        fits.
+    """
+    names = [f"source {i}" for i in range(len(lengths))] if names is None else list(names)
+    if not lengths or len(weights) != len(lengths) or len(names) != len(lengths):
+        raise ValueError(f"A mixture needs one weight per source: got {len(lengths)} sources, {len(weights)} weights.")
+    for name, length, weight in zip(names, lengths, weights):
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ValueError(f"Source {name!r} holds no rows ({length!r}).")
+        if not _is_number(weight) or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"Source {name!r}: `weight` must be a finite number > 0, got {weight!r}.")
+    total = float(sum(weights))
+    if not math.isfinite(total):
+        raise ValueError(f"The weights {list(weights)} sum to {total}: weights are relative, scale them down.")
+    if stopping_strategy == "all_exhausted":
+        _check_epoch_length(lengths, weights, names, total)
+
+
+def _check_epoch_length(lengths: list[int], weights: list[float], names: list[str], total: float) -> None:
+    """`all_exhausted` draws until every row of every source was used once: about `rows / share` draws for each
+    source, the longest of which is the epoch. Refused beyond `MAX_EPOCH_FACTOR` times the rows of all sources."""
+    epochs = [length * (total / weight) for length, weight in zip(lengths, weights)]  # inf when the share underflows
+    rare = max(range(len(epochs)), key=epochs.__getitem__)
+    rows = sum(lengths)
+    if epochs[rare] <= MAX_EPOCH_FACTOR * rows:
+        return
+    name, weight, length, epoch = names[rare], weights[rare], lengths[rare], epochs[rare]
+    others = total - weight
+    smallest = length * others / (MAX_EPOCH_FACTOR * rows - length)
+    repeats = max((w / total) * epoch / n for i, (n, w) in enumerate(zip(lengths, weights)) if i != rare)
+    if math.isfinite(epoch):
+        repeat = f"the other sources' rows would repeat about {_count(repeats)} times each"
+        size = f"about {_count(epoch)} samples ({repeat})"
+    else:
+        size = "without end (its share of the draws rounds to 0)"
+    raise ValueError(
+        f"Source {name!r} has weight {weight:g} for {length} rows: with stopping_strategy 'all_exhausted' an epoch "
+        f"lasts until each of its rows was drawn once, {size}, more than {MAX_EPOCH_FACTOR} x the {rows} rows of "
+        "all sources. Weights are "
+        f"relative: give {name!r} a weight of at least {smallest:.3g}, cut the other sources with `num_rows`, or use "
+        "stopping_strategy 'first_exhausted' or 'all_exhausted_without_replacement'."
+    )
+
+
+def _count(value: float) -> str:
+    return f"{value:,.0f}" if value < 1e12 else f"{value:.3g}"
+
+
 def mixture_order(
-    lengths: list[int], weights: list[float], seed: int, stopping_strategy: str = "all_exhausted"
+    lengths: list[int],
+    weights: list[float],
+    seed: int,
+    stopping_strategy: str = "all_exhausted",
+    names: list[str] | None = None,
 ) -> list[tuple[int, int]]:
     """
     The `(source, row)` pairs of a mixture, in order: `datasets.interleave_datasets` over one small index dataset
     per source, with probabilities `weights / sum(weights)`, the seed and the stopping strategy. Depends only on its
-    arguments.
+    arguments. The weights are checked first ([`check_mixture_weights`], whose messages use `names`), so that no
+    mixture runs without end.
     """
     if stopping_strategy not in STOPPING_STRATEGIES:
         raise ValueError(f"Unknown stopping_strategy {stopping_strategy!r}; expected one of {STOPPING_STRATEGIES}.")
+    if not _is_seed(seed):
+        raise ValueError(f"The mixture's `seed` must be an integer >= 0, got {seed!r}.")
+    check_mixture_weights(lengths, weights, stopping_strategy, names)
     total = float(sum(weights))
     indices = [
         datasets.Dataset.from_dict({"source": [source] * length, "row": list(range(length))})
@@ -369,12 +472,22 @@ class BagelMixtureDataset(torch.utils.data.Dataset):
         self.config = load_mixture_config(config, base_dir)
         self.seed = self.config["seed"] if self.config["seed"] is not None else seed
         self.stopping_strategy = self.config["stopping_strategy"] or stopping_strategy
+        if self.stopping_strategy not in STOPPING_STRATEGIES:
+            raise ValueError(
+                f"Unknown stopping_strategy {self.stopping_strategy!r}; expected one of {STOPPING_STRATEGIES}."
+            )
+        if not _is_seed(self.seed):
+            raise ValueError(f"The mixture's `seed` must be an integer >= 0, got {self.seed!r}.")
         self.sources = self.config["sources"]
         self.image_processor = image_processor
         self._sizes = [self._source_sizes(source) for source in self.sources]
         self.rows = [load_source_rows(source, self.seed) for source in self.sources]
         self.order = mixture_order(
-            [len(rows) for rows in self.rows], [s["weight"] for s in self.sources], self.seed, self.stopping_strategy
+            [len(rows) for rows in self.rows],
+            [s["weight"] for s in self.sources],
+            self.seed,
+            self.stopping_strategy,
+            names=[s["name"] for s in self.sources],
         )
         counts = self.source_counts()
         logger.info(
@@ -490,16 +603,28 @@ _ORIGINAL_READ = {
 }
 
 
+def _original_int(group: str, key: str, value, minimum: int = 1) -> int:
+    """An integer field of the original's config (e.g. `image_transform_args.max_image_size`), refused naming the
+    group and the field when it is not a whole number >= `minimum`."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"Group {group!r}: `{key}` must be {kind}, got {value!r}.")
+    return value
+
+
 def _transform_sizes(group: str, key: str, args: dict, prefix: str, stride: int) -> dict:
     if not isinstance(args, dict):
         raise ValueError(f"Group {group!r}: `{key}` must be a mapping, got {args!r}.")
     out = {}
     for name in ("max_image_size", "min_image_size"):
         if args.get(name) is not None:
-            out[prefix + name] = int(args[name])
+            out[prefix + name] = _original_int(group, f"{key}.{name}", args[name])
     if args.get("max_pixels") is not None:
-        out["max_pixels"] = int(args["max_pixels"])
-    if args.get("image_stride") is not None and int(args["image_stride"]) != stride:
+        out["max_pixels"] = _original_int(group, f"{key}.max_pixels", args["max_pixels"])
+    image_stride = args.get("image_stride")
+    if image_stride is not None and _original_int(group, f"{key}.image_stride", image_stride) != stride:
         logger.warning(
             f"Group {group!r}: `{key}.image_stride` {args['image_stride']} is not mapped: the stride comes from the "
             f"model ({stride} for this transform)."
@@ -507,6 +632,23 @@ def _transform_sizes(group: str, key: str, args: dict, prefix: str, stride: int)
     for extra in sorted(set(args) - {"max_image_size", "min_image_size", "max_pixels", "image_stride"}):
         logger.warning(f"Group {group!r}: `{key}.{extra}` is not mapped.")
     return out
+
+
+def _original_frames(group: str, task: str, args) -> int | None:
+    """The frame count of a group's `frame_sampler_args`: the original draws between `min_num_frames` and
+    `max_num_frames` frames per video in training; a fixed count (the largest) is taken here, sampled at the middle
+    of equal intervals. Only understanding groups read videos: elsewhere it is dropped with a warning."""
+    if not args:
+        return None
+    if not isinstance(args, dict):
+        raise ValueError(f"Group {group!r}: `frame_sampler_args` must be a mapping, got {args!r}.")
+    if args.get("max_num_frames") is None:
+        return None
+    frames = _original_int(group, "frame_sampler_args.max_num_frames", args["max_num_frames"])
+    if task != "understanding":
+        logger.warning(f"Group {group!r}: `frame_sampler_args` is dropped: a {task!r} group reads no video.")
+        return None
+    return frames
 
 
 def original_data_config_to_mixture(
@@ -564,6 +706,9 @@ def original_data_config_to_mixture(
         num_used = args.get("num_used_data")
         if num_used is not None and (not isinstance(num_used, list) or len(num_used) != len(names)):
             raise ValueError(f"Group {group!r}: `num_used_data` must list one number per dataset of `dataset_names`.")
+        if num_used is not None:
+            num_used = [_original_int(group, f"num_used_data[{k}]", value) for k, value in enumerate(num_used)]
+        frames = _original_frames(group, task, args.get("frame_sampler_args"))
         jsonl_paths = list(args.get("jsonl_path_list") or [])
         data_dirs = list(args.get("data_dir_list") or [])
         sizes = {}
@@ -594,27 +739,24 @@ def original_data_config_to_mixture(
                 )
                 source["data"] = None
                 if num_used is not None:
-                    source["num_rows" if task == "understanding" else "num_files"] = int(num_used[k])
+                    source["num_rows" if task == "understanding" else "num_files"] = num_used[k]
             elif jsonl is not None:
                 source["data"] = str(jsonl)
                 if folder is not None:
                     source["image_dir"] = str(folder)
                 if num_used is not None:
-                    source["num_rows"] = int(num_used[k])
+                    source["num_rows"] = num_used[k]
             else:
                 source["data"] = str(folder)
                 if num_used is not None:
-                    source["num_files"] = int(num_used[k])
+                    source["num_files"] = num_used[k]
             if args.get("shuffle_lines"):
                 source["shuffle"] = True
                 if args.get("shuffle_seed") is not None:
-                    source["shuffle_seed"] = int(args["shuffle_seed"])
+                    source["shuffle_seed"] = _original_int(group, "shuffle_seed", args["shuffle_seed"], minimum=0)
             source.update(copy.deepcopy(sizes))
-            frames = args.get("frame_sampler_args") or {}
-            if frames.get("max_num_frames") is not None:
-                # The original draws between min_num_frames and max_num_frames frames per video in training; a fixed
-                # count (the largest) is taken here, sampled at the middle of equal intervals.
-                source["num_frames"] = int(frames["max_num_frames"])
+            if frames is not None:
+                source["num_frames"] = frames
             sources.append(source)
     if not sources:
         raise ValueError("The original data config has no group with a positive weight.")
@@ -622,10 +764,12 @@ def original_data_config_to_mixture(
 
 
 __all__ = [
+    "MAX_EPOCH_FACTOR",
     "MIXTURE_KEYS",
     "SOURCE_KEYS",
     "STOPPING_STRATEGIES",
     "BagelMixtureDataset",
+    "check_mixture_weights",
     "load_mixture_config",
     "load_source_rows",
     "mixture_order",

@@ -282,12 +282,17 @@ def row_to_sample(
         image_dir (`str` or `Path`, *optional*): base folder of relative image and video paths.
         num_frames (`int`, *optional*): frames taken from a `video` ([`~video_utils.load_video_frames`]'s default
             when omitted); each frame is one ViT image segment, after the row's images, as the original puts a
-            video's frames where it stands.
+            video's frames where it stands. Understanding rows only: refused for the other tasks.
 
     Cached VAE latents ([`cache_vae_latents`]) are picked up from `<column>_vae_moments` columns.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    if num_frames is not None and task != "understanding":
+        raise ValueError(
+            f"`num_frames` samples a `video` column, which only understanding rows read; {task!r} rows have no "
+            f"video (row {index})."
+        )
     unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
     if unknown:
         raise ValueError(f"Unknown column role(s) {sorted(unknown)} in `columns`; the roles are {sorted(DEFAULT_COLUMNS)}.")
