@@ -36,7 +36,9 @@ def _run(*argv):
 
 
 def _tree(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The folder's files but the settings record (checked on its own by tests/test_evaluation_safety.py)."""
+    files = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(p for p in files if p != "bagel_eval_settings.json")
 
 
 def _hashes(folder: Path) -> dict:
@@ -166,7 +168,7 @@ def test_gedit_layout(tmp_path, digits):
 def test_bad_inputs_are_named(tmp_path):
     from diffusers_bagel.evaluation import load_benchmark
 
-    (tmp_path / "m.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    (tmp_path / "m.jsonl").write_text('{"prompt": "a", "tag": "t"}\n\n{"prompt": "b", "tag": "t"}\n')
     with pytest.raises(ValueError, match=r"m.jsonl:2: blank line"):
         load_benchmark("geneval", tmp_path / "m.jsonl")
     (tmp_path / "w.json").write_text('[{"prompt_id": 1}]')

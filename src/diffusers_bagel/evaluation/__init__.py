@@ -6,36 +6,103 @@ The understanding benchmarks run through lmms-eval with `transformers_bagel.lmms
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusers.utils import logging
 
 from .editing import IMGEDIT, KRIS, RISE
 from .gedit import GEDIT
 from .geneval import GENEVAL
-from .runner import Benchmark, EvalItem, EvalSummary, run_items, sample_seed
+from .plan import EvalPlan, make_plan, run_plan
+from .record import SETTINGS_FILE, SettingsMismatchError
+from .runner import Benchmark, EvalItem, EvalOutputError, EvalSummary, run_items, sample_seed
 from .wise import WISE
 
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["BENCHMARKS", "Benchmark", "EvalItem", "EvalSummary", "load_benchmark", "run_benchmark", "sample_seed"]
+__all__ = [
+    "BENCHMARKS",
+    "SETTINGS_FILE",
+    "Benchmark",
+    "EvalItem",
+    "EvalOutputError",
+    "EvalPlan",
+    "EvalSummary",
+    "SettingsMismatchError",
+    "load_benchmark",
+    "plan_benchmark",
+    "run_benchmark",
+    "run_plan",
+    "sample_seed",
+]
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (GENEVAL, WISE, GEDIT, IMGEDIT, KRIS, RISE)}
 
 
-def load_benchmark(name: str, data, image_root=None, n_samples: int | None = None, limit: int | None = None, **options):
-    """The [`EvalItem`]s of benchmark `name` read from `data` (the first `limit` ones when given)."""
+def _benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}.")
-    benchmark = BENCHMARKS[name]
+    return BENCHMARKS[name]
+
+
+def load_benchmark(name: str, data, image_root=None, n_samples: int | None = None, limit: int | None = None, **options):
+    """The [`EvalItem`]s of benchmark `name` read from `data` (the first `limit` ones when given)."""
+    benchmark = _benchmark(name)
     n_samples = benchmark.n_samples if n_samples is None else n_samples
-    if not isinstance(n_samples, int) or n_samples < 1:
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"`n_samples` must be a positive integer, got {n_samples!r}.")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"`limit` must be a positive integer, got {limit!r}.")
     items = benchmark.load(data, image_root=image_root, n_samples=n_samples, **options)
     return items[:limit] if limit is not None else items
+
+
+def plan_benchmark(
+    name: str,
+    data,
+    output_dir,
+    *,
+    image_root=None,
+    seed: int = 0,
+    batch_size: int = 1,
+    n_samples: int | None = None,
+    think: bool = False,
+    limit: int | None = None,
+    resolution: int | None = None,
+    checkpoint=None,
+    dtype=None,
+    device=None,
+    overwrite: bool = False,
+    load_options: dict | None = None,
+    items: list[EvalItem] | None = None,
+    **overrides,
+) -> EvalPlan:
+    """
+    Everything `bagel eval` checks before the model loads, with nothing written: reads and checks the benchmark file
+    (every entry), proves every output path stays inside `output_dir`, compares this run's settings with the folder's
+    record ([`SETTINGS_FILE`]) and counts the entries left to draw ([`EvalPlan.pending`]; 0: do not load the model).
+    Carry the plan out with [`run_plan`].
+
+    Args:
+        checkpoint (`str` or `os.PathLike`, *optional*): the converted folder (its name is part of the settings).
+        dtype (`str` or `torch.dtype`, *optional*), device (`str`, *optional*): `--dtype` and `--device` (`"auto"` is
+            resolved as the command loads the model: bfloat16 on CUDA, float32 elsewhere).
+        overwrite (`bool`): let a run with other settings than the folder's record delete the earlier outputs and draw
+            them again (refused with [`SettingsMismatchError`] otherwise).
+        items (`list[EvalItem]`, *optional*): every entry, already read by [`load_benchmark`] without `limit`.
+        overrides: [`BagelPipeline.__call__`] arguments (`num_inference_steps`, `cfg_text_scale`, ...); `None` values
+            keep the benchmark's settings.
+
+    Raises:
+        `ValueError` naming the file, line, field or id of a bad entry, or the offending setting or path.
+    """
+    benchmark = _benchmark(name)
+    if items is None:
+        items = load_benchmark(name, data, image_root, n_samples, None, **(load_options or {}))
+    return make_plan(
+        benchmark, items, output_dir, limit=limit, seed=seed, batch_size=batch_size, think=think,
+        resolution=resolution, checkpoint=checkpoint, dtype=dtype, device=device, overwrite=overwrite, data=data,
+        overrides=overrides,
+    )  # fmt: skip
 
 
 def run_benchmark(
@@ -54,36 +121,34 @@ def run_benchmark(
     progress: bool = True,
     load_options: dict | None = None,
     items: list[EvalItem] | None = None,
+    overwrite: bool = False,
+    checkpoint=None,
     **overrides,
 ) -> EvalSummary:
     """
     Generates benchmark `name`'s outputs under `output_dir` with `pipe` ([`BagelPipeline`]), with the original BAGEL
     evaluation's settings (`BENCHMARKS[name].pipeline_kwargs`) unless overridden by `overrides` (any
-    [`BagelPipeline.__call__`] argument: `num_inference_steps`, `cfg_text_scale`, `max_think_tokens`, ...).
+    [`BagelPipeline.__call__`] argument: `num_inference_steps`, `cfg_text_scale`, `max_think_tokens`, ...):
+    [`plan_benchmark`] then [`run_plan`].
 
     Args:
         resolution (`int`, *optional*): side of text-to-image outputs; by default the pipeline's, 1024 capped by the
             model's largest image (1024 for BAGEL-7B-MoT, the original evaluation's resolution). Editing benchmarks keep
             the input image's VAE-resized size.
-        items (`list[EvalItem]`, *optional*): the entries already read by [`load_benchmark`] (so that bad input
-            files fail before the model loads); read from `data` otherwise.
+        items (`list[EvalItem]`, *optional*): every entry, already read by [`load_benchmark`] (without `limit`; the
+            limit is applied here); read from `data` otherwise.
+        overwrite (`bool`): see [`plan_benchmark`].
+        checkpoint (`str`, *optional*): the name recorded in the settings (default: the pipeline's `name_or_path`);
+            the recorded dtype is the pipeline's.
 
     Returns:
         [`EvalSummary`]: the files written and the items skipped as already complete.
     """
-    if items is None:
-        items = load_benchmark(name, data, image_root, n_samples, limit, **(load_options or {}))
-    benchmark = BENCHMARKS[name]
-    kwargs = {**benchmark.pipeline_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
-    if benchmark.task == "text_to_image":
-        if resolution is not None:
-            kwargs.setdefault("height", resolution)
-            kwargs.setdefault("width", resolution)
-    elif resolution is not None:
-        raise ValueError(f"{name} edits images at their own size; --resolution applies to text-to-image benchmarks.")
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    logger.info(f"{name}: {len(items)} entries -> {output_dir} (settings {kwargs}, think={think}, seed={seed})")
-    return run_items(
-        pipe, items, output_dir, seed=seed, batch_size=batch_size, think=think, pipeline_kwargs=kwargs,
-        progress=progress, description=name,
+    if checkpoint is None:
+        checkpoint = getattr(pipe, "name_or_path", None) or None
+    plan = plan_benchmark(
+        name, data, output_dir, image_root=image_root, seed=seed, batch_size=batch_size, n_samples=n_samples,
+        think=think, limit=limit, resolution=resolution, checkpoint=checkpoint, dtype=getattr(pipe, "dtype", None),
+        overwrite=overwrite, load_options=load_options, items=items, **overrides,
     )  # fmt: skip
+    return run_plan(pipe, plan, progress=progress)

@@ -13,7 +13,9 @@ RISEBench. Each writes the layout its scorer (the versions shipped in ByteDance-
                                              "category", "image" (a path under --image_root), "instruction"});
                                              --image_root defaults to the JSON file's folder
 
-With --think, the plan of each image is written beside it as `.txt`, as the original scripts do.
+With --think, the plan of each image is written beside it as `.txt`, as the original scripts do. Ids, keys, types
+and categories that name output files or folders must be plain names, and input image paths must stay under
+--image_root (see `paths`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ._inputs import check_single_sample, image_loader, image_size, read_json, require_field
+from ._inputs import (
+    check_name,
+    check_single_sample,
+    confined_path,
+    entry_where,
+    image_loader,
+    image_size,
+    read_json_entries,
+    require_field,
+)
 from .runner import Benchmark, EvalItem, original_settings
 
 
@@ -45,41 +56,44 @@ def _root(data, image_root, default_name: str | None = None) -> Path:
 
 def _edit_item(index: int, prompt: str, output: str, paths: list[Path], where: str) -> EvalItem:
     sizes = tuple(image_size(path, where) for path in paths)
-    return EvalItem(index=index, prompt=prompt, outputs=[output], load_images=image_loader(paths), size_key=sizes[-1:])
+    return EvalItem(
+        index=index, prompt=prompt, outputs=[output], load_images=image_loader(paths), size_key=sizes[-1:], source=where
+    )
 
 
 def load_imgedit(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
-    """The entries of ImgEdit-Bench's `singleturn.json` (in the file's key order)."""
+    """The entries of ImgEdit-Bench's `singleturn.json` (in the file's key order; each key names an output file)."""
     check_single_sample("imgedit", n_samples)
-    entries = read_json(data, "ImgEdit's Benchmark/singleturn/singleturn.json")
+    entries, lines = read_json_entries(data, "ImgEdit's Benchmark/singleturn/singleturn.json")
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"--data {str(data)!r}: expected a non-empty JSON object key -> ImgEdit entry.")
     root = _root(data, image_root)
     items = []
     for index, (key, entry) in enumerate(entries.items()):
-        where = f"{data}: entry {key!r}"
-        path = root / require_field(entry, "id", where)
-        items.append(_edit_item(index, require_field(entry, "prompt", where), f"{key}.png", [path], where))
+        where = entry_where(data, lines, index, key)
+        name = check_name(key, "key", where)
+        path = confined_path(root, require_field(entry, "id", where), "id", where)
+        items.append(_edit_item(index, require_field(entry, "prompt", where), f"{name}.png", [path], where))
     return items
 
 
 def load_kris(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
     """The entries of KRIS-Bench's `final_data.json` (one or several input images per entry)."""
     check_single_sample("kris", n_samples)
-    entries = read_json(data, "KRIS-Bench's final_data.json")
+    entries, lines = read_json_entries(data, "KRIS-Bench's final_data.json")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--data {str(data)!r}: expected a non-empty JSON list of KRIS-Bench entries.")
     root = _root(data, image_root, "KRIS_Bench")
     items = []
     for index, entry in enumerate(entries):
-        where = f"{data}: entry {index}"
-        category = require_field(entry, "type", where)
-        entry_id = require_field(entry, "id", where, (str, int))
+        where = entry_where(data, lines, index)
+        category = check_name(require_field(entry, "type", where), "type", where)
+        entry_id = check_name(require_field(entry, "id", where, (str, int)), "id", where)
         names = require_field(entry, "ori_img", where, (str, list))
         names = [names] if isinstance(names, str) else names
         if not names or not all(isinstance(name, str) and name for name in names):
             raise ValueError(f"{where}: 'ori_img' must be a file name or a non-empty list of file names.")
-        paths = [root / category / name for name in names]
+        paths = [confined_path(root / category, name, "ori_img", where) for name in names]
         prompt = require_field(entry, "ins_en", where)
         items.append(_edit_item(index, prompt, f"{category}/{entry_id}.png", paths, where))
     return items
@@ -88,16 +102,16 @@ def load_kris(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
 def load_rise(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
     """The entries of RISEBench's `datav2_total_w_subtask.json`."""
     check_single_sample("rise", n_samples)
-    entries = read_json(data, "RISEBench's datav2_total_w_subtask.json")
+    entries, lines = read_json_entries(data, "RISEBench's datav2_total_w_subtask.json")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--data {str(data)!r}: expected a non-empty JSON list of RISEBench entries.")
     root = _root(data, image_root)
     items = []
     for index, entry in enumerate(entries):
-        where = f"{data}: entry {index}"
-        category = require_field(entry, "category", where)
-        entry_index = require_field(entry, "index", where, (str, int))
-        path = root / require_field(entry, "image", where)
+        where = entry_where(data, lines, index)
+        category = check_name(require_field(entry, "category", where), "category", where)
+        entry_index = check_name(require_field(entry, "index", where, (str, int)), "index", where)
+        path = confined_path(root, require_field(entry, "image", where), "image", where)
         prompt = require_field(entry, "instruction", where)
         items.append(_edit_item(index, prompt, f"{category}/{entry_index}.png", [path], where))
     return items

@@ -7,6 +7,8 @@ S/gen_image):
 
     OUT/fullset/<task_type>/<instruction_language>/<key>.png          the edited image
     OUT/fullset/<task_type>/<instruction_language>/<key>_SRCIMG.png   the input image, as the scorer compares to it
+
+`task_type`, `instruction_language` and `key` name folders and files: each must be a plain name (see `paths`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from diffusers.utils import logging
 
-from ._inputs import check_single_sample, require_field
+from ._inputs import check_name, check_single_sample, require_field
 from .editing import _edit_settings
 from .runner import Benchmark, EvalItem
 
@@ -61,10 +63,10 @@ def load_gedit(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
     items = []
     for index, row in enumerate(text_columns):
         where = f"{data}: row {index}"
-        folder = "fullset/{}/{}".format(
-            require_field(row, "task_type", where), require_field(row, "instruction_language", where)
-        )
-        key = require_field(row, "key", where, (str, int))
+        task_type = check_name(require_field(row, "task_type", where), "task_type", where)
+        language = check_name(require_field(row, "instruction_language", where), "instruction_language", where)
+        folder = f"fullset/{task_type}/{language}"
+        key = check_name(require_field(row, "key", where, (str, int)), "key", where)
 
         def load_images(index=index):
             from transformers_bagel.image_processing_bagel import to_rgb_image
@@ -83,6 +85,7 @@ def load_gedit(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
                 load_images=load_images,
                 size_key=(size,),
                 extra_files={f"{folder}/{key}_SRCIMG.png": source},
+                source=where,
             )
         )
     if not items:

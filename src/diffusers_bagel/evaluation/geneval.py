@@ -18,6 +18,7 @@ from pathlib import Path
 import PIL.Image
 from diffusers.utils import logging
 
+from ._inputs import read_text
 from .runner import Benchmark, EvalItem, original_settings
 
 
@@ -47,30 +48,74 @@ def _grid_producer(folder: str, n_samples: int):
     return produce
 
 
+def _check_clauses(entry: dict, key: str, where: str) -> None:
+    """`include` / `exclude`, when given, as the official scorer reads them: a list of objects with a non-empty
+    `class` and an integer `count` >= 0, an optional `color` string and, in `include`, an optional `position`
+    [relation, index of an earlier clause]."""
+    if key not in entry:
+        return
+    clauses = entry[key]
+    if not isinstance(clauses, list):
+        raise ValueError(f"{where}: field {key!r} must be a list of objects, got {type(clauses).__name__}.")
+    for number, clause in enumerate(clauses):
+        field = f"{key}[{number}]"
+        if not isinstance(clause, dict):
+            raise ValueError(f"{where}: field {field!r} must be an object, got {type(clause).__name__}.")
+        if not isinstance(clause.get("class"), str) or not clause["class"].strip():
+            raise ValueError(f"{where}: field {field + '.class'!r} must be a non-empty string (the object's class).")
+        count = clause.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{where}: field {field + '.count'!r} must be an integer >= 0, got {count!r}.")
+        if "color" in clause and (not isinstance(clause["color"], str) or not clause["color"].strip()):
+            raise ValueError(f"{where}: field {field + '.color'!r} must be a non-empty string.")
+        position = clause.get("position")
+        if "position" in clause and not (
+            key == "include" and isinstance(position, list) and len(position) == 2 and isinstance(position[0], str)
+            and isinstance(position[1], int) and not isinstance(position[1], bool) and 0 <= position[1] < number
+        ):  # fmt: skip
+            raise ValueError(
+                f"{where}: field {field + '.position'!r} must be [relation, index of an earlier 'include' clause], "
+                f"got {position!r}."
+            )
+
+
+def _check_entry(entry, where: str) -> None:
+    """The fields of one metadata line that the official scorer (`evaluate_images.py`, `summary_scores.py`) reads."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}.")
+    for key in ("prompt", "tag"):
+        if key not in entry:
+            raise ValueError(f"{where}: missing field {key!r} (the official GenEval scorer reads it).")
+        if not isinstance(entry[key], str) or not entry[key].strip():
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {entry[key]!r}.")
+    _check_clauses(entry, "include", where)
+    _check_clauses(entry, "exclude", where)
+
+
 def load_geneval(data, image_root=None, n_samples: int = 4, skip_grid: bool = False) -> list[EvalItem]:
     """
     The entries of a GenEval `evaluation_metadata.jsonl` file (blank lines are refused: they would shift the indices
     the scorer's folders are named by).
 
     Raises:
-        `ValueError` naming the file and line of an entry that is not a JSON object with a non-empty `prompt`.
+        `ValueError` naming the file and line of an entry that is not a JSON object with the fields the official
+        scorer reads (`prompt`, `tag`, and well-formed `include` / `exclude` clauses), and naming the file when it is
+        missing, a folder, empty or not UTF-8.
     """
     path = Path(data)
-    if not path.is_file():
-        raise ValueError(f"--data {str(path)!r}: no such file (GenEval's prompts/evaluation_metadata.jsonl).")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "GenEval's prompts/evaluation_metadata.jsonl").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     items = []
     for number, line in enumerate(lines, start=1):
+        where = f"{path}:{number}"
         if not line.strip():
-            raise ValueError(f"{path}:{number}: blank line inside the metadata file (indices would shift).")
+            raise ValueError(f"{where}: blank line inside the metadata file (indices would shift).")
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg}).") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-            raise ValueError(f"{path}:{number}: expected a JSON object with a non-empty 'prompt'.")
+            raise ValueError(f"{where}: not a JSON line ({error.msg}, column {error.colno}).") from None
+        _check_entry(entry, where)
         index = len(items)
         folder = f"{index:05d}"
         extra = {f"{folder}/metadata.jsonl": (lambda _out, text=line.strip(): text + "\n")}
@@ -82,6 +127,7 @@ def load_geneval(data, image_root=None, n_samples: int = 4, skip_grid: bool = Fa
                 prompt=entry["prompt"],
                 outputs=[f"{folder}/samples/{k:05d}.png" for k in range(n_samples)],
                 extra_files=extra,
+                source=where,
             )
         )
     if not items:

@@ -13,11 +13,15 @@ them with a [`BagelPipeline`]:
 - **resuming**: a batch whose outputs all exist and are complete is skipped; a batch with a missing output is drawn
   again in full and only the missing files are written, so existing files are never touched;
 - **atomic writes**: each file is written to a temporary name in its folder, then renamed, so an interrupted run never
-  leaves a truncated file that a rerun would take for a finished one.
+  leaves a truncated file that a rerun would take for a finished one; a failed write (full disk, permission denied)
+  removes its temporary file and raises one [`EvalOutputError`] naming the output folder;
+- **confinement**: before anything is written, every path of the layout is checked to be made of plain names and to
+  resolve inside the output folder ([`check_layout`]), whatever the benchmark file said.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -29,6 +33,8 @@ import torch
 from diffusers.utils import logging
 from tqdm.auto import tqdm
 
+from .paths import check_output_path
+
 
 logger = logging.get_logger(__name__)
 
@@ -36,10 +42,16 @@ __all__ = [
     "original_settings",
     "EvalItem",
     "EvalSummary",
+    "EvalOutputError",
     "sample_seed",
     "atomic_save_image",
     "atomic_write_text",
     "is_complete",
+    "layout_paths",
+    "check_layout",
+    "count_pending",
+    "make_output_folder",
+    "output_error",
     "run_items",
     "Benchmark",
 ]
@@ -74,6 +86,7 @@ class EvalItem:
             separate pipeline calls.
         extra_files (`dict[str, Callable[[Path], str | PIL.Image.Image]]`): other files of the benchmark's layout
             (relative path -> producer called with the output folder once the images exist), written when missing.
+        source (`str`): where the entry was read (`FILE:LINE: entry N`), for error messages.
     """
 
     index: int
@@ -82,6 +95,7 @@ class EvalItem:
     load_images: Callable[[], list] | None = None
     size_key: tuple = ()
     extra_files: dict = field(default_factory=dict)
+    source: str = ""
 
 
 @dataclass
@@ -121,6 +135,36 @@ class EvalSummary:
     drawn: int = 0
 
 
+class EvalOutputError(OSError, ValueError):
+    """
+    Writing into the output folder failed (full disk, permission denied, read-only file system, ...): one message
+    naming the folder, the file and what to do; `errno` is the failed call's. A `ValueError` too, so that command-line
+    callers report it as a plain error.
+    """
+
+
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def output_error(output_dir, relative: str, error: OSError) -> EvalOutputError:
+    """The [`EvalOutputError`] of `error`, raised while writing `relative` (or the folder itself) in `output_dir`."""
+    reason = error.strerror or str(error)
+    if error.errno in _FULL:
+        hint = "free some space or choose another --output_dir"
+    elif error.errno in _DENIED:
+        hint = "check that you may write there (permissions, read-only file system) or choose another --output_dir"
+    else:
+        hint = "check the output folder"
+    target = f"{relative!r} in " if relative else ""
+    wrapped = EvalOutputError(
+        f"could not write {target}the output folder {str(output_dir)!r}: {reason}. {hint.capitalize()}; files "
+        "already finished are kept and a rerun resumes where this one stopped."
+    )
+    wrapped.errno = error.errno  # (not `strerror`: with both set, OSError's str() drops the message)
+    return wrapped
+
+
 def sample_seed(seed: int, index: int, sample: int = 0) -> int:
     """
     The seed of sample `sample` of the item at `index`, derived from the run's `seed` by a hash (so that neighbouring
@@ -138,15 +182,18 @@ def _temporary(path: Path) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(temporary)` in the same folder as `path`, then a rename onto `path` (no half-written file is left)."""
+    """`write(temporary)` in the same folder as `path`, then a rename onto `path`: no half-written file is left, and
+    the temporary file is removed whatever fails (its own removal failing does not hide the first error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary(path)
     try:
         write(temporary)
         os.replace(temporary, path)
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning(f"could not remove the temporary file {temporary} ({error.strerror or error}).")
 
 
 def atomic_save_image(image: PIL.Image.Image, path: Path) -> None:
@@ -183,8 +230,110 @@ def _write(value, path: Path) -> None:
         raise TypeError(f"the producer of {path} returned {type(value).__name__}, expected a PIL image or a str.")
 
 
+def _save(value, output_dir: Path, relative: str, summary: EvalSummary) -> None:
+    """Writes `value` at `output_dir / relative`; a failed write becomes one [`EvalOutputError`]."""
+    try:
+        _write(value, output_dir / relative)
+    except OSError as error:
+        raise output_error(output_dir, relative, error) from error
+    summary.written.append(relative)
+
+
 def _think_path(output: str) -> str:
-    return str(Path(output).with_suffix(".txt"))
+    return str(Path(output).with_suffix(".txt").as_posix())
+
+
+def layout_paths(item: EvalItem, think: bool) -> list[str]:
+    """Every path (relative to the output folder) the runner may write for `item`: its images, their `.txt` plans
+    with `think`, and its extra files."""
+    paths = list(item.outputs)
+    if think:
+        paths += [_think_path(output) for output in item.outputs]
+    return paths + list(item.extra_files)
+
+
+def _where(item: EvalItem) -> str:
+    return item.source or f"entry {item.index}"
+
+
+def _check_not_blocked(base: Path, path: Path, relative: str, where: str, folders: set) -> None:
+    """A folder where the layout expects a file, or a file where it expects a folder, refused by name."""
+    if path.is_dir():
+        raise ValueError(f"{where}: {str(path)!r} is a folder where the layout expects the file {relative!r}.")
+    for folder in path.relative_to(base).parents:
+        if folder in folders or folder == Path("."):
+            continue
+        if (base / folder).exists() and not (base / folder).is_dir():
+            raise ValueError(
+                f"{where}: {str(base / folder)!r} is a file where the layout expects a folder (for {relative!r})."
+            )
+        folders.add(folder)
+
+
+def check_layout(items: list[EvalItem], output_dir, think: bool = False) -> Path:
+    """
+    Checks, before anything is written, every path the runner may write for `items` under `output_dir`: made of plain
+    names, resolving inside the output folder (links followed), no folder where a file goes (nor the reverse), no two
+    entries on one file.
+
+    Returns:
+        `Path`: the output folder, resolved.
+
+    Raises:
+        `ValueError` naming the entry (file and line) and the offending path.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {str(output_dir)!r} exists and is not a folder.")
+    base = output_dir.resolve()
+    owners: dict[str, str] = {}
+    folders: set = set()
+    for item in items:
+        where = _where(item)
+        for relative in layout_paths(item, think):
+            path = check_output_path(base, relative, where)
+            if relative in owners:
+                raise ValueError(
+                    f"{where}: output path {relative!r} is also written by {owners[relative]}; check the input file "
+                    "for duplicate ids."
+                )
+            owners[relative] = where
+            _check_not_blocked(base, path, relative, where, folders)
+    return base
+
+
+def _batches(items: list[EvalItem], batch_size: int) -> list[list[EvalItem]]:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    batches: dict[int, list[EvalItem]] = {}
+    for item in items:
+        batches.setdefault(item.index // batch_size, []).append(item)
+    return list(batches.values())
+
+
+def _batch_complete(batch: list[EvalItem], output_dir: Path, think: bool) -> bool:
+    wanted = [output for item in batch for output in item.outputs]
+    if think:
+        wanted += [_think_path(output) for output in wanted]
+    return all(is_complete(output_dir / output) for output in wanted)
+
+
+def count_pending(items: list[EvalItem], output_dir, batch_size: int = 1, think: bool = False) -> int:
+    """
+    How many of `items` a run with these arguments would draw: the items of the batches with a missing or unreadable
+    output ([`run_items`]'s own resume rule). 0 means the model is not needed (missing extra files, such as GenEval's
+    grids, are written without it).
+    """
+    output_dir = Path(output_dir)
+    return sum(len(batch) for batch in _batches(items, batch_size) if not _batch_complete(batch, output_dir, think))
+
+
+def make_output_folder(output_dir: Path) -> None:
+    """Creates the output folder; a failure becomes one [`EvalOutputError`]."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise output_error(output_dir, "", error) from error
 
 
 def run_items(
@@ -202,10 +351,11 @@ def run_items(
     """
     Draws the missing outputs of `items` with `pipe` and writes them under `output_dir` (see the module docstring for
     seeds, batches and resuming). With `think`, the plan of each image is written beside it (`.txt`, as the original
-    BAGEL evaluation scripts do).
+    BAGEL evaluation scripts do). Every path is checked ([`check_layout`]) before anything is written.
 
     Args:
-        pipe ([`BagelPipeline`]): the loaded pipeline.
+        pipe ([`BagelPipeline`]): the loaded pipeline; may be `None` when [`count_pending`] is 0 (only missing extra
+            files are then written).
         items (`list[EvalItem]`): the entries, in the order of the benchmark's input file.
         output_dir (`str` or `os.PathLike`): the benchmark's output folder.
         seed (`int`): the run's seed (see [`sample_seed`]).
@@ -216,33 +366,28 @@ def run_items(
 
     Returns:
         [`EvalSummary`].
+
+    Raises:
+        `ValueError` for a path outside the output folder or other layout problem (nothing written);
+        [`EvalOutputError`] when writing fails.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {str(output_dir)!r} exists and is not a folder.")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    batches = _batches(items, batch_size)
     indices = [item.index for item in items]
     if len(set(indices)) != len(indices):
         raise ValueError("benchmark items must have distinct indices.")
-    outputs = [output for item in items for output in item.outputs]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError("two benchmark items write the same output path; check the input file for duplicate ids.")
+    output_dir = Path(output_dir)
+    check_layout(items, output_dir, think)
+    make_output_folder(output_dir)
     pipeline_kwargs = dict(pipeline_kwargs or {})
     summary = EvalSummary()
-    batches: dict[int, list[EvalItem]] = {}
-    for item in items:
-        batches.setdefault(item.index // batch_size, []).append(item)
     bar = tqdm(total=len(items), desc=description, disable=not progress)
     try:
-        for batch in batches.values():
-            wanted = [output for item in batch for output in item.outputs]
-            if think:
-                wanted += [_think_path(output) for output in wanted]
-            if all(is_complete(output_dir / output) for output in wanted):
+        for batch in batches:
+            if _batch_complete(batch, output_dir, think):
                 summary.skipped += len(batch)
             else:
+                if pipe is None:
+                    raise ValueError(f"{_where(batch[0])}: outputs are missing and no pipeline was given to draw them.")
                 groups: dict[tuple, list[EvalItem]] = {}
                 for item in batch:
                     groups.setdefault(item.size_key, []).append(item)
@@ -252,8 +397,7 @@ def run_items(
             for item in batch:
                 for relative, producer in item.extra_files.items():
                     if not is_complete(output_dir / relative):
-                        _write(producer(output_dir), output_dir / relative)
-                        summary.written.append(relative)
+                        _save(producer(output_dir), output_dir, relative, summary)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -281,13 +425,8 @@ def _draw(pipe, group: list[EvalItem], output_dir: Path, seed: int, think: bool,
     texts = list(result.text or []) if think else []
     slots = [output for item in group for output in item.outputs]
     for position, (output, image) in enumerate(zip(slots, images)):
-        path = output_dir / output
-        if not is_complete(path):
-            atomic_save_image(image, path)
-            summary.written.append(output)
-        if think:
-            text_path = output_dir / _think_path(output)
-            if not is_complete(text_path):
-                text = texts[position] if position < len(texts) else ""
-                atomic_write_text(text or "", text_path)
-                summary.written.append(_think_path(output))
+        if not is_complete(output_dir / output):
+            _save(image, output_dir, output, summary)
+        if think and not is_complete(output_dir / _think_path(output)):
+            text = texts[position] if position < len(texts) else ""
+            _save(text or "", output_dir, _think_path(output), summary)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from diffusers.utils import logging
 
-from ._inputs import check_single_sample, read_json, require_field
+from ._inputs import check_name, check_single_sample, entry_where, read_json_entries, require_field
 from .runner import Benchmark, EvalItem, original_settings
 
 
@@ -23,17 +23,17 @@ __all__ = ["load_wise", "WISE"]
 
 
 def load_wise(data, image_root=None, n_samples: int = 1) -> list[EvalItem]:
-    """The entries of WISE's `final_data.json`."""
+    """The entries of WISE's `final_data.json` (`prompt_id` names the output file: it must be a plain name)."""
     check_single_sample("wise", n_samples)
-    entries = read_json(data, "WISE's final_data.json")
+    entries, lines = read_json_entries(data, "WISE's final_data.json")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"--data {str(data)!r}: expected a non-empty JSON list of WISE entries.")
     items = []
     for index, entry in enumerate(entries):
-        where = f"{data}: entry {index}"
+        where = entry_where(data, lines, index)
         prompt = require_field(entry, "Prompt", where)
-        prompt_id = require_field(entry, "prompt_id", where, (int, str))
-        items.append(EvalItem(index=index, prompt=prompt, outputs=[f"{prompt_id}.png"]))
+        prompt_id = check_name(require_field(entry, "prompt_id", where, (int, str)), "prompt_id", where)
+        items.append(EvalItem(index=index, prompt=prompt, outputs=[f"{prompt_id}.png"], source=where))
     return items
 
 
