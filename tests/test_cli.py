@@ -190,15 +190,20 @@ def test_chat_answers_about_a_video_as_about_its_frames(converted_dir, pipe, tmp
     folder = tmp_path / "clip"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(5):
+    for i in range(12):
         PIL.Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(folder / f"frame_{i}.png")
     question = "What happens?"
-    code, out, err = _run(["chat", "--checkpoint", converted_dir, "--video", folder, "--num_frames", 3, "--prompt",
-                           question, "--max_new_tokens", 8], capsys)  # fmt: skip
-    assert code == 0, err
-    frames = load_video_frames(folder, num_frames=3)
-    expected = generate_answer(pipe.model, pipe.processor, understanding_messages(question, frames), 8)
-    assert expected and out == expected + "\n"
+    for count in (3, 10):  # 10: more than the processor's default of 8, which must not sample them again
+        code, out, err = _run(["chat", "--checkpoint", converted_dir, "--video", folder, "--num_frames", count,
+                               "--prompt", question, "--max_new_tokens", 8], capsys)  # fmt: skip
+        assert code == 0, err
+        frames = load_video_frames(folder, num_frames=count)
+        messages = understanding_messages(question, video=frames, num_frames=count)
+        assert sum(part["type"] == "video" for part in messages[0]["content"]) == 1
+        expected = generate_answer(pipe.model, pipe.processor, messages, 8)
+        assert expected and out == expected + "\n", count
+    inputs = pipe.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert len(inputs["image_grid_hw"]) == 10
 
 
 def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, capsys, monkeypatch):
@@ -212,6 +217,50 @@ def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, caps
     alone = generate_answer(pipe.model, pipe.processor, understanding_messages("And the left side?", [image]), 12)
     assert second != alone, "the follow-up should depend on the conversation"
     assert out == f"> {first}\n> {second}\n> "
+
+
+DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-bagel-digits"
+
+
+def test_defaults_fit_the_shipped_model_and_only_given_budgets_are_warned_about(tmp_path, capsys, caplog):
+    """On the digits model (256 positions), `bagel chat` and `bagel generate --think` run with their defaults: the
+    answer and the plan get what the positions leave, quietly; a budget the user gave that does not fit is lowered
+    with one warning naming it."""
+    seven = tmp_path / "seven.png"
+    PIL.Image.new("RGB", (64, 64)).save(seven)
+    with caplog.at_level("WARNING"):
+        code, out, err = _run(["chat", "--checkpoint", DIGITS, "--image", seven, "--prompt", "Which digit is this?"],
+                              capsys)  # fmt: skip
+        assert code == 0 and out.strip(), err
+        code, out, err = _run(["generate", "--checkpoint", DIGITS, "--prompt", "a handwritten digit seven", "--think",
+                               "--steps", 2, "--output", tmp_path / "seven_out.png"], capsys)  # fmt: skip
+        assert code == 0 and "wrote" in out, err
+    assert not [r for r in caplog.records if "max_new_tokens" in r.getMessage() or "max_think" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        code, _, err = _run(["chat", "--checkpoint", DIGITS, "--image", seven, "--prompt", "Which digit is this?",
+                             "--max_new_tokens", 4000], capsys)  # fmt: skip
+    assert code == 0, err
+    assert len([r for r in caplog.records if "max_new_tokens=4000" in r.getMessage()]) == 1
+
+
+def test_eval_loads_no_model_when_nothing_is_left_and_refuses_other_settings(converted_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    import json
+
+    from diffusers_bagel import cli
+
+    data = tmp_path / "metadata.jsonl"
+    data.write_text("".join(json.dumps({"tag": "single_object", "include": [{"class": w, "count": 1}],
+                                        "prompt": f"a photo of a {w}"}) + "\n" for w in ("cat", "dog")))  # fmt: skip
+    run = ["eval", "geneval", "--checkpoint", converted_dir, "--data", data, "--output_dir", tmp_path / "out",
+           "--n_samples", 1, "--steps", 2, "--resolution", 32, "--no_progress"]  # fmt: skip
+    code, out, err = _run(run, capsys)
+    assert code == 0 and "wrote" in out, err
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    code, out, err = _run(run, capsys)
+    assert code == 0 and "nothing to draw (the model is not loaded)" in out, err
+    code, out, err = _run(run + ["--seed", 4], capsys)  # other settings into a finished folder: refused, no model
+    assert code == 2 and "seed: 0 (recorded) -> 4 (this run)" in err and "--overwrite" in err, err
 
 
 def test_build_messages_orders_thinking_history_images_and_question():

@@ -99,13 +99,40 @@ def test_transparent_la_and_pa_images_become_white_like_rgba(mode):
         ({"generator": 0}, TypeError, "`generator` must be a torch.Generator"),
         ({"latents": torch.full((1, 16, 4, 4), float("nan"))}, ValueError, "`latents` contains NaN"),
         ({"latents": torch.zeros(1, 16, 4, 4, dtype=torch.long)}, TypeError, "floating-point"),
-        ({"think": True, "max_think_tokens": 40000}, ValueError, "max_think_tokens=40000.*max_position_embeddings"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(pipe, no_work, kwargs, error, message):
     call = {"prompt": "a cat", **CALL, **kwargs}
     with pytest.raises(error, match=message):
         pipe(**call)
+
+
+def test_thinking_budget_is_lowered_to_the_position_table_like_chat(pipe, no_grad, caplog, monkeypatch):
+    """The plan gets at most what the position table leaves after the context: the default budget (1000) quietly, a
+    given one with one warning naming it; a context that leaves no room is refused before any work."""
+    from diffusers_bagel.pipeline_bagel import GEN_THINK_SYSTEM_PROMPT
+
+    encode = pipe.processor.tokenizer.encode
+    context = sum(len(encode(text, add_special_tokens=False)) + 2 for text in (GEN_THINK_SYSTEM_PROMPT, "a cat"))
+    limit = context + 20
+    monkeypatch.setattr(pipe.model.config.text_config, "max_position_embeddings", limit)
+    budgets = []
+    generate = pipe.model.generate
+    monkeypatch.setattr(pipe.model, "generate",
+                        lambda *a, **kw: budgets.append(kw["max_new_tokens"]) or generate(*a, **kw))  # fmt: skip
+    with caplog.at_level("WARNING"):
+        pipe("a cat", think=True, **CALL)
+    assert not [r for r in caplog.records if "max_think_tokens" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pipe("a cat", think=True, max_think_tokens=40000, **CALL)
+    warned = [r.getMessage() for r in caplog.records if "max_think_tokens=40000" in r.getMessage()]
+    assert len(warned) == 1 and "the plan gets at most 17 tokens" in warned[0]
+    assert budgets == [17, 17]  # 20 positions left: the plan's two boundary tokens, then the image block
+    pipe("a cat", think=True, max_think_tokens=5, **CALL)  # a budget that fits is kept
+    assert budgets[-1] == 5
+    with pytest.raises(ValueError, match=f"context takes .* positions: with the image and a plan .* model's {limit}"):
+        pipe("a cat " * 40, think=True, **CALL)
 
 
 def test_generate_stops_cleanly_at_the_position_limit(pipe, no_grad, caplog, monkeypatch):

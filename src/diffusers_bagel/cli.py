@@ -201,7 +201,8 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     )
     think = parser.add_argument_group("thinking")
     think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")
-    think.add_argument("--max_think_tokens", type=_positive_int, default=1000, help="Longest plan, in tokens.")
+    think.add_argument("--max_think_tokens", type=_positive_int, default=None,
+                       help="Longest plan, in tokens (default: 1000, or what the model's positions leave).")
     think.add_argument("--think_do_sample", action="store_true", help="Sample the plan instead of greedy decoding.")
     think.add_argument("--think_temperature", type=_positive_float, default=0.3, help="Sampling temperature of the plan.")
 
@@ -238,6 +239,11 @@ def _add_eval_parser(commands):
     evaluate.add_argument("--cfg_text_scale", type=_scale, default=None, help="Override the text guidance scale.")
     evaluate.add_argument("--cfg_img_scale", type=_scale, default=None, help="Override the image guidance scale.")
     evaluate.add_argument("--skip_grid", action="store_true", help="GenEval: do not write grid.png.")
+    evaluate.add_argument(
+        "--overwrite", action="store_true",
+        help="Let a run with other settings than the folder's record (bagel_eval_settings.json) delete that run's "
+             "outputs and draw them again (refused otherwise).",
+    )  # fmt: skip
     evaluate.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
 
@@ -319,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--num_frames", type=_positive_int, default=None, help="Frames taken from --video (default 8).")
     chat.add_argument("--prompt", default=None, help="The question; omit it to chat on standard input.")
     chat.add_argument("--think", action="store_true", help="Let BAGEL reason inside <think> tags before answering.")
-    chat.add_argument("--max_new_tokens", type=_positive_int, default=512, help="Longest answer, in tokens.")
+    chat.add_argument("--max_new_tokens", type=_positive_int, default=None,
+                      help="Longest answer, in tokens (default: 512, or what the model's positions leave).")
     chat.add_argument("--do_sample", action="store_true", help="Sample the answer instead of greedy decoding.")
     chat.add_argument("--temperature", type=_positive_float, default=0.3, help="Sampling temperature.")
     chat.add_argument("--seed", type=_seed, default=0, help="Seed for sampling.")
@@ -424,7 +431,9 @@ def _run_chat(args):
     torch.manual_seed(args.seed)
 
     def turn(question, history):
-        messages = understanding_messages(question, images, history, think=args.think, video=frames)
+        # The frames are sampled already (--num_frames): the processor keeps them all instead of sampling again.
+        count = None if frames is None else len(frames)
+        messages = understanding_messages(question, images, history, think=args.think, video=frames, num_frames=count)
         return generate_answer(
             pipe.model, pipe.processor, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer
         )
@@ -477,25 +486,32 @@ def _run_push(args):
 
 
 def _run_eval(args):
-    from .evaluation import load_benchmark, run_benchmark
+    from .evaluation import plan_benchmark, run_plan
 
     if args.skip_grid and args.benchmark != "geneval":
         raise ValueError("--skip_grid applies to geneval only.")
     options = {"skip_grid": True} if args.skip_grid else {}
-    # The input files are read (and checked) before the model loads.
-    items = load_benchmark(args.benchmark, args.data, args.image_root, args.n_samples, args.limit, **options)
-    pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
-    pipe.set_progress_bar_config(disable=True)
-    summary = run_benchmark(
-        pipe, args.benchmark, args.data, args.output_dir, image_root=args.image_root, seed=args.seed,
+    # Everything is checked before the model loads (input files, output paths, the folder's settings record), and
+    # nothing is written yet.
+    plan = plan_benchmark(
+        args.benchmark, args.data, args.output_dir, image_root=args.image_root, seed=args.seed,
         batch_size=args.batch_size, n_samples=args.n_samples, think=args.think, limit=args.limit,
-        resolution=args.resolution, progress=not args.no_progress,
-        items=items,
+        resolution=args.resolution, checkpoint=args.checkpoint, dtype=args.dtype, device=args.device,
+        overwrite=args.overwrite, load_options=options,
         num_inference_steps=args.num_inference_steps, cfg_text_scale=args.cfg_text_scale,
         cfg_img_scale=args.cfg_img_scale, max_think_tokens=args.max_think_tokens,
         think_do_sample=args.think_do_sample or None,
     )  # fmt: skip
-    print(f"{args.benchmark}: wrote {len(summary.written)} files, {summary.skipped} entries already complete -> {args.output_dir}")
+    pipe = None
+    if plan.pending:  # the model loads only when something is left to draw
+        pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        print(f"{args.benchmark}: all {len(plan.items)} entries are already complete in {args.output_dir}; nothing "
+              "to draw (the model is not loaded).")  # fmt: skip
+    summary = run_plan(pipe, plan, progress=not args.no_progress)
+    print(f"{args.benchmark}: wrote {len(summary.written)} files, {summary.skipped} entries already complete -> "
+          f"{args.output_dir}")  # fmt: skip
 
 
 def _run_serve(args):

@@ -58,6 +58,7 @@ MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
 # Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
 MAX_INFERENCE_STEPS = 10_000
 MAX_IMAGES_PER_CALL = 256
+DEFAULT_MAX_THINK_TOKENS = 1000  # the original's max_think_token_n
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # diffusers' step caches that apply to BAGEL's decoder layers (block-level hooks; the layer takes and returns
 # `hidden_states`). Registering the layer's metadata lets diffusers' own hooks find its hidden states.
@@ -471,7 +472,7 @@ class BagelPipeline(DiffusionPipeline):
         output_type,
         callback_on_step_end_tensor_inputs,
         think=False,
-        max_think_tokens=1000,
+        max_think_tokens=None,
         think_do_sample=False,
         think_temperature=0.3,
         callback_on_step_end=None,
@@ -542,7 +543,9 @@ class BagelPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if think:
-            if not isinstance(max_think_tokens, int) or isinstance(max_think_tokens, bool) or max_think_tokens < 1:
+            if max_think_tokens is not None and (
+                not isinstance(max_think_tokens, int) or isinstance(max_think_tokens, bool) or max_think_tokens < 1
+            ):
                 raise ValueError(f"`max_think_tokens` must be a positive integer, got {max_think_tokens!r}.")
             if think_do_sample and (
                 not isinstance(think_temperature, (int, float)) or not 0 < think_temperature < float("inf")
@@ -764,11 +767,16 @@ class BagelPipeline(DiffusionPipeline):
                     f"got {type(item).__name__}."
                 )
 
-    def _check_positions(self, contexts: list["_Contexts"], think: bool, max_think_tokens: int) -> None:
-        """Refuses, before any work, a context (plus the thinking budget) that would run past the model's position
-        table: each text token takes a position, each image block one."""
+    def _check_positions(self, contexts: list["_Contexts"], think: bool, max_think_tokens: int | None) -> int | None:
+        """
+        Refuses, before any work, a context that would run past the model's position table (each text token takes a
+        position, each image block one), and returns the thinking budget that fits: `max_think_tokens`, or
+        `DEFAULT_MAX_THINK_TOKENS` when None, lowered to the positions the longest context leaves (the plan, then the
+        image block), as `generate` lowers `max_new_tokens`; a given budget is lowered with one warning.
+        """
         limit = self.model.config.text_config.max_position_embeddings
         tokenizer = self.processor.tokenizer
+        longest = 0
         for context in {id(c): c for c in contexts}.values():
             # Positions only: an image block takes one whatever its size (its tokens are not needed here).
             sequence = BagelSequence(self.model.config)
@@ -777,15 +785,27 @@ class BagelPipeline(DiffusionPipeline):
                     sequence.add_text(tokenizer.encode(value, add_special_tokens=False))
                 else:
                     sequence.add_image(0, latent=kind == "vae")
-            positions = sequence.position
-            needed = positions + (max_think_tokens + 2 if think else 0) + 1  # the thought, then the image block
-            if needed > limit:
-                what = f" plus max_think_tokens={max_think_tokens}" if think else ""
-                raise ValueError(
-                    f"The context takes {positions} positions{what}: the image would sit at position {needed - 1}, "
-                    f"beyond the model's {limit} (text_config.max_position_embeddings); shorten the prompt"
-                    f"{' or lower max_think_tokens' if think else ''}."
+            longest = max(longest, sequence.position)
+        # The image block takes one position; a plan needs its two boundary tokens and at least one token.
+        room = limit - longest - 1 - (3 if think else 0)
+        if room < 0:
+            plan = " and a plan of at least one token" if think else ""
+            raise ValueError(
+                f"The context takes {longest} positions: with the image{plan} it does not fit the model's {limit} "
+                "(text_config.max_position_embeddings); shorten the prompt."
+            )
+        if not think:
+            return max_think_tokens
+        budget = DEFAULT_MAX_THINK_TOKENS if max_think_tokens is None else max_think_tokens
+        fits = room + 1
+        if budget > fits:
+            if max_think_tokens is not None:
+                logger.warning(
+                    f"max_think_tokens={max_think_tokens} would run past the model's {limit} positions after a context "
+                    f"of {longest}; the plan gets at most {fits} tokens."
                 )
+            budget = fits
+        return budget
 
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
         """Initial noise, `(batch, 16, H/8, W/8)` in the normalised latent space, as `dtype` on `device`, packed into
@@ -1045,7 +1065,7 @@ class BagelPipeline(DiffusionPipeline):
         cfg_renorm_type: str | None = None,
         cfg_renorm_min: float = 0.0,
         think: bool = False,
-        max_think_tokens: int = 1000,
+        max_think_tokens: int | None = None,
         think_do_sample: bool = False,
         think_temperature: float = 0.3,
         num_images_per_prompt: int = 1,
@@ -1088,8 +1108,10 @@ class BagelPipeline(DiffusionPipeline):
                 (editing default).
             cfg_renorm_min (`float`, defaults to 0.0): lower clamp of the renormalisation factor.
             think (`bool`, defaults to `False`): write a plan first (returned in `text`), then draw from it.
-            max_think_tokens (`int`, defaults to 1000), think_do_sample (`bool`), think_temperature (`float`):
-                text generation settings of thinking mode.
+            max_think_tokens (`int`, *optional*), think_do_sample (`bool`), think_temperature (`float`):
+                text generation settings of thinking mode. The plan is at most `max_think_tokens` tokens (1000 by
+                default), and never more than the model's position table leaves after the context: a larger value is
+                lowered with a warning, the default quietly.
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             generator (`torch.Generator`, *optional*): makes the initial noise reproducible.
             latents (`torch.Tensor` of shape `(batch, 16, H/8, W/8)`, *optional*): initial noise in the normalised
@@ -1168,7 +1190,7 @@ class BagelPipeline(DiffusionPipeline):
                 f"{MAX_IMAGES_PER_CALL} per call; split the prompts over several calls."
             )
         self._check_latents_and_generator(latents, generator, batch_size, height, width, len(batch), num_images_per_prompt)
-        self._check_positions(contexts, think, max_think_tokens)
+        max_think_tokens = self._check_positions(contexts, think, max_think_tokens)
 
         self._cfg_text_scale, self._cfg_img_scale = cfg_text_scale, cfg_img_scale
         self._cfg_interval, self._cfg_renorm_type = tuple(cfg_interval), cfg_renorm_type

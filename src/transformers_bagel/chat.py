@@ -10,8 +10,16 @@ import math
 
 import torch
 
+from .modeling_bagel import bagel_token_layout
 
-__all__ = ["GEN_THINK_SYSTEM_PROMPT", "VLM_THINK_SYSTEM_PROMPT", "understanding_messages", "generate_answer"]
+
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "GEN_THINK_SYSTEM_PROMPT",
+    "VLM_THINK_SYSTEM_PROMPT",
+    "generate_answer",
+    "understanding_messages",
+]
 
 # The original inferencer's system prompts of thinking mode, for image generation and for understanding.
 GEN_THINK_SYSTEM_PROMPT = (
@@ -72,11 +80,14 @@ def understanding_messages(
     return messages
 
 
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 def generate_answer(
     model,
     processor,
     messages: list[dict],
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     do_sample: bool = False,
     temperature: float = 0.3,
     streamer=None,
@@ -85,13 +96,17 @@ def generate_answer(
     The answer of `model` ([`BagelForConditionalGeneration`]) to chat `messages` (see [`understanding_messages`]),
     tokenised by `processor`: greedy by default; with `do_sample`, softmax(logits / temperature) over the whole
     vocabulary as the original samples (no top-k / top-p). The text is streamed to `streamer` (a transformers
-    streamer) as it is generated. Returns the decoded answer.
+    streamer) as it is generated. Returns the decoded answer. The answer is at most `max_new_tokens` tokens: by default
+    512, quietly lowered to what the model's position table leaves after the prompt (a given value that does not fit
+    is lowered by `generate`, with a warning).
 
     Raises:
         `ValueError` for a `max_new_tokens` that is not a positive integer, or a sampling temperature that is not a
         finite number > 0.
     """
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if max_new_tokens is not None and (
+        not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1
+    ):
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
     if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"`temperature` must be a finite number > 0 when sampling, got {temperature!r}.")
@@ -100,6 +115,10 @@ def generate_answer(
     ).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if max_new_tokens is None:
+        limit = model.config.text_config.max_position_embeddings
+        prompt_positions = bagel_token_layout(inputs["input_ids"], model.config).next_position.max()  # one host read
+        max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - int(prompt_positions)))
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
     with torch.no_grad():
         output = model.generate(
