@@ -333,14 +333,15 @@ def main(argv=None):
         trainer.save_model(str(final / "model"))  # the converted layout: loads with BagelPipeline.from_pretrained
     if trainer.is_world_process_zero():
         if not args.lora:
+            from diffusers_bagel.pipeline_folder import write_pipeline_folder_files
+
             processor.save_pretrained(final / "processor")
             vae.save_pretrained(final / "vae")
-            for name in ("scheduler", "model_index.json"):
-                source = checkpoint / name
-                if source.is_dir():
-                    shutil.copytree(source, final / name, dirs_exist_ok=True)
-                elif source.is_file():
-                    shutil.copy(source, final / name)
+            if (checkpoint / "scheduler").is_dir():
+                shutil.copytree(checkpoint / "scheduler", final / "scheduler", dirs_exist_ok=True)
+            # model_index.json, pipeline_bagel.py and the Auto pointers: the folder loads by every route (BagelPipeline,
+            # DiffusionPipeline with trust_remote_code, `bagel push`) as a converted one does.
+            write_pipeline_folder_files(final)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         summary = {"steps": trainer.state.global_step, "train_loss": result.training_loss, "losses": losses}
         (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -255,7 +255,7 @@ def _example_flags(converted_dir, out):
             "--save_steps", "2", "--logging_steps", "1", "--max_tokens", "200", "--use_cpu"]  # fmt: skip
 
 
-def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path):
+def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path, monkeypatch):
     """examples/train.py on the tiny checkpoint and its synthetic data, as a user runs it; the result loads as a
     pipeline, with the frozen ViT unchanged and the generation expert trained."""
     out = tmp_path / "full"
@@ -266,9 +266,15 @@ def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 3 and len(summary["losses"]) == 3
     assert (out / "checkpoint-2" / "ema.safetensors").is_file()
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import dynamic_modules_utils
+
     from diffusers_bagel import BagelPipeline
 
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # not the user's cache
     pipe = BagelPipeline.from_pretrained(out / "final")
+    # ...and by diffusers' own route, as a fine-tune pushed with `bagel push` is opened
+    assert type(DiffusionPipeline.from_pretrained(out / "final", trust_remote_code=True)) is BagelPipeline
     original = BagelForConditionalGeneration.from_pretrained(converted_dir / "model")
     changed = pipe.model.model.language_model.layers[0].mlp_moe_gen.up_proj.weight
     assert not torch.equal(changed, original.model.language_model.layers[0].mlp_moe_gen.up_proj.weight)
