@@ -99,6 +99,10 @@ def test_transparent_la_and_pa_images_become_white_like_rgba(mode):
         ({"generator": 0}, TypeError, "`generator` must be a torch.Generator"),
         ({"latents": torch.full((1, 16, 4, 4), float("nan"))}, ValueError, "`latents` contains NaN"),
         ({"latents": torch.zeros(1, 16, 4, 4, dtype=torch.long)}, TypeError, "floating-point"),
+        # other diffusers pipelines' names get BAGEL's, or what BAGEL does instead
+        ({"negative_prompt": "blurry"}, TypeError, "`negative_prompt`: BAGEL has no negative prompt.*cfg_text_scale"),
+        ({"guidance_scale": 5.0}, TypeError, "`guidance_scale`: BAGEL's text guidance is `cfg_text_scale`"),
+        ({"num_inference_step": 3}, TypeError, "did you mean `num_inference_steps`\\?"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(pipe, no_work, kwargs, error, message):

@@ -1,11 +1,30 @@
-"""BAGEL for diffusers: `BagelPipeline` and BAGEL's flow-matching scheduler. Importing it imports
-`transformers_bagel`, so the components named in a converted folder's `model_index.json` are resolvable."""
+"""BAGEL for diffusers: `BagelPipeline` and BAGEL's flow-matching scheduler.
 
-import transformers_bagel  # noqa: F401  (registers the model; diffusers looks components up by module path)
+The package loads lazily, as diffusers and transformers do: `import diffusers_bagel` (and so the `bagel` command's
+`--help`) imports nothing heavy, and the first use of `BagelPipeline`, `BagelPipelineOutput` or
+`FlowMatchEulerScheduler` imports them with `transformers_bagel`, which registers the model, so the components named
+in a converted folder's `model_index.json` are resolvable."""
 
-from .pipeline_bagel import BagelPipeline
-from .pipeline_output import BagelPipelineOutput
-from .scheduling_flow_match_euler import FlowMatchEulerScheduler
+import importlib
 
 
 __all__ = ["BagelPipeline", "BagelPipelineOutput", "FlowMatchEulerScheduler"]
+
+_MODULES = {
+    "BagelPipeline": ".pipeline_bagel",
+    "BagelPipelineOutput": ".pipeline_output",
+    "FlowMatchEulerScheduler": ".scheduling_flow_match_euler",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module("transformers_bagel")  # registers the model with transformers' Auto classes
+    value = getattr(importlib.import_module(_MODULES[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -21,25 +21,15 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-from diffusers.utils import logging
-from transformers_bagel.chat import generate_answer, understanding_messages
+# Only light modules here: torch, transformers and diffusers load once the arguments are read, so that `--help` and
+# bad flags answer at once.
+from .defaults import EDIT_PRESET, MAX_GUIDANCE_SCALE, MAX_TIMESTEP_SHIFT, MIN_TIMESTEP_SHIFT, RENORM_TYPES
+from .defaults import TEXT_TO_IMAGE_PRESET
 
-from .pipeline_bagel import (
-    EDIT_PRESET,
-    MAX_GUIDANCE_SCALE,
-    MAX_TIMESTEP_SHIFT,
-    MIN_TIMESTEP_SHIFT,
-    RENORM_TYPES,
-    TEXT_TO_IMAGE_PRESET,
-)
-
-
-logger = logging.get_logger(__name__)
 
 __all__ = ["main", "build_parser"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
@@ -56,6 +46,8 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         dtype (`str`, defaults to `"auto"`): `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`, `"bfloat16"`
             or `"float16"`.
     """
+    import torch
+
     from .pipeline_bagel import BagelPipeline
 
     folder = Path(checkpoint)
@@ -76,7 +68,7 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
-        torch_dtype = DTYPES[dtype]
+        torch_dtype = getattr(torch, dtype)
     pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype)
     return pipe.to(device)
 
@@ -207,11 +199,17 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     think.add_argument("--think_temperature", type=_positive_float, default=0.3, help="Sampling temperature of the plan.")
 
 
-def _add_eval_parser(commands):
+def _add_eval_parser(commands, full: bool):
+    """The `eval` subcommand. Its benchmarks come from the evaluation package, which loads torch: only when `eval` is
+    the subcommand asked for (`full`); otherwise the entry only lists the subcommand."""
+    help_text = "Generate a benchmark's images in its official layout."
+    if not full:
+        commands.add_parser("eval", help=help_text, add_help=False)
+        return
     from .evaluation import BENCHMARKS
 
     evaluate = commands.add_parser(
-        "eval", formatter_class=_HelpFormatter, help="Generate a benchmark's images in its official layout.",
+        "eval", formatter_class=_HelpFormatter, help=help_text,
         description="Seeded, batched, resumable generation for an image benchmark, written where its official\n"
                     "scorer reads it. Defaults are the original BAGEL evaluation's settings (docs/evaluation.md);\n"
                     "a rerun skips finished items. Benchmarks: "
@@ -278,8 +276,9 @@ def _add_serve_parser(commands):
                        help="uvicorn's log level.")  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `bagel` argument parser with its subcommands."""
+def build_parser(eval_benchmarks: bool = True) -> argparse.ArgumentParser:
+    """The `bagel` argument parser with its subcommands (`eval_benchmarks=False`: the `eval` entry without its flags,
+    which need the evaluation package)."""
     parser = argparse.ArgumentParser(prog="bagel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
 
@@ -331,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=_positive_float, default=0.3, help="Sampling temperature.")
     chat.add_argument("--seed", type=_seed, default=0, help="Seed for sampling.")
 
-    _add_eval_parser(commands)
+    _add_eval_parser(commands, full=eval_benchmarks)
     _add_serve_parser(commands)
 
     push = commands.add_parser(
@@ -366,6 +365,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def _run_image(args, images=None):
+    import torch
+
     paths = _output_paths(args.output, args.num_images)
     pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     output = pipe(
@@ -413,7 +414,10 @@ def _run_edit(args):
 
 
 def _run_chat(args):
+    import torch
     from transformers import TextStreamer
+
+    from transformers_bagel.chat import generate_answer, understanding_messages
 
     images = _open_images(args.image)
     frames = None
@@ -539,7 +543,7 @@ def _run_serve(args):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bagel` command. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(eval_benchmarks=argv[:1] == ["eval"])
     if argv[:1] == ["convert"]:
         # The converter owns its flags; one parser, one --help, no copy of them here.
         from .convert_bagel_to_diffusers import main as convert_main

@@ -2,7 +2,9 @@
 
 import contextlib
 import copy
+import difflib
 import functools
+import inspect
 import json
 import os
 import re
@@ -37,29 +39,24 @@ from transformers_bagel.sequence_layout import BagelSequence
 
 from .pipeline_folder import CLASS_NAME, pipeline_index_class_name, write_pipeline_code_and_pointers
 from .pipeline_output import BagelPipelineOutput
-from .scheduling_flow_match_euler import CFG_RENORM_TYPES, FlowMatchEulerScheduler
+from .defaults import (  # re-exported: the server and the app import them from here
+    DEFAULT_MAX_THINK_TOKENS,
+    EDIT_PRESET,
+    MAX_GUIDANCE_SCALE,
+    MAX_IMAGES_PER_CALL,
+    MAX_INFERENCE_STEPS,
+    MAX_TIMESTEP_SHIFT,
+    MIN_TIMESTEP_SHIFT,
+    OUTPUT_TYPES,
+    RENORM_TYPES,
+    TEXT_TO_IMAGE_PRESET,
+)
+from .scheduling_flow_match_euler import FlowMatchEulerScheduler
 from .taylorseer import TaylorSeerState, TaylorSeerStepCache
 
 
 logger = logging.get_logger(__name__)
 
-# Presets of the original app: text-to-image runs `interleave_inference` with its image-guidance default of 1.5 (a
-# no-text context equals the full one there, so it sharpens text guidance); editing uses the app's edit tab.
-TEXT_TO_IMAGE_PRESET = {
-    "cfg_text_scale": 4.0,
-    "cfg_img_scale": 1.5,
-    "cfg_interval": (0.4, 1.0),
-    "cfg_renorm_type": "global",
-}
-EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
-RENORM_TYPES = CFG_RENORM_TYPES  # the scheduler's renormalisation rules, under the name the CLI and app import
-MAX_GUIDANCE_SCALE = 1000.0
-MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
-# Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
-MAX_INFERENCE_STEPS = 10_000
-MAX_IMAGES_PER_CALL = 256
-DEFAULT_MAX_THINK_TOKENS = 1000  # the original's max_think_token_n
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # diffusers' step caches that apply to BAGEL's decoder layers (block-level hooks; the layer takes and returns
 # `hidden_states`). Registering the layer's metadata lets diffusers' own hooks find its hidden states.
 STEP_CACHE_CONFIGS = (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig)
@@ -173,6 +170,36 @@ def _one_call_at_a_time(call):
             return call(self, *args, **kwargs)
 
     return wrapper
+
+
+# Arguments of other diffusers pipelines that BAGEL has under another name, or has no use for.
+_OTHER_PIPELINES_ARGUMENTS = {
+    "guidance_scale": "BAGEL's text guidance is `cfg_text_scale` (and its image guidance, for edits, `cfg_img_scale`)",
+    "true_cfg_scale": "BAGEL's text guidance is `cfg_text_scale`",
+    "image_guidance_scale": "BAGEL's image guidance is `cfg_img_scale`",
+    "negative_prompt": (
+        "BAGEL has no negative prompt: its guidance contrasts the full context with the context without the text "
+        "(`cfg_text_scale`) and without the images (`cfg_img_scale`)"
+    ),
+    "num_images": "use `num_images_per_prompt`",
+    "steps": "use `num_inference_steps`",
+    "seed": "pass `generator=torch.Generator().manual_seed(seed)`",
+    "size": "use `height` and `width`",
+}
+
+
+def _unknown_arguments_message(kwargs: dict, call) -> str:
+    """The TypeError of arguments `__call__` does not take, saying what BAGEL calls them, or the closest names."""
+    known = [name for name in inspect.signature(call).parameters if name != "kwargs"]
+    lines = []
+    for name in kwargs:
+        hint = _OTHER_PIPELINES_ARGUMENTS.get(name)
+        if hint is None:
+            close = difflib.get_close_matches(name, known, n=2)
+            hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else "see help(BagelPipeline.__call__)"
+        lines.append(f"`{name}`: {hint}")
+    message = "BagelPipeline got unexpected keyword arguments: " + "; ".join(lines)
+    return message if message.endswith("?") else message + "."
 
 
 def _as_int(value):
@@ -1078,6 +1105,7 @@ class BagelPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        **kwargs,
     ):
         r"""
         Generates images from text, edits images, or both, interleaved.
@@ -1145,6 +1173,8 @@ class BagelPipeline(DiffusionPipeline):
         Returns:
             [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), or a tuple.
         """
+        if kwargs:
+            raise TypeError(_unknown_arguments_message(kwargs, self.__call__))
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if enable_taylorseer and self.is_cache_enabled:

@@ -24,13 +24,13 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils import logging
 
+from .defaults import CFG_RENORM_TYPES
+
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 __all__ = ["BAGEL_SCHEDULER_DEFAULTS", "CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
 
-CFG_RENORM_TYPES = ("global", "channel", "text_channel")
-"""The renormalisation rules `FlowMatchEulerScheduler.apply_guidance` accepts."""
 
 
 def _is_real(value) -> bool:

@@ -1,0 +1,39 @@
+"""
+The defaults and bounds of BAGEL's image generation, in one place: the pipeline checks its arguments against them,
+and the `bagel` command, the server and the app take their defaults from them. This module imports nothing heavy, so
+that `bagel --help` answers before torch is loaded.
+"""
+
+__all__ = [
+    "CFG_RENORM_TYPES",
+    "DEFAULT_MAX_THINK_TOKENS",
+    "EDIT_PRESET",
+    "MAX_GUIDANCE_SCALE",
+    "MAX_IMAGES_PER_CALL",
+    "MAX_INFERENCE_STEPS",
+    "MAX_TIMESTEP_SHIFT",
+    "MIN_TIMESTEP_SHIFT",
+    "OUTPUT_TYPES",
+    "RENORM_TYPES",
+    "TEXT_TO_IMAGE_PRESET",
+]
+
+# Presets of the original app: text-to-image runs `interleave_inference` with its image-guidance default of 1.5 (a
+# no-text context equals the full one there, so it sharpens text guidance); editing uses the app's edit tab.
+TEXT_TO_IMAGE_PRESET = {
+    "cfg_text_scale": 4.0,
+    "cfg_img_scale": 1.5,
+    "cfg_interval": (0.4, 1.0),
+    "cfg_renorm_type": "global",
+}
+EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
+CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+"""The renormalisation rules `FlowMatchEulerScheduler.apply_guidance` accepts."""
+RENORM_TYPES = CFG_RENORM_TYPES  # the name the CLI and the app import
+MAX_GUIDANCE_SCALE = 1000.0
+MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
+# Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
+MAX_INFERENCE_STEPS = 10_000
+MAX_IMAGES_PER_CALL = 256
+DEFAULT_MAX_THINK_TOKENS = 1000  # the original's max_think_token_n
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
