@@ -262,3 +262,49 @@ def test_only_valid_repo_ids_are_sent_to_the_hub(path):
     except HFValidationError:
         valid = False
     assert not valid or path.startswith((".", "~")) or path.endswith("/") or Path(path).parent.is_dir()
+
+
+def test_diffusers_lora_methods_on_the_pipeline(trained, converted_dir):
+    """`pipe.load_lora_weights` / `fuse_lora` / `unfuse_lora` / `set_adapters` / `disable_lora` / `enable_lora` /
+    `unload_lora_weights`, as a diffusers user calls them: the loaded adapter gives what `load_bagel_lora` gives,
+    fused to float rounding, and scaled by 0, disabled or unloaded the base model (to float rounding)."""
+    call = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "latent"}
+
+    def latents(pipeline):
+        return pipeline("picture 1", generator=torch.Generator().manual_seed(0), **call).images
+
+    def fresh():
+        pipeline = BagelPipeline.from_pretrained(converted_dir, model=_load(converted_dir))
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    base = latents(fresh())
+    reference = fresh()
+    load_bagel_lora(reference, trained["adapter"])
+    adapted = latents(reference)
+    assert (adapted - base).abs().max() > 1e-3  # the adapter changes the image
+
+    pipe = fresh()
+    with pytest.raises(ValueError, match="No LoRA adapter is loaded"):
+        pipe.fuse_lora()
+    pipe.load_lora_weights(trained["adapter"])
+    assert pipe.get_active_adapters() == ["default_0"]
+    assert torch.equal(latents(pipe), adapted)
+    pipe.set_adapters("default_0", 0.0)
+    assert (latents(pipe) - base).abs().max() < 1e-5
+    pipe.set_adapters(["default_0"], [1.0])
+    pipe.disable_lora()  # peft's wrapper runs the base layer on a contiguous copy of its input: rounding may differ
+    assert (latents(pipe) - base).abs().max() < 1e-5
+    pipe.enable_lora()
+    assert torch.equal(latents(pipe), adapted)
+    with pytest.raises(ValueError, match="Unknown adapters \\['other'\\]"):
+        pipe.set_adapters("other")
+    pipe.fuse_lora()
+    assert (latents(pipe) - adapted).abs().max() < 1e-4
+    pipe.unfuse_lora()  # the base weights are back, to float rounding (W + dW - dW)
+    assert (latents(pipe) - adapted).abs().max() < 1e-4
+    model = pipe.model
+    pipe.unload_lora_weights()
+    assert pipe.model is model and not pipe.get_active_adapters()
+    assert not [m for m in pipe.model.modules() if isinstance(m, LoraLayer)]
+    assert (latents(pipe) - base).abs().max() < 1e-4

@@ -51,6 +51,7 @@ from .defaults import (  # re-exported: the server and the app import them from 
     RENORM_TYPES,
     TEXT_TO_IMAGE_PRESET,
 )
+from .lora_loading import BagelLoraLoaderMixin
 from .scheduling_flow_match_euler import FlowMatchEulerScheduler
 from .taylorseer import TaylorSeerState, TaylorSeerStepCache
 
@@ -225,7 +226,7 @@ class _VideoFrames:
 _VIDEO_ITEM_KEYS = {"video", "num_frames", "fps"}
 
 
-class BagelPipeline(DiffusionPipeline):
+class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
     r"""
     Pipeline for text-to-image generation and image editing with BAGEL.
 
