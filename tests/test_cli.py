@@ -319,10 +319,11 @@ def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
     "argv, message",
     [
         (["generate", "--checkpoint", "{empty}", "--prompt", "x"], "is not a converted BAGEL folder"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--height", "40", "--steps", "1"], "divisible by 16"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--width", "4096", "--steps", "1"], "largest image"),
+        # sizes the model cannot draw: refused from its config.json, before the weights load
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--height", "40"], "--height 40: this model draws sides"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--width", "4096"], "multiples of 16 up to 256 px"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "   ", "--steps", "1"], "prompt is empty"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--output", "x.jpg"], "must be a .png path"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--output", "x.gif"], "ending in .png, .jpg"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_text_scale", "0.5"], "expected a number >= 1.0"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_interval", "0.5", "nan"], "finite number"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--steps", "0"], "expected a positive integer"),
@@ -361,3 +362,50 @@ def test_model_card_of_the_7b_names_the_release():
     card = model_card_text("me/bagel-7b", BagelConfig())
     assert "base_model: ByteDance-Seed/BAGEL-7B-MoT" in card and "The weights are the original ones" in card
     assert "7.6B parameters are active per token, 14.6B in total." in card
+
+
+def test_disk_and_file_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from diffusers_bagel import cli, convert_bagel_to_diffusers
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model-00001.safetensors"))
+
+    monkeypatch.setattr(convert_bagel_to_diffusers, "save_original_model", full_disk)
+    code, _, err = _run(["convert", "--input_dir", ORIGINAL_DIR, "--output_dir", tmp_path / "out"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "No space left on the device" in err and "nothing was left behind" in err and "GB in float32" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.converting-*"))
+
+    broken = tmp_path / "release"
+    broken.mkdir()
+    for path in ORIGINAL_DIR.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "tokenizer.json").write_text("{broken")
+    code, _, err = _run(["convert", "--input_dir", broken, "--output_dir", tmp_path / "out2"], capsys)
+    assert code == 1 and "tokenizer.json' is not a valid JSON file" in err and "Traceback" not in err
+    (broken / "tokenizer.json").unlink()
+    (broken / "vocab.json").unlink()
+    code, _, err = _run(["convert", "--input_dir", broken, "--output_dir", tmp_path / "out2"], capsys)
+    assert code == 2 and "has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt" in err
+
+    monkeypatch.setattr(cli, "_run_image", lambda args: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no",
+                                                                                              "/x/out.png")))
+    code, _, err = _run(["generate", "--checkpoint", tmp_path, "--prompt", "x"], capsys)
+    assert code == 1 and err.strip() == "bagel generate: error: permission denied (/x/out.png): choose a place you can write."
+
+
+@pytest.mark.parametrize(("name", "image_format"), [("seven.jpg", "JPEG"), ("seven.webp", "WEBP"), ("seven.PNG", "PNG")])
+def test_output_may_be_jpeg_or_webp(tmp_path, capsys, monkeypatch, name, image_format):
+    from diffusers_bagel import cli
+
+    loaded = []
+    load = cli._load_pipeline
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: loaded.append(1) or load(*args))
+    code, out, err = _run(["generate", "--checkpoint", DIGITS, "--prompt", "a handwritten digit seven", "--steps", 1,
+                           "--output", tmp_path / name], capsys)  # fmt: skip
+    assert code == 0, err
+    assert PIL.Image.open(tmp_path / name).format == image_format and out == f"wrote {tmp_path / name} (64x64)\n"
+    code, _, err = _run(["generate", "--checkpoint", DIGITS, "--prompt", "x", "--height", 128], capsys)
+    assert code == 2 and "up to 64 px" in err and len(loaded) == 1  # refused before the model loads

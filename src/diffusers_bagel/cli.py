@@ -350,24 +350,54 @@ def build_parser(eval_benchmarks: bool = True) -> argparse.ArgumentParser:
 # -- subcommands ---------------------------------------------------------------------------------------------------------
 
 
+# Image files `--output` may name: lossless PNG (the default), JPEG and WebP (written at quality 95).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def _output_paths(output: Path, count: int) -> list[Path]:
-    """The PNG paths to write, checked before any work: a .png name, not a folder, in a writable place."""
-    if output.suffix.lower() != ".png":
-        raise ValueError(f"--output must be a .png path, got {str(output)!r}.")
+    """The image paths to write, checked before any work: a .png / .jpg / .webp name, not a folder, in a writable
+    place."""
+    if output.suffix.lower() not in OUTPUT_FORMATS:
+        raise ValueError(
+            f"--output must name an image file ending in {', '.join(OUTPUT_FORMATS)}, got {str(output)!r}."
+        )
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
     for path in paths:
         if path.is_dir():
-            raise ValueError(f"--output {str(path)!r} is a folder; give a .png file path.")
+            raise ValueError(f"--output {str(path)!r} is a folder; give an image file path (e.g. out.png).")
         existing = next(parent for parent in path.resolve().parents if parent.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK):
             raise ValueError(f"--output {str(path)!r} cannot be written ({str(existing)!r} is not a writable folder).")
     return paths
 
 
+def _check_size_fits(checkpoint: Path, height: int | None, width: int | None) -> None:
+    """Refuses, before the weights load, a --height / --width the converted model cannot draw (read from its
+    `model/config.json`): above its largest image side, or not a multiple of its latent patch in pixels."""
+    config_path = Path(checkpoint) / "model" / "config.json"
+    if (height is None and width is None) or not config_path.is_file():
+        return  # the pipeline's own check (or the loader's message about the folder) covers it
+    import json
+
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        step = config["latent_patch_size"] * config["vae_downsample"]
+        largest = config["max_latent_size"] * step
+    except (ValueError, KeyError, TypeError):
+        return
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and (value > largest or value % step):
+            raise ValueError(
+                f"{flag} {value}: this model draws sides that are multiples of {step} up to {largest} px "
+                f"({config_path})."
+            )
+
+
 def _run_image(args, images=None):
     import torch
 
     paths = _output_paths(args.output, args.num_images)
+    _check_size_fits(args.checkpoint, args.height, args.width)
     pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     output = pipe(
         args.prompt,
@@ -393,7 +423,8 @@ def _run_image(args, images=None):
         print(f"thinking: {output.text[0]}")
     for image, path in zip(output.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        image_format = OUTPUT_FORMATS[path.suffix.lower()]
+        image.save(path, format=image_format, **({} if image_format == "PNG" else {"quality": 95}))
         print(f"wrote {path} ({image.width}x{image.height})")
 
 
@@ -560,7 +591,22 @@ def main(argv: list[str] | None = None) -> int:
         runners[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.exit(2, f"bagel {args.command}: error: {error}\n")
+    except OSError as error:  # a full disk, a permission denied, ...: one line, no traceback
+        parser.exit(1, f"bagel {args.command}: error: {_os_error_message(error)}\n")
     return 0
+
+
+def _os_error_message(error: OSError) -> str:
+    """`error` as one line naming the file and, for a full disk or a refused permission, what to do."""
+    import errno
+
+    where = f" ({error.filename})" if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device{where}: free some space or write elsewhere."
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose a place you can write."
+    return f"{reason}{where}."
 
 
 if __name__ == "__main__":

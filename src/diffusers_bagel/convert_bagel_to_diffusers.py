@@ -21,6 +21,8 @@ layering is one way: `diffusers_bagel` assembles pipeline folders from `transfor
 """
 
 import argparse
+import errno
+import math
 import os
 import re
 import shutil
@@ -109,6 +111,18 @@ def convert(
         write_model_card(staging, model_id=output_dir.name, config=config)
         pipeline_folder.write_pipeline_folder_files(staging)
         _replace_folder(staging, output_dir)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno != errno.ENOSPC:
+            raise
+        needed = sum(math.prod(entry.shape) for entry in release.tensors.values()) * dtype.itemsize
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on the device of {str(output_dir.parent)!r} while writing the converted folder; nothing "
+            f"was left behind (it is built in a temporary folder there). The weights alone need "
+            f"{needed / 1e9:.1f} GB in {str(dtype).replace('torch.', '')}: free that much or choose another "
+            "--output_dir",
+        ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -230,6 +244,8 @@ def main(argv=None, prog=None):
                       image_sizes=sizes, overwrite=args.overwrite)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except OSError as error:  # a broken file, a full disk, a refused permission: one line, no traceback
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(f"Converted checkpoint written to {out}")
 
 

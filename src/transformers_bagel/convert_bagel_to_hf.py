@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, SiglipVisionConfig
 from transformers.utils import logging
 
+from .checkpoint_files import check_json_files
 from .configuration_bagel import SPECIAL_TOKENS, BagelConfig, BagelTextConfig, special_token_ids
 from .image_processing_bagel import BagelImageProcessor
 from .modeling_bagel import BagelForConditionalGeneration
@@ -245,6 +246,16 @@ def read_original_release(input_dir: str | os.PathLike) -> OriginalRelease:
     for name in ("llm_config.json", "vit_config.json", EMA_WEIGHTS_NAME):  # before the tokenizer's own, vaguer error
         if not (input_dir / name).is_file():
             raise FileNotFoundError(f"{input_dir} has no {name}: not a BAGEL release folder.")
+    # Qwen2's tokenizer: tokenizer.json, or vocab.json with merges.txt. Without them transformers would build a
+    # tokenizer of the added tokens alone (or ask for sentencepiece), and the conversion would go on with it.
+    if not (input_dir / "tokenizer.json").is_file() and not all(
+        (input_dir / name).is_file() for name in ("vocab.json", "merges.txt")
+    ):
+        raise FileNotFoundError(
+            f"{input_dir} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt (download the "
+            "release again)."
+        )
+    check_json_files(input_dir, ["tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json"])
     tokenizer = AutoTokenizer.from_pretrained(str(input_dir))
     config, vae_params = build_config(input_dir, tokenizer)
     header = read_checkpoint_header(input_dir / EMA_WEIGHTS_NAME)
@@ -369,6 +380,7 @@ def resolve_image_sizes(image_sizes: dict | None, max_image_size: int, vit_max_i
         if sizes[low] > sizes[top]:
             if low in given:
                 raise ValueError(f"`{low}`={sizes[low]} is larger than `{top}`={sizes[top]}.")
+            logger.warning(f"{low} lowered from {sizes[low]} to {sizes[top]}, the {top} of this model.")
             sizes[low] = sizes[top]
     return sizes
 
