@@ -10,6 +10,7 @@ control works). The page says which model is loaded. Needs `pip install -e ".[ap
 """
 
 import argparse
+import inspect
 import logging
 import os
 import re
@@ -40,9 +41,18 @@ THEME = gr.themes.Default(
 
 
 def _generator(seed: float):
-    """As the original app: seed 0 draws a fresh random seed, a positive seed is reproducible."""
+    """Seed -1 draws a fresh random seed; 0 or more is reproducible, as `bagel generate --seed` and the pipeline's
+    `generator=torch.Generator().manual_seed(seed)`."""
     seed = int(seed)
-    return torch.Generator().manual_seed(seed) if seed > 0 else None
+    return torch.Generator().manual_seed(seed) if seed >= 0 else None
+
+
+def _named_parameters(function, names: list[str]):
+    """`function(*values)` with a signature naming each value, so that the app's API (gradio_client, the "Use via
+    API" page) shows `cfg_text_scale`, `seed`, ... instead of `param_2`, `param_3`, ..."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    function.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in names])
+    return function
 
 
 # Example inputs of each tab: the first set whose words the loaded tokenizer knows (the digits BAGEL's word-level
@@ -100,7 +110,8 @@ def _sampling_controls(pipe, preset: dict, num_inference_steps: int, prefix: str
     with gr.Accordion("Inference hyperparameters", open=False):
         with gr.Row():
             controls["seed"] = gr.Slider(
-                0, 1_000_000, value=0, step=1, label="Seed", info="0 for a random seed, positive for reproducible results",
+                -1, 1_000_000, value=-1, step=1, label="Seed",
+                info="-1 for a random seed; 0 or more reproduces an image (as bagel generate --seed)",
                 elem_id=f"{prefix}-seed",
             )  # fmt: skip
             controls["num_inference_steps"] = gr.Slider(
@@ -251,6 +262,8 @@ def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -
 
         t2i_names = [name for name in t2i if not name.startswith("_")]
         edit_names = [name for name in edit_controls if not name.startswith("_")]
+        _named_parameters(text_to_image, ["prompt", "think", *t2i_names])
+        _named_parameters(edit, ["image", "prompt", "think", *edit_names])
         for toggle, thinking_box, controls in ((t2i_think, t2i_thinking, t2i), (edit_think, edit_thinking, edit_controls)):
             toggle.change(
                 lambda show: (gr.update(visible=show), gr.update(visible=show)),

@@ -38,3 +38,16 @@ def test_page_errors_hide_server_paths_and_internal_failures():
     assert refused.message == "'photo.png' is truncated; see https://example.org/a/b"
     internal = app.public_error(RuntimeError("CUDA error in /usr/lib/python3/site-packages/torch/x.py"))
     assert "/usr/lib" not in internal.message and "RuntimeError" in internal.message and "server log" in internal.message
+
+
+def test_api_names_every_input_and_seeds_mean_what_the_cli_means():
+    digits = BagelPipeline.from_pretrained(DIGITS)
+    demo = app.build_demo(digits, 4)
+    endpoints = demo.get_api_info()["named_endpoints"]
+    t2i = [p["parameter_name"] for p in endpoints["/text_to_image"]["parameters"]]
+    edit = [p["parameter_name"] for p in endpoints["/edit"]["parameters"]]
+    assert t2i[:4] == ["prompt", "think", "seed", "num_inference_steps"] and "cfg_text_scale" in t2i
+    assert edit[:3] == ["image", "prompt", "think"] and "cfg_img_scale" in edit
+    assert not [name for name in t2i + edit if name.startswith("param_")]
+    # 0 is a seed, as for `bagel generate --seed 0`; -1 draws a random one
+    assert app._generator(0).initial_seed() == 0 and app._generator(-1) is None
