@@ -381,6 +381,11 @@ def test_config_refuses_inconsistent_values():
         BagelConfig(image_token_id=151654)
     with pytest.raises(ValueError, match="BagelConfig.max_latent_size"):
         BagelConfig(max_latent_size=0)
+    # negative or zero sizes are named before they reach torch (a negative width used to read as a head-count error)
+    for section, field, value in (("text_config", "hidden_size", -64), ("text_config", "num_hidden_layers", 0),
+                                  ("vision_config", "patch_size", -14), ("text_config", "vocab_size", 0)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"BagelConfig.{section}.{field}={value} is invalid: must be a positive"):
+            BagelConfig(**{section: {field: value}})
     config = BagelConfig()
     assert config.max_image_size == 1024 and config.patch_latent_dim == 64 and config.latent_downsample == 16
     assert config.vision_config.num_hidden_layers == 26

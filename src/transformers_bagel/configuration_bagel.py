@@ -213,6 +213,17 @@ class BagelConfig(PreTrainedConfig):
             refuse("timestep_shift", self.timestep_shift, "must be > 0")
 
         text, vision = self.text_config, self.vision_config
+        sizes = {
+            "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "max_position_embeddings"),
+            "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "num_channels", "image_size", "patch_size"),
+        }  # fmt: skip
+        for name, fields in sizes.items():
+            for field in fields:
+                value = getattr(getattr(self, name), field)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    refuse(f"{name}.{field}", value, "must be a positive integer")
         if text.hidden_size % 4 != 0:
             refuse("text_config.hidden_size", text.hidden_size, "the 2-D sin-cos tables need a multiple of 4")
         if text.hidden_size % text.num_attention_heads != 0:
