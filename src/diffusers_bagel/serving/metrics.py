@@ -43,7 +43,7 @@ class ServerMetrics:
     """
     Thread-safe counters and summaries of the server, rendered by [`~ServerMetrics.render`] in the Prometheus text
     exposition format: requests by endpoint and status, request latency and queue time by endpoint, batch sizes of
-    the pipeline calls, and the queue depth.
+    the pipeline calls, jobs dropped unrun (client gone, timeout), the queue depth and the bytes the queue holds.
     """
 
     def __init__(self):
@@ -52,7 +52,9 @@ class ServerMetrics:
         self._latency: dict[str, _Summary] = defaultdict(_Summary)
         self._queue_time: dict[str, _Summary] = defaultdict(_Summary)
         self._batch_size: dict[str, _Summary] = defaultdict(_Summary)
+        self._dropped: dict[tuple[str, str], int] = defaultdict(int)
         self.queue_depth = lambda: 0
+        self.queue_bytes = lambda: 0
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         """One answered request: its endpoint (route path), HTTP status and latency."""
@@ -70,6 +72,17 @@ class ServerMetrics:
         with self._lock:
             self._batch_size[kind].observe(size)
 
+    def observe_dropped(self, kind: str, reason: str) -> None:
+        """One queued job of `kind` dropped before it ran: its client went away (`"disconnected"`) or its time ran
+        out (`"timeout"`)."""
+        with self._lock:
+            self._dropped[(kind, reason)] += 1
+
+    def dropped(self, kind: str, reason: str) -> int:
+        """How many jobs of `kind` were dropped for `reason` (for tests and logs)."""
+        with self._lock:
+            return self._dropped.get((kind, reason), 0)
+
     def batch_sizes(self, kind: str) -> list[float]:
         """The recent batch sizes of `kind` (for tests and logs)."""
         with self._lock:
@@ -83,6 +96,10 @@ class ServerMetrics:
                       "# TYPE bagel_requests_total counter"]  # fmt: skip
             for (endpoint, status), count in sorted(self._requests.items()):
                 lines.append(f"bagel_requests_total{{{_labels(('endpoint', 'status'), (endpoint, status))}}} {count}")
+            lines += ["# HELP bagel_jobs_dropped_total Queued jobs dropped unrun, by kind and reason.",
+                      "# TYPE bagel_jobs_dropped_total counter"]  # fmt: skip
+            for (kind, reason), count in sorted(self._dropped.items()):
+                lines.append(f"bagel_jobs_dropped_total{{{_labels(('kind', 'reason'), (kind, reason))}}} {count}")
             for name, help_text, series, label in (
                 ("bagel_request_latency_seconds", "Request latency, by endpoint.", self._latency, "endpoint"),
                 ("bagel_queue_time_seconds", "Time a job waited in the queue, by kind.", self._queue_time, "kind"),
@@ -97,5 +114,7 @@ class ServerMetrics:
                     lines.append(f"{name}_sum{{{_labels((label,), (key,))}}} {summary.total:.6g}")
                     lines.append(f"{name}_count{{{_labels((label,), (key,))}}} {summary.count}")
         lines += ["# HELP bagel_queue_depth Jobs waiting for the worker.", "# TYPE bagel_queue_depth gauge",
-                  f"bagel_queue_depth {self.queue_depth()}"]  # fmt: skip
+                  f"bagel_queue_depth {self.queue_depth()}",
+                  "# HELP bagel_queue_bytes Bytes of input (compressed images, texts) held by the waiting jobs.",
+                  "# TYPE bagel_queue_bytes gauge", f"bagel_queue_bytes {self.queue_bytes()}"]  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """
 Parsing and checking of the server's request bodies, before any work: field types and ranges, the server's limits,
-images (decoded from bytes or `data:` URLs, never opened from a path), and OpenAI chat messages as BAGEL messages.
-Every refusal is an [`APIError`] naming the field.
+images (checked from their header, kept as their compressed bytes until the worker runs the request; never opened
+from a path), and OpenAI chat messages as BAGEL messages. Every refusal is an [`APIError`] naming the field.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import binascii
 import io
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 
 import PIL.Image
@@ -19,14 +20,18 @@ from .errors import APIError
 
 
 __all__ = [
+    "EncodedImage",
     "ServerLimits",
+    "describe",
     "parse_int",
     "parse_float",
     "parse_bool",
     "parse_size",
+    "check_image_bytes",
     "decode_image_bytes",
     "decode_data_url",
     "chat_messages_to_bagel",
+    "decode_message_images",
 ]
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,", re.I)
@@ -48,7 +53,10 @@ class ServerLimits:
         max_tokens (`int`): largest `max_tokens` of a chat request.
         default_max_tokens (`int`): `max_tokens` of a chat request that sets none.
         max_think_tokens (`int`): largest `max_think_tokens` of thinking mode.
-        max_body_bytes (`int`): largest request body.
+        max_body_bytes (`int`): largest request body, counted while it arrives (chunked bodies too).
+        remote_image_timeout (`float`): seconds one remote image may take, redirects included
+            (`--allow_remote_images`).
+        max_redirects (`int`): redirects followed for one remote image, each one checked again.
     """
 
     max_image_bytes: int = 20 * 1024 * 1024
@@ -62,6 +70,23 @@ class ServerLimits:
     default_max_tokens: int = 512
     max_think_tokens: int = 2048
     max_body_bytes: int = 64 * 1024 * 1024
+    remote_image_timeout: float = 10.0
+    max_redirects: int = 3
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 40, 40, 40, 2
+
+
+def describe(value) -> str:
+    """A short, safe rendering of a client's value for an error message: long numbers, strings and deeply nested
+    lists are cut (never a `RecursionError` or a 400-digit echo)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        return _REPR.repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
 
 
 def _invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
@@ -75,13 +100,15 @@ def parse_int(value, param: str, low: int | None = None, high: int | None = None
             value = int(value.strip())
         except ValueError:
             raise _invalid(param, f"`{param}` must be an integer, got {value[:40]!r}.") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _invalid(param, f"`{param}` must be a finite integer, got {describe(value)}.")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise _invalid(param, f"`{param}` must be an integer, got {type(value).__name__}.")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise _invalid(param, f"`{param}` must be an integer {bounds}, got {value}.")
+        raise _invalid(param, f"`{param}` must be an integer {bounds}, got {describe(value)}.")
     return value
 
 
@@ -92,9 +119,15 @@ def parse_float(value, param: str, low: float | None = None, high: float | None 
             value = float(value.strip())
         except ValueError:
             raise _invalid(param, f"`{param}` must be a number, got {value[:40]!r}.") from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise _invalid(param, f"`{param}` must be a finite number, got {value!r}.")
-    value = float(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _invalid(param, f"`{param}` must be a finite number, got {describe(value)}.")
+    try:
+        number = float(value)  # an integer past float's range overflows here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _invalid(param, f"`{param}` must be a finite number in [{low}, {high}], got {describe(value)}.")
+    value = number
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         left = "(" if low_open else "["
@@ -107,7 +140,7 @@ def parse_bool(value, param: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
     if not isinstance(value, bool):
-        raise _invalid(param, f"`{param}` must be true or false, got {value!r}.")
+        raise _invalid(param, f"`{param}` must be true or false, got {describe(value)}.")
     return value
 
 
@@ -118,7 +151,9 @@ def parse_size(value, stride: int, largest: int) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
     if match is None:
-        raise _invalid("size", f"`size` must look like 'WIDTHxHEIGHT' (e.g. '{largest}x{largest}'), got {value!r}.")
+        raise _invalid(
+            "size", f"`size` must look like 'WIDTHxHEIGHT' (e.g. '{largest}x{largest}'), got {describe(value)}."
+        )
     width, height = int(match.group(1)), int(match.group(2))
     for side in (width, height):
         if side < stride or side % stride or side > largest:
@@ -128,10 +163,47 @@ def parse_size(value, stride: int, largest: int) -> tuple[int, int] | None:
     return width, height
 
 
-def decode_image_bytes(data: bytes, param: str, limits: ServerLimits) -> PIL.Image.Image:
-    """Encoded image bytes as an RGB PIL image, after the byte and pixel limits; a 400 naming `param` otherwise."""
-    from transformers_bagel.image_processing_bagel import to_rgb_image
+@dataclass(frozen=True, eq=False)
+class EncodedImage:
+    """
+    An input image as the client sent it: its compressed bytes, checked from the header at admission (format, size,
+    pixel count), decoded only by the worker when the request runs. A queued request holds these bytes, never the
+    decoded pixels.
 
+    Args:
+        data (`bytes`): the encoded image (PNG, JPEG, ...).
+        width (`int`), height (`int`): its size, from the header.
+        param (`str`): the request field it came from, named by a decoding error.
+    """
+
+    data: bytes
+    width: int
+    height: int
+    param: str
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this image holds while its request waits."""
+        return len(self.data)
+
+    def decode(self) -> PIL.Image.Image:
+        """The RGB PIL image (the project's one loader, `to_rgb_image`); a 400 naming the field if the pixel data is
+        broken past the header."""
+        from transformers_bagel.image_processing_bagel import to_rgb_image
+
+        try:
+            return to_rgb_image(self.data)
+        except (ValueError, TypeError, OSError, PIL.Image.DecompressionBombError):
+            message = f"`{self.param}` could not be decoded as an image."
+            raise _invalid(self.param, message, code="invalid_image") from None
+
+
+def check_image_bytes(data: bytes, param: str, limits: ServerLimits) -> EncodedImage:
+    """
+    Encoded image bytes checked without decoding the pixels: the byte limit, a readable header, the pixel limit and
+    the format's own integrity check (PNG chunk checksums, ...). Returns the [`EncodedImage`] the request keeps; a 400
+    or 413 naming `param` otherwise.
+    """
     if not data:
         raise _invalid(param, f"`{param}` is empty.", code="invalid_image")
     if len(data) > limits.max_image_bytes:
@@ -142,21 +214,30 @@ def decode_image_bytes(data: bytes, param: str, limits: ServerLimits) -> PIL.Ima
     try:
         with PIL.Image.open(io.BytesIO(data)) as probe:  # reads the header only
             width, height = probe.size
-    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, ValueError):
+    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, ValueError, SyntaxError):
         raise _invalid(param, f"`{param}` could not be decoded as an image.", code="invalid_image") from None
+    if width < 1 or height < 1:
+        raise _invalid(param, f"`{param}` has an empty size {width}x{height}.", code="invalid_image")
     if width * height > limits.max_image_pixels:
         raise APIError(
             413, f"`{param}` is {width}x{height} pixels; the limit is {limits.max_image_pixels} pixels.", param=param,
             code="image_too_large",
         )  # fmt: skip
     try:
-        return to_rgb_image(bytes(data))
-    except (ValueError, TypeError, OSError):
+        with PIL.Image.open(io.BytesIO(data)) as probe:
+            probe.verify()  # checksums and structure, without decompressing the pixels
+    except Exception:  # PIL raises several kinds here (SyntaxError, OSError, struct.error, ...)
         raise _invalid(param, f"`{param}` could not be decoded as an image.", code="invalid_image") from None
+    return EncodedImage(bytes(data), width, height, param)
 
 
-def decode_data_url(url: str, param: str, limits: ServerLimits) -> PIL.Image.Image:
-    """A base64 `data:image/...;base64,...` URL as an RGB PIL image (see [`decode_image_bytes`])."""
+def decode_image_bytes(data: bytes, param: str, limits: ServerLimits) -> PIL.Image.Image:
+    """Encoded image bytes as an RGB PIL image now: [`check_image_bytes`], then [`EncodedImage.decode`]."""
+    return check_image_bytes(data, param, limits).decode()
+
+
+def decode_data_url(url: str, param: str, limits: ServerLimits) -> EncodedImage:
+    """A base64 `data:image/...;base64,...` URL as an [`EncodedImage`] (see [`check_image_bytes`])."""
     match = _DATA_URL.match(url)
     if match is None or not match.group("b64"):
         raise _invalid(param, f"`{param}` must be a base64 data URL (data:image/png;base64,...).", code="invalid_image")
@@ -169,29 +250,10 @@ def decode_data_url(url: str, param: str, limits: ServerLimits) -> PIL.Image.Ima
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _invalid(param, f"`{param}` is not valid base64.", code="invalid_image") from None
-    return decode_image_bytes(data, param, limits)
+    return check_image_bytes(data, param, limits)
 
 
-def _fetch_remote_image(url: str, param: str, limits: ServerLimits) -> PIL.Image.Image:
-    import httpx
-
-    try:
-        with httpx.stream("GET", url, timeout=10.0, follow_redirects=True) as response:
-            if response.status_code != 200:
-                raise _invalid(param, f"`{param}`: the image URL answered HTTP {response.status_code}.", "invalid_image")
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > limits.max_image_bytes:
-                    raise APIError(413, f"`{param}` is larger than {limits.max_image_bytes} bytes.", param=param,
-                                   code="image_too_large")  # fmt: skip
-    except httpx.HTTPError as error:
-        raise _invalid(param, f"`{param}`: the image URL could not be fetched ({type(error).__name__}).",
-                       code="invalid_image") from None  # fmt: skip
-    return decode_image_bytes(bytes(data), param, limits)
-
-
-def _load_image_url(url, param: str, limits: ServerLimits, allow_remote: bool) -> PIL.Image.Image:
+def _load_image_url(url, param: str, limits: ServerLimits, allow_remote: bool) -> EncodedImage:
     if not isinstance(url, str) or not url:
         raise _invalid(param, f"`{param}` must be a non-empty string.", code="invalid_image")
     if url.startswith("data:"):
@@ -202,7 +264,9 @@ def _load_image_url(url, param: str, limits: ServerLimits, allow_remote: bool) -
                 param, "Remote image URLs are disabled on this server; send the image as a base64 data URL "
                 "(the server runs with --allow_remote_images to fetch them).", code="remote_images_disabled",
             )  # fmt: skip
-        return _fetch_remote_image(url, param, limits)
+        from .remote import fetch_remote_image
+
+        return fetch_remote_image(url, param, limits)
     raise _invalid(param, f"`{param}` must be a base64 data URL or an http(s) URL.", code="invalid_image")
 
 
@@ -223,8 +287,9 @@ def _text_of(content, param: str) -> str:
 def chat_messages_to_bagel(messages, limits: ServerLimits, allow_remote: bool, system_prompt: str | None = None):
     """
     OpenAI chat `messages` as BAGEL chat messages for `BagelProcessor.apply_chat_template`: user messages become
-    lists of `{"type": "text"}` / `{"type": "image", "image": PIL}` parts, system and assistant messages strings
-    (`developer` is a system message). `system_prompt` (thinking mode's) goes first. Returns `(messages, images)`.
+    lists of `{"type": "text"}` / `{"type": "image", "image": EncodedImage}` parts (decoded by
+    [`decode_message_images`] when the request runs), system and assistant messages strings (`developer` is a system
+    message). `system_prompt` (thinking mode's) goes first. Returns `(messages, images)`.
     """
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages", "`messages` must be a non-empty list of chat messages.")
@@ -239,7 +304,7 @@ def chat_messages_to_bagel(messages, limits: ServerLimits, allow_remote: bool, s
         role, content = message.get("role"), message.get("content")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant"):
-            raise _invalid(f"{param}.role", f"`{param}.role` must be system, user or assistant, got {role!r}.")
+            raise _invalid(f"{param}.role", f"`{param}.role` must be system, user or assistant, got {describe(role)}.")
         if role != "user":
             text = _text_of(content, f"{param}.content")
             chars += len(text)
@@ -273,3 +338,16 @@ def chat_messages_to_bagel(messages, limits: ServerLimits, allow_remote: bool, s
     if converted[-1]["role"] != "user":
         raise _invalid("messages", "The last message must be the user's (the model answers it).")
     return converted, images
+
+
+def decode_message_images(messages: list) -> list:
+    """BAGEL chat `messages` with every [`EncodedImage`] part decoded to an RGB PIL image (a new list; the queued
+    request keeps its bytes only)."""
+    decoded = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{**part, "image": part["image"].decode()} if isinstance(part.get("image"), EncodedImage)
+                       else part for part in content]  # fmt: skip
+        decoded.append({**message, "content": content})
+    return decoded
