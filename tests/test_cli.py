@@ -409,3 +409,25 @@ def test_output_may_be_jpeg_or_webp(tmp_path, capsys, monkeypatch, name, image_f
     assert PIL.Image.open(tmp_path / name).format == image_format and out == f"wrote {tmp_path / name} (64x64)\n"
     code, _, err = _run(["generate", "--checkpoint", DIGITS, "--prompt", "x", "--height", 128], capsys)
     assert code == 2 and "up to 64 px" in err and len(loaded) == 1  # refused before the model loads
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--api_key", ""], "--api_key is empty (an unset shell variable?)"),
+        (["--batch_wait_ms", "5000", "--request_timeout", "1"], "batch_wait"),
+        (["--port", "70000"], "port"),
+        (["--device", "cuda:7"], "is not available on this machine"),
+        (["--device", "meta"], "holds no weights"),
+    ],
+)
+def test_serve_settings_are_refused_before_the_model_loads(converted_dir, capsys, monkeypatch, argv, message):
+    pytest.importorskip("fastapi")
+    from diffusers_bagel import cli, serving
+
+    monkeypatch.setattr(serving, "run_server", lambda *args, **kwargs: pytest.fail("the server started"))
+    monkeypatch.delenv("BAGEL_API_KEY", raising=False)
+    if "--device" not in argv:
+        monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pytest.fail("the model was loaded"))
+    code, _, err = _run(["serve", "--checkpoint", converted_dir, *argv], capsys)
+    assert code == 2 and message in err, err

@@ -65,6 +65,12 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         raise ValueError(f"`device` {device!r} is not a device name (cpu, cuda, cuda:1, mps, ...).") from error
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` {device!r} was asked for, but CUDA is not available on this machine; use cpu.")
+    if kind == "meta":
+        raise ValueError("`device` 'meta' holds no weights; use cpu, cuda, ...")
+    try:  # an existing device name this machine lacks (mps, xpu, cuda:7 on one GPU) fails here, not after loading
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"`device` {device!r} is not available on this machine ({str(error).splitlines()[0]}).") from None
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
@@ -551,22 +557,22 @@ def _run_eval(args):
 
 def _run_serve(args):
     try:
-        from .serving import ServerConfig, run_server
+        from .serving import ServerConfig, check_port, resolve_api_key, run_server
     except ImportError as error:
         raise ValueError(f"the server needs the serve extra ({error.name} is missing): pip install bagel-hf[serve]") from error
 
-    if args.batch_wait_ms < 0:
-        raise ValueError(f"--batch_wait_ms must be >= 0, got {args.batch_wait_ms}.")
+    # Every setting, the key and the port are checked before the model loads.
     config = ServerConfig(
         model_name=args.model_name or Path(args.checkpoint).resolve().name,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
-        api_key=args.api_key or os.environ.get("BAGEL_API_KEY") or None,
+        api_key=resolve_api_key(args.api_key),  # an empty --api_key or BAGEL_API_KEY is refused, never "no key"
         request_timeout=args.request_timeout,
         allow_remote_images=args.allow_remote_images,
         image_dir=args.image_dir,
         batch_wait=args.batch_wait_ms / 1000.0,
     )
+    check_port(args.host, args.port)
     pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
     run_server(pipe, config, host=args.host, port=args.port, log_level=args.log_level)
 
