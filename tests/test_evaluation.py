@@ -91,6 +91,24 @@ def test_geneval_layout_seed_resume(tmp_path):
     assert _hashes(tmp_path / "c")["00000/samples/00000.png"] != hashes["00000/samples/00000.png"]
 
 
+def test_run_benchmark_in_python_writes_what_the_command_writes(tmp_path):
+    """The library route (`run_benchmark(pipe, ...)`) is the command's plan-then-run, with the same files."""
+    from diffusers_bagel import BagelPipeline
+    from diffusers_bagel.evaluation import run_benchmark
+
+    data = tmp_path / "evaluation_metadata.jsonl"
+    data.write_text(json.dumps({"tag": "single_object", "include": [{"class": "seven", "count": 1}],
+                                "prompt": "a handwritten digit seven"}) + "\n")  # fmt: skip
+    _run("geneval", "--data", str(data), "--n_samples", "1", "--seed", "3", "--output_dir", str(tmp_path / "cli"))
+    pipe = BagelPipeline.from_pretrained(CHECKPOINT)
+    pipe.set_progress_bar_config(disable=True)
+    summary = run_benchmark(pipe, "geneval", data, tmp_path / "lib", n_samples=1, seed=3, num_inference_steps=2,
+                            progress=False, checkpoint=CHECKPOINT)  # fmt: skip
+    assert summary.skipped == 0 and _hashes(tmp_path / "lib") == _hashes(tmp_path / "cli")
+    assert run_benchmark(pipe, "geneval", data, tmp_path / "lib", n_samples=1, seed=3, num_inference_steps=2,
+                         progress=False, checkpoint=CHECKPOINT).skipped == 1  # fmt: skip
+
+
 def test_wise_layout_with_thinking(tmp_path):
     entries = [{"Prompt": f"a handwritten digit {w}", "prompt_id": i + 1, "Category": "digits"} for i, w in enumerate(("two", "five"))]
     data = tmp_path / "final_data.json"

@@ -6,18 +6,14 @@ The understanding benchmarks run through lmms-eval with `transformers_bagel.lmms
 
 from __future__ import annotations
 
-from diffusers.utils import logging
-
 from .editing import IMGEDIT, KRIS, RISE
 from .gedit import GEDIT
 from .geneval import GENEVAL
 from .plan import EvalPlan, make_plan, run_plan
 from .record import SETTINGS_FILE, SettingsMismatchError
-from .runner import Benchmark, EvalItem, EvalOutputError, EvalSummary, run_items, sample_seed
+from .runner import Benchmark, EvalItem, EvalOutputError, EvalSummary, sample_seed
 from .wise import WISE
 
-
-logger = logging.get_logger(__name__)
 
 __all__ = [
     "BENCHMARKS",
@@ -83,6 +79,9 @@ def plan_benchmark(
     Carry the plan out with [`run_plan`].
 
     Args:
+        resolution (`int`, *optional*): side of text-to-image outputs; by default the pipeline's, 1024 capped by the
+            model's largest image (1024 for BAGEL-7B-MoT, the original evaluation's resolution). Editing benchmarks keep
+            the input image's VAE-resized size.
         checkpoint (`str` or `os.PathLike`, *optional*): the converted folder (its name is part of the settings).
         dtype (`str` or `torch.dtype`, *optional*), device (`str`, *optional*): `--dtype` and `--device` (`"auto"` is
             resolved as the command loads the model: bfloat16 on CUDA, float32 elsewhere).
@@ -106,49 +105,25 @@ def plan_benchmark(
 
 
 def run_benchmark(
-    pipe,
-    name: str,
-    data,
-    output_dir,
-    *,
-    image_root=None,
-    seed: int = 0,
-    batch_size: int = 1,
-    n_samples: int | None = None,
-    think: bool = False,
-    limit: int | None = None,
-    resolution: int | None = None,
-    progress: bool = True,
-    load_options: dict | None = None,
-    items: list[EvalItem] | None = None,
-    overwrite: bool = False,
-    checkpoint=None,
-    **overrides,
+    pipe, name: str, data, output_dir, *, progress: bool = True, checkpoint=None, **options
 ) -> EvalSummary:
     """
     Generates benchmark `name`'s outputs under `output_dir` with `pipe` ([`BagelPipeline`]), with the original BAGEL
-    evaluation's settings (`BENCHMARKS[name].pipeline_kwargs`) unless overridden by `overrides` (any
-    [`BagelPipeline.__call__`] argument: `num_inference_steps`, `cfg_text_scale`, `max_think_tokens`, ...):
-    [`plan_benchmark`] then [`run_plan`].
+    evaluation's settings (`BENCHMARKS[name].pipeline_kwargs`) unless overridden: [`plan_benchmark`] then
+    [`run_plan`].
 
     Args:
-        resolution (`int`, *optional*): side of text-to-image outputs; by default the pipeline's, 1024 capped by the
-            model's largest image (1024 for BAGEL-7B-MoT, the original evaluation's resolution). Editing benchmarks keep
-            the input image's VAE-resized size.
-        items (`list[EvalItem]`, *optional*): every entry, already read by [`load_benchmark`] (without `limit`; the
-            limit is applied here); read from `data` otherwise.
-        overwrite (`bool`): see [`plan_benchmark`].
+        progress (`bool`, defaults to `True`): show a progress bar.
         checkpoint (`str`, *optional*): the name recorded in the settings (default: the pipeline's `name_or_path`);
             the recorded dtype is the pipeline's.
+        options: the other arguments of [`plan_benchmark`] (`seed`, `batch_size`, `n_samples`, `think`, `limit`,
+            `resolution`, `overwrite`, `items`, ...) and [`BagelPipeline.__call__`] overrides (`num_inference_steps`,
+            `cfg_text_scale`, ...).
 
     Returns:
         [`EvalSummary`]: the files written and the items skipped as already complete.
     """
     if checkpoint is None:
         checkpoint = getattr(pipe, "name_or_path", None) or None
-    plan = plan_benchmark(
-        name, data, output_dir, image_root=image_root, seed=seed, batch_size=batch_size, n_samples=n_samples,
-        think=think, limit=limit, resolution=resolution, checkpoint=checkpoint, dtype=getattr(pipe, "dtype", None),
-        overwrite=overwrite, load_options=load_options, items=items, **overrides,
-    )  # fmt: skip
+    plan = plan_benchmark(name, data, output_dir, checkpoint=checkpoint, dtype=getattr(pipe, "dtype", None), **options)
     return run_plan(pipe, plan, progress=progress)
