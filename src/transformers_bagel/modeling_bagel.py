@@ -994,13 +994,13 @@ class BagelModel(BagelPreTrainedModel):
         return self.vae2llm(latents.to(dtype)) + time_embeds + self.latent_pos_embed(position_ids).to(dtype)
 
     @staticmethod
-    def _check_slots(input_ids: torch.LongTensor, token_id: int, grid_hw: torch.LongTensor, what: str, name: str):
+    def _check_slots(input_ids: torch.LongTensor, token_id: int, sizes: list[int], what: str, name: str):
         """
-        Refuses images whose token counts do not match the placeholder blocks of `input_ids`, block by block (one
-        image per run of `token_id`, in order): not only the total, which a wrong grid or a wrong number of images
-        can meet while giving every image the wrong patches. One read from the device (a prefill's, once per call).
+        Refuses images whose token counts (`sizes`, from `name`) do not match the placeholder blocks of `input_ids`,
+        block by block (one image per run of `token_id`, in order): not only the total, which a wrong grid or a wrong
+        number of images can meet while giving every image the wrong patches. One read from the device (a prefill's,
+        once per call).
         """
-        sizes = [rows * cols for rows, cols in patch_grids(grid_hw)]
         edges = F.pad(input_ids == token_id, (1, 1)).to(torch.int8).diff(dim=1)  # +1 where a run starts, -1 after it
         starts, ends = (edges == 1).nonzero()[:, 1], (edges == -1).nonzero()[:, 1]
         runs = (ends - starts).tolist()
@@ -1168,10 +1168,10 @@ class BagelModel(BagelPreTrainedModel):
         if pixel_values is not None:
             if image_grid_hw is None:
                 raise ValueError("`pixel_values` needs `image_grid_hw` (the patch grid of each image).")
-            self.vision_model.check_patches(pixel_values, image_grid_hw)
+            sizes = self.vision_model.check_patches(pixel_values, image_grid_hw)
             if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
                 raise ValueError("`pixel_values` hold NaN or infinite values: the images or their preprocessing are broken.")
-            self._check_slots(input_ids, self.config.image_token_id, image_grid_hw, "image", "image_grid_hw")
+            self._check_slots(input_ids, self.config.image_token_id, sizes, "image", "image_grid_hw")
             features = self.get_image_features(pixel_values, image_grid_hw)
             mask = (input_ids == self.config.image_token_id)[..., None]
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
@@ -1182,8 +1182,13 @@ class BagelModel(BagelPreTrainedModel):
                 raise ValueError("`latents` needs `latent_grid_hw` (the token grid of each latent image).")
             if latent_timesteps is None:
                 latent_timesteps = torch.zeros(latent_grid_hw.shape[0], device=latents.device)
-            self._check_slots(input_ids, self.config.latent_token_id, latent_grid_hw, "latent image", "latent_grid_hw")
-            features = self.get_latent_embeddings(latents, latent_grid_hw, latent_timesteps)
+            grids = patch_grids(latent_grid_hw)  # read once: the check and the position ids use it
+            sizes = [rows * cols for rows, cols in grids]
+            self._check_slots(input_ids, self.config.latent_token_id, sizes, "latent image", "latent_grid_hw")
+            latent_position_ids = grid_position_ids(
+                grids, self.config.max_latent_size, self.config.interpolate_pos, latents.device
+            )
+            features = self.get_latent_embeddings(latents, latent_grid_hw, latent_timesteps, latent_position_ids)
             mask = (input_ids == self.config.latent_token_id)[..., None]
             inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
         elif gen_token_mask is not None and bool(gen_token_mask.any()):
