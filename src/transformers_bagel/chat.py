@@ -10,8 +10,6 @@ import math
 
 import torch
 
-from .modeling_bagel import bagel_token_layout
-
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -116,9 +114,8 @@ def generate_answer(
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     if max_new_tokens is None:
-        limit = model.config.text_config.max_position_embeddings
-        prompt_positions = bagel_token_layout(inputs["input_ids"], model.config).next_position.max()  # one host read
-        max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - int(prompt_positions)))
+        room = model.position_room(inputs["input_ids"], inputs.get("attention_mask"))
+        max_new_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
     with torch.no_grad():
         output = model.generate(

@@ -1655,8 +1655,7 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         input_ids = kwargs.get("input_ids", inputs)
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.dtype in (torch.long, torch.int):
             limit = self.config.text_config.max_position_embeddings
-            layout = bagel_token_layout(input_ids, self.config, kwargs.get("attention_mask"))
-            room = limit - int(layout.next_position.max()) if input_ids.shape[1] else limit
+            room = self.position_room(input_ids, kwargs.get("attention_mask"))
             if room <= 0:
                 raise ValueError(
                     f"The prompt takes all {limit} positions of the model (text_config.max_position_embeddings): "
@@ -1677,6 +1676,15 @@ class BagelForConditionalGeneration(BagelPreTrainedModel, GenerationMixin):
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(FiniteLogitsCheck(self))
         return super().generate(inputs, generation_config=generation_config, logits_processor=processors, **kwargs)
+
+    def position_room(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> int:
+        """The positions of the model's table (`text_config.max_position_embeddings`) left after the prompt
+        `input_ids` (its longest row; an image block takes one position): the most tokens `generate` can add. One
+        read from the device."""
+        limit = self.config.text_config.max_position_embeddings
+        if not input_ids.shape[1]:
+            return limit
+        return limit - int(bagel_token_layout(input_ids, self.config, attention_mask).next_position.max())
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         input_ids = model_kwargs.get("input_ids", inputs_tensor)
