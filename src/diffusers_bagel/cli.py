@@ -383,14 +383,13 @@ def _check_size_fits(checkpoint: Path, height: int | None, width: int | None) ->
     config_path = Path(checkpoint) / "model" / "config.json"
     if (height is None and width is None) or not config_path.is_file():
         return  # the pipeline's own check (or the loader's message about the folder) covers it
-    import json
+    from transformers_bagel import BagelConfig
 
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        step = config["latent_patch_size"] * config["vae_downsample"]
-        largest = config["max_latent_size"] * step
-    except (ValueError, KeyError, TypeError):
-        return
+        config = BagelConfig.from_pretrained(config_path.parent)
+    except (ValueError, OSError):
+        return  # a broken config is named by the loader
+    step, largest = config.latent_downsample, config.max_image_size  # the sizes the pipeline checks against
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and (value > largest or value % step):
             raise ValueError(
