@@ -1029,7 +1029,6 @@ def analyse_on_fake_tensors(args, peak_tflops: float) -> dict:
         report["peak_activation_bytes"][name] = max(prefill_peak, step_peak, vae_peak)
         report["activation_peaks"][name] = {"prefill": prefill_peak, "step": step_peak, "vae_decode": vae_peak}
         report["floor_s"][name] = total / (peak_tflops * 1e12)
-        del guidance, contexts
 
     report["understand"] = analyse_understanding_on_fake_tensors(pipe, args)
     return report
