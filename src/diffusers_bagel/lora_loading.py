@@ -36,16 +36,16 @@ class BagelLoraLoaderMixin:
         """
         from transformers_bagel.training.lora import check_bagel_lora_path, load_bagel_lora
 
-        check_bagel_lora_path(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs.get("revision"))
         peft_model = getattr(self, "_bagel_peft_model", None)
         loaded = list(peft_model.peft_config) if peft_model is not None else []
         if adapter_name is None:
             adapter_name = f"default_{len(loaded)}"
         if adapter_name in loaded:
             raise ValueError(f"An adapter named {adapter_name!r} is loaded already; choose another `adapter_name`.")
-        if peft_model is None:
+        if peft_model is None:  # load_bagel_lora checks the path first
             self._bagel_peft_model = load_bagel_lora(self, pretrained_model_name_or_path, adapter_name, **kwargs)
         else:
+            check_bagel_lora_path(pretrained_model_name_or_path, kwargs.get("subfolder"), kwargs.get("revision"))
             peft_model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
             peft_model.set_adapter(adapter_name)
 
