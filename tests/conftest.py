@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 
+ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
+DIGITS_CHECKPOINT = ROOT / "checkpoints" / "tiny-bagel-digits"
 ORIGINAL_DIR = FIXTURES / "tiny_bagel_original"
 EXPECTED_DIR = FIXTURES / "expected"
 # Image-processor sizes the reference outputs were produced with (tiny model; the 7B uses 1024/512 and 980/224).
@@ -58,6 +60,24 @@ def load_pipeline(converted_dir: Path, attn_implementation: str | None = "sdpa")
     pipeline = BagelPipeline.from_pretrained(converted_dir)
     if attn_implementation is not None:
         pipeline.model.set_attn_implementation(attn_implementation)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(converted_dir):
+    """The converted tiny BAGEL as a BagelPipeline (sdpa, progress bars off), one per test module."""
+    return load_pipeline(converted_dir)
+
+
+@pytest.fixture(scope="module")
+def digits_pipe():
+    """The shipped digits BAGEL as a BagelPipeline (CPU, float32, progress bars off), one per test module."""
+    from diffusers_bagel import BagelPipeline
+
+    if not (DIGITS_CHECKPOINT / "model_index.json").is_file():
+        pytest.skip("the digits checkpoint is not shipped in this checkout")
+    pipeline = BagelPipeline.from_pretrained(DIGITS_CHECKPOINT)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -138,3 +158,28 @@ def check_rows_prefilled_together(model, rows: list[dict]) -> None:
     x_t = torch.randn(len(rows), 4, model.config.patch_latent_dim, generator=torch.Generator().manual_seed(3))
     velocities = [model.predict_velocity(x_t, 0.6, (2, 2), context, grown) for context, grown in zip(contexts, spans)]
     assert_close_rel(velocities[1], velocities[0], 1e-5)
+
+
+def with_attn(model, implementation):
+    model.set_attn_implementation(implementation)
+    return model
+
+
+def mixed_inputs(config, seed=0):
+    """text, a ViT image block (2x3 patches), text, a clean VAE image block (2x2 tokens), text."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = (
+        [401, 30, 31, 402]
+        + [config.start_of_image_token_id] + [config.image_token_id] * 6 + [config.end_of_image_token_id]
+        + [401, 40, 41, 42, 402]
+        + [config.start_of_image_token_id] + [config.latent_token_id] * 4 + [config.end_of_image_token_id]
+        + [401, 50, 51]
+    )
+    patch_dim = config.vision_config.num_channels * config.vision_config.patch_size**2
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.randn(6, patch_dim, generator=generator),
+        "image_grid_hw": torch.tensor([[2, 3]]),
+        "latents": torch.randn(4, config.patch_latent_dim, generator=generator),
+        "latent_grid_hw": torch.tensor([[2, 2]]),
+    }

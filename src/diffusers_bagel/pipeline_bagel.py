@@ -532,7 +532,7 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 "few hundred the Euler steps change nothing but the run time)."
             )
         # Bounds far beyond any useful setting, and tight enough that float32 guidance and the shifted schedule cannot
-        # overflow or cancel into NaN images (found by tests/test_hypothesis.py: scales and shifts near 3e38, shifts
+        # overflow or cancel into NaN images (found by tests/pipelines/bagel/test_hypothesis.py: scales and shifts near 3e38, shifts
         # near 1e-276).
         if (
             not isinstance(timestep_shift, (int, float))

@@ -117,7 +117,7 @@ def test_flash_matches_sdpa_on_images_padding_and_denoising(converted_dir, refer
 def test_flash_rows_prefilled_in_one_forward_equal_rows_prefilled_alone(original_model, reference_flash, no_grad):
     """Several contexts prefilled in one forward under flash_attention_2: each row's segments start at its own span
     (a run never crosses rows), as sdpa's mask does."""
-    from test_modeling import mixed_inputs
+    from conftest import mixed_inputs
 
     model, _ = original_model
     model.set_attn_implementation("flash_attention_2")

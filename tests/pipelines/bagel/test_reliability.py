@@ -10,11 +10,6 @@ from conftest import load_pipeline
 from transformers_bagel.image_processing_bagel import to_rgb_image
 
 
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    return load_pipeline(converted_dir)
-
-
 @pytest.fixture()
 def no_work(pipe, monkeypatch):
     """Fails the test if the model or the VAE runs: the input must be refused before any work."""

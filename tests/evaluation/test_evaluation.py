@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = ROOT / "checkpoints" / "tiny-bagel-digits"
 sys.path.insert(0, str(ROOT / "examples"))
 

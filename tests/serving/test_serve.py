@@ -24,7 +24,7 @@ from diffusers_bagel import BagelPipeline  # noqa: E402
 from diffusers_bagel.serving import ServerConfig, create_app  # noqa: E402
 
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-bagel-digits"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-bagel-digits"
 MODEL = "tiny-bagel-digits"
 KEY = "test-key"
 STEPS = {"num_inference_steps": 16}  # as examples/quickstart.py draws the digits
@@ -57,15 +57,8 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    if not (CHECKPOINT / "model_index.json").is_file():
-        pytest.skip("the digits checkpoint is not shipped in this checkout")
-    return BagelPipeline.from_pretrained(CHECKPOINT)
-
-
-@pytest.fixture(scope="module")
-def server(pipe):
-    running = _Server(create_app(pipe, ServerConfig(model_name=MODEL, api_key=KEY, max_batch_size=8)))
+def server(digits_pipe):
+    running = _Server(create_app(digits_pipe, ServerConfig(model_name=MODEL, api_key=KEY, max_batch_size=8)))
     yield running
     running.stop()
 
@@ -227,8 +220,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     assert np.array_equal(np.asarray(_generate(client)), np.asarray(seven))
 
 
-def test_url_response_format_serves_the_file(pipe, tmp_path):
-    running = _Server(create_app(pipe, ServerConfig(model_name=MODEL, image_dir=tmp_path)))
+def test_url_response_format_serves_the_file(digits_pipe, tmp_path):
+    running = _Server(create_app(digits_pipe, ServerConfig(model_name=MODEL, image_dir=tmp_path)))
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=300)
         result = client.images.generate(model=MODEL, prompt="a handwritten digit two", size="64x64",
@@ -240,8 +233,8 @@ def test_url_response_format_serves_the_file(pipe, tmp_path):
         running.stop()
 
 
-def test_full_queue_answers_429(pipe):
-    running = _Server(create_app(pipe, ServerConfig(model_name=MODEL, max_queue=1, max_batch_size=1)))
+def test_full_queue_answers_429(digits_pipe):
+    running = _Server(create_app(digits_pipe, ServerConfig(model_name=MODEL, max_queue=1, max_batch_size=1)))
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -261,8 +254,8 @@ def test_full_queue_answers_429(pipe):
         running.stop()
 
 
-def test_request_timeout_answers_504(pipe):
-    running = _Server(create_app(pipe, ServerConfig(model_name=MODEL, request_timeout=0.05)))
+def test_request_timeout_answers_504(digits_pipe):
+    running = _Server(create_app(digits_pipe, ServerConfig(model_name=MODEL, request_timeout=0.05)))
     try:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=300)
         with pytest.raises(openai.APIStatusError) as caught:

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import transformers_bagel
 from conftest import load_expected
 
 
+@pytest.mark.slow
 def test_saved_code_loads_without_the_package(original_model, tmp_path):
     model, tokenizer = original_model
     transformers_bagel.register_for_hub()

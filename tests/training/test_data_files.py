@@ -29,7 +29,7 @@ from transformers_bagel.training import (
 )
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = settings(max_examples=60, deadline=None)
 
 

@@ -319,7 +319,7 @@ def test_apply_guidance_rejects_bad_arguments():
 
 # -- config: the parent's, with BAGEL's default shift ------------------------------------------------------------------
 
-SHIPPED_SCHEDULER = Path(__file__).parents[1] / "checkpoints" / "tiny-bagel-digits" / "scheduler"
+SHIPPED_SCHEDULER = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-bagel-digits" / "scheduler"
 # The float32 schedules of the shipped config, as the scheduler gave them before it used the parent's `set_shift`
 # and signature (3 steps; its own shift 3.0, then a per-call 2.5).
 SHIPPED_SIGMAS_N3 = [1.0, 0.8571428060531616, 0.5999999642372131, 0.0]

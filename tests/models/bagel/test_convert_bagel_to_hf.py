@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ORIGINAL_DIR
 from diffusers_bagel.convert_bagel_to_diffusers import convert
-from test_modeling import mixed_inputs, with_attn
+from conftest import mixed_inputs, with_attn
 from transformers_bagel.convert_bagel_to_hf import (
     convert_key,
     load_original_model,
@@ -32,7 +32,7 @@ from transformers_bagel.safetensors_streaming import (
 )
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "scripts"))
 from make_synthetic_release import make_synthetic_release, original_key  # noqa: E402
 from measure_conversion_memory import check_bit_identical, measure  # noqa: E402
@@ -283,6 +283,7 @@ def test_float16_overflow_is_refused_as_beyond_range(tmp_path):
 # -- memory ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_conversion_and_loading_memory_stay_far_below_the_checkpoint(tmp_path):
     """A 167 MB float32 release converted to bfloat16 in 50 MB shards, and loaded, each in a fresh process: the peak
     resident memory above the same measurement on the tiny release is under 0.6x the checkpoint for the conversion

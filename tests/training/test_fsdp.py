@@ -23,6 +23,9 @@ from transformers_bagel.training import (
 )
 
 
+pytestmark = pytest.mark.slow  # spawns two processes
+
+
 WORLD = 2
 STEPS = 12
 

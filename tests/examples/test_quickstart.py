@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import PIL.Image
+import pytest
 
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test runs the quickstart as a subprocess
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args):

@@ -14,11 +14,6 @@ from diffusers_bagel.taylorseer import TaylorSeerState
 from transformers_bagel import BagelContext, unpack_latents
 
 
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    return load_pipeline(converted_dir)
-
-
 def _taylorseer_call(meta, expected):
     """The fixture's call: 64x64, 20 steps, shift 3, text CFG 4 at every step, global renorm, saved noise."""
     return {
@@ -291,6 +286,7 @@ def test_bad_denoising_inputs_are_refused(pipe, no_grad):
         BagelContext(cache={})
 
 
+@pytest.mark.slow
 def test_compiled_denoising_step_is_one_graph(converted_dir, no_grad):
     """`compile_denoising()`: a 5-step call compiles the layer stack once (fullgraph, no break, no recompilation
     across steps) and matches eager."""

@@ -10,7 +10,7 @@ import torch
 
 
 pytest.importorskip("sklearn", reason="scikit-learn is not installed (pip install -e '.[digits]')")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from digits import (  # noqa: E402

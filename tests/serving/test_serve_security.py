@@ -43,7 +43,7 @@ from diffusers_bagel.serving import app as app_module  # noqa: E402
 from diffusers_bagel.serving import remote as remote_module  # noqa: E402
 
 
-CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-bagel-digits"
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-bagel-digits"
 MODEL = "tiny-bagel-digits"
 STEPS = {"num_inference_steps": 16}
 QUESTION = "Which digit is this?"
@@ -106,20 +106,13 @@ class _Gate:
         return results
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    if not (CHECKPOINT / "model_index.json").is_file():
-        pytest.skip("the digits checkpoint is not shipped in this checkout")
-    return BagelPipeline.from_pretrained(CHECKPOINT)
-
-
 @pytest.fixture
-def serve(pipe):
+def serve(digits_pipe):
     """Starts servers on the digits pipeline (`serve(**config)`); all are stopped after the test."""
     running = []
 
     def start(**config):
-        server = _Server(create_app(pipe, ServerConfig(model_name=MODEL, **config)))
+        server = _Server(create_app(digits_pipe, ServerConfig(model_name=MODEL, **config)))
         running.append(server)
         return server
 
@@ -558,7 +551,7 @@ def test_a_queued_request_past_its_timeout_is_dropped_unrun(serve):
     assert [job.payload.seed for job in gate.ran] == [1]
 
 
-def test_a_running_image_call_stops_once_its_client_is_gone(serve, pipe):
+def test_a_running_image_call_stops_once_its_client_is_gone(serve, digits_pipe):
     server = serve(max_batch_size=1)
     gate = _Gate(server.worker, hold=lambda jobs: _wait_until(lambda: jobs[0].cancelled, what="the client to leave"))
     sock = _post_raw(server, "/v1/images/generations",
@@ -566,7 +559,7 @@ def test_a_running_image_call_stops_once_its_client_is_gone(serve, pipe):
     _wait_until(gate.entered.is_set, what="the worker to take the job")
     sock.close()
     _wait_until(lambda: gate.results, what="the call to end")
-    assert pipe.interrupt  # left its denoising loop at the first step: nobody waited for the image
+    assert digits_pipe.interrupt  # left its denoising loop at the first step: nobody waited for the image
     _still_serving(server)
 
 

@@ -11,11 +11,6 @@ from diffusers_bagel import BagelPipelineOutput, FlowMatchEulerScheduler
 from transformers_bagel import BagelContext, pack_latents, unpack_latents
 
 
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    return load_pipeline(converted_dir)
-
-
 def _noise(batch, height, width, seed=0):
     return torch.randn(batch, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(seed))
 

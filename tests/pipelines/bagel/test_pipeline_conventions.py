@@ -18,13 +18,8 @@ from diffusers_bagel.pipeline_bagel import EXAMPLE_DOC_STRING, BagelVaeImageProc
 from transformers_bagel import pack_latents
 
 
-DIGITS_CHECKPOINT = Path(__file__).parents[1] / "checkpoints" / "tiny-bagel-digits"
+DIGITS_CHECKPOINT = Path(__file__).resolve().parents[3] / "checkpoints" / "tiny-bagel-digits"
 CALL = {"prompt": "a cat", "height": 32, "width": 48}
-
-
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    return load_pipeline(converted_dir)
 
 
 def _fresh(pipe) -> BagelPipeline:

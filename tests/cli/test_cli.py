@@ -19,13 +19,6 @@ from transformers_bagel.chat import generate_answer, understanding_messages
 
 
 @pytest.fixture(scope="module")
-def pipe(converted_dir):
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
     y, x = np.mgrid[0:40, 0:50]
     pixels = np.stack([x * 5, y * 6, 250 - x * 5], axis=-1).astype(np.uint8)
@@ -219,7 +212,7 @@ def test_chat_on_stdin_keeps_the_conversation(converted_dir, pipe, picture, caps
     assert out == f"> {first}\n> {second}\n> "
 
 
-DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-bagel-digits"
+DIGITS = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-bagel-digits"
 
 
 def test_defaults_fit_the_shipped_model_and_only_given_budgets_are_warned_about(tmp_path, capsys, caplog):

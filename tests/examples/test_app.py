@@ -8,7 +8,7 @@ import pytest
 
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[app]')")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 import app  # noqa: E402
 

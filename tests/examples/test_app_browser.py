@@ -18,7 +18,10 @@ import pytest
 import torch
 
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a headless browser against a served app
+
+
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 # How Chromium must start on these machines: headless, as root, with nothing trying to reach the network.
 CHROMIUM_FLAGS = [
@@ -92,15 +95,6 @@ def browser_page(app_url, tmp_path_factory):
         yield page
         context.close()
     shutil.rmtree(profile, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    from diffusers_bagel import BagelPipeline
-
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")

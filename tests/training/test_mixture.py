@@ -457,7 +457,7 @@ def test_train_example_with_a_dataset_config(converted_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    examples = str(Path(__file__).resolve().parent.parent / "examples")
+    examples = str(Path(__file__).resolve().parents[2] / "examples")
     sys.path.insert(0, examples)
     try:
         from train import main, parse_args

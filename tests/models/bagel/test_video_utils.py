@@ -11,11 +11,6 @@ from transformers_bagel.chat import generate_answer, understanding_messages
 from transformers_bagel.video_utils import DEFAULT_NUM_FRAMES, load_video_frames, sample_frame_indices
 
 
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    return load_pipeline(converted_dir)
-
-
 def _frames(count, size=(48, 32), seed=0):
     rng = np.random.default_rng(seed)
     return [PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]

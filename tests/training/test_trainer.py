@@ -27,7 +27,7 @@ from transformers_bagel.training import (
 )
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +78,7 @@ def _losses(trainer):
     return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
 
 
+@pytest.mark.slow
 def test_loss_falls_resume_continues_and_ema_is_saved(small_config, processor, tmp_path):
     recorder, ema = _LossAndParams(), BagelEMACallback(decay=0.9)
     first = _trainer(_model(small_config), processor, tmp_path / "a", 200, callbacks=[recorder, ema])
@@ -255,6 +256,7 @@ def _example_flags(converted_dir, out):
             "--save_steps", "2", "--logging_steps", "1", "--max_tokens", "200", "--use_cpu"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_train_example_full_fine_tune_as_a_subprocess(converted_dir, tmp_path, monkeypatch):
     """examples/train.py on the tiny checkpoint and its synthetic data, as a user runs it; the result loads as a
     pipeline, with the frozen ViT unchanged and the generation expert trained."""

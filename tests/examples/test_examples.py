@@ -11,7 +11,10 @@ import PIL.Image
 import pytest
 
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test runs an example as a subprocess
+
+
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 

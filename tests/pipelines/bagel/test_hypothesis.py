@@ -56,13 +56,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def pipe(converted_dir):
-    pipeline = BagelPipeline.from_pretrained(converted_dir)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 # -- strategies ------------------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test runs the benchmark script, several as subprocesses
+
+
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "benchmark.py"
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT = ROOT / "checkpoints" / "tiny-bagel-digits"
 FAST = {"num_inference_steps": 2}
 SETTINGS = settings(
@@ -25,16 +25,6 @@ SETTINGS = settings(
 # Strings built from the pieces of path traversal, plus any text at all.
 PIECES = ["..", ".", "/", "\\", "a", "evil", "C:", "\x00", "\n", "~", " ", "é", "%2e"]
 HOSTILE = st.one_of(st.lists(st.sampled_from(PIECES), min_size=1, max_size=6).map("".join), st.text(max_size=20))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    """The tiny digits BAGEL (CPU, float32), progress bars off."""
-    from diffusers_bagel import BagelPipeline
-
-    pipeline = BagelPipeline.from_pretrained(str(CHECKPOINT))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +53,12 @@ def _plan(name, data, out, **kwargs):
     return plan_benchmark(name, data, out, **kwargs)
 
 
-def _run(pipe, name, data, out, **kwargs):
+def _run(digits_pipe, name, data, out, **kwargs):
     """What `bagel eval` does: plan (all checks), load the model only if something is left to draw, run."""
     from diffusers_bagel.evaluation import run_plan
 
     plan = _plan(name, data, out, **kwargs)
-    return plan, run_plan(pipe if plan.pending else None, plan, progress=False)
+    return plan, run_plan(digits_pipe if plan.pending else None, plan, progress=False)
 
 
 # -- 1. path traversal -------------------------------------------------------------------------------------------------
@@ -192,12 +182,12 @@ def digits_png(tmp_path):
 # -- 2. the settings record --------------------------------------------------------------------------------------------
 
 
-def test_rerun_with_other_settings_is_refused_and_overwrite_redraws(tmp_path, pipe):
+def test_rerun_with_other_settings_is_refused_and_overwrite_redraws(tmp_path, digits_pipe):
     from diffusers_bagel.evaluation import SETTINGS_FILE, SettingsMismatchError
 
     data = _wise(tmp_path / "final_data.json")
     out = tmp_path / "out"
-    plan, summary = _run(pipe, "wise", data, out, batch_size=2)
+    plan, summary = _run(digits_pipe, "wise", data, out, batch_size=2)
     assert plan.pending == 2 and sorted(summary.written) == ["1.png", "2.png"]
     record = json.loads((out / SETTINGS_FILE).read_text())
     assert record["settings"] | {"entries_sha256": None} == {
@@ -209,7 +199,7 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_redraws(tmp_path, pi
     before = _files(out)
 
     # Same settings (another batch size, a limit): resumes, nothing to draw, record untouched.
-    plan, summary = _run(pipe, "wise", data, out, batch_size=1, limit=1)
+    plan, summary = _run(digits_pipe, "wise", data, out, batch_size=1, limit=1)
     assert (plan.pending, plan.write_record, summary.written) == (0, False, [])
     assert _files(out) == before
 
@@ -228,11 +218,11 @@ def test_rerun_with_other_settings_is_refused_and_overwrite_redraws(tmp_path, pi
 
     # --overwrite: the earlier outputs are deleted and drawn again with the new settings, the record follows.
     old = {name: (out / name).read_bytes() for name in ("1.png", "2.png")}
-    plan, summary = _run(pipe, "wise", data, out, seed=3, overwrite=True)
+    plan, summary = _run(digits_pipe, "wise", data, out, seed=3, overwrite=True)
     assert plan.replace and plan.pending == 2 and sorted(summary.written) == ["1.png", "2.png"]
     assert all((out / name).read_bytes() != image for name, image in old.items())
     assert json.loads((out / SETTINGS_FILE).read_text())["settings"]["seed"] == 3
-    plan, summary = _run(pipe, "wise", data, out, seed=3)
+    plan, summary = _run(digits_pipe, "wise", data, out, seed=3)
     assert plan.pending == 0 and summary.written == []
 
 
@@ -296,7 +286,7 @@ def test_geneval_position_clause_is_accepted(tmp_path):
 # -- 4. nothing left to draw -------------------------------------------------------------------------------------------
 
 
-def test_count_of_entries_left_to_draw_follows_the_resume_rule(tmp_path, pipe):
+def test_count_of_entries_left_to_draw_follows_the_resume_rule(tmp_path, digits_pipe):
     lines = [{"prompt": f"a handwritten digit {w}", "tag": "single_object"} for w in ("one", "two", "three")]
     data = tmp_path / "m.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -304,7 +294,7 @@ def test_count_of_entries_left_to_draw_follows_the_resume_rule(tmp_path, pipe):
     options = {"n_samples": 2, "batch_size": 2}
     plan = _plan("geneval", data, out, **options)
     assert (plan.pending, plan.complete) == (3, False)
-    _run(pipe, "geneval", data, out, **options)
+    _run(digits_pipe, "geneval", data, out, **options)
     plan = _plan("geneval", data, out, **options)
     assert (plan.pending, plan.complete) == (0, True)
     # A missing grid needs no model: the plan says complete and a run without a pipeline writes it back.
@@ -386,21 +376,21 @@ def _full_disk(monkeypatch, after: int = 0):
     monkeypatch.setattr(PIL.Image.Image, "save", save)
 
 
-def test_full_disk_is_one_error_naming_the_folder_and_leaves_no_temporary_file(tmp_path, pipe, monkeypatch):
+def test_full_disk_is_one_error_naming_the_folder_and_leaves_no_temporary_file(tmp_path, digits_pipe, monkeypatch):
     from diffusers_bagel.evaluation import EvalOutputError
 
     data = _wise(tmp_path / "final_data.json")
     out = tmp_path / "out"
     _full_disk(monkeypatch, after=1)
     with pytest.raises(EvalOutputError) as failed:
-        _run(pipe, "wise", data, out)
+        _run(digits_pipe, "wise", data, out)
     error = failed.value
     assert isinstance(error, OSError) and isinstance(error, ValueError) and error.errno == errno.ENOSPC
     assert str(error).startswith(f"could not write '2.png' in the output folder {str(out)!r}: No space left on device.")
     assert "free some space" in str(error).lower() and "resumes" in str(error)
     assert sorted(p.name for p in out.iterdir()) == ["1.png", "bagel_eval_settings.json"]  # no .tmp, no partial 2.png
     monkeypatch.undo()
-    plan, summary = _run(pipe, "wise", data, out)
+    plan, summary = _run(digits_pipe, "wise", data, out)
     assert summary.written == ["2.png"]
 
 
