@@ -1,5 +1,6 @@
-"""The package layering: transformers_bagel is the base and never imports diffusers_bagel; importing the library
-pulls in neither the demo's scikit-learn nor the app's gradio."""
+"""The repository layout: transformers_bagel is the base and never imports diffusers_bagel; importing the library
+pulls in neither the demo's scikit-learn nor the app's gradio; the root `model_card.md` is a real file, the card
+`bagel convert` writes for the 7B release."""
 
 import ast
 import subprocess
@@ -7,7 +8,8 @@ import sys
 from pathlib import Path
 
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -34,3 +36,16 @@ def test_library_import_pulls_no_demo_or_app_dependency():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert result.stdout.strip() == "[]"
     assert not (SRC / "transformers_bagel" / "digits").exists()
+
+
+def test_root_model_card_is_the_card_the_converter_writes_for_the_7b():
+    card = ROOT / "model_card.md"
+    assert card.is_file() and not card.is_symlink()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from write_model_card import rendered_card
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    text = card.read_text(encoding="utf-8")
+    assert "base_model: ByteDance-Seed/BAGEL-7B-MoT" in text and "{{" not in text
+    assert text == rendered_card(), "model_card.md is out of date: run `python scripts/write_model_card.py`"
