@@ -42,7 +42,7 @@ logger = logging.get_logger(__name__)
 EMA_WEIGHTS_NAME = "ema.safetensors"
 _FINITE_CHECK_VALUES = 1 << 24  # values checked for NaN / inf at a time (a 16 MB mask)
 
-# Values `app.py` hard-codes for the 7B release (SPEC section 2); a release folder has no file holding them.
+# Values the original's `app.py` hard-codes for the 7B release; a release folder has no file holding them.
 BAGEL_7B_MODEL_VALUES = {
     "latent_patch_size": 2,
     "max_latent_size": 64,
@@ -51,7 +51,7 @@ BAGEL_7B_MODEL_VALUES = {
     "interpolate_pos": False,
     "timestep_shift": 1.0,
 }
-# Image-processor sizes of the 7B (SPEC section 4).
+# Image-processor sizes of the 7B (the original's `app.py` and `inferencer.py`).
 BAGEL_7B_IMAGE_SIZES = {
     "vae_max_image_size": 1024,
     "vae_min_image_size": 512,

@@ -156,7 +156,8 @@ def bagel_resize_size(
 ) -> tuple[int, int]:
     """
     BAGEL's target size `(width, height)` for an image: long edge at most `max_size`, short edge at least
-    `min_size`, both sides multiples of `stride`, at most `max_pixels` pixels (SPEC section 4).
+    `min_size`, both sides multiples of `stride`, at most `max_pixels` pixels (the original's
+    `MaxLongEdgeMinShortEdgeResize`, `data/transforms.py`).
     """
 
     def scaled(w, h, scale):

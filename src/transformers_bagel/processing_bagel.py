@@ -20,8 +20,9 @@ logger = logging.get_logger(__name__)
 __all__ = ["BagelProcessor", "BAGEL_CHAT_TEMPLATE", "VIDEO_PART_KEYS"]
 
 
-# BAGEL has no roles and no system template (SPEC section 3): every text is `<|im_start|>text<|im_end|>`, every image
-# a vision block, and generation starts from `<|im_start|>`. Roles are accepted and ignored so that standard
+# BAGEL has no roles and no system template (the original's `prepare_prompts`, `modeling/bagel/bagel.py` of
+# ByteDance-Seed/Bagel): every text is `<|im_start|>text<|im_end|>`, every image a vision block, and generation starts
+# from `<|im_start|>`. Roles are accepted and ignored so that standard
 # `messages` work; a plain-string content is one text. BAGEL has no video token: a video is one vision block per
 # frame, as the original's VLM data puts it (`video` holding the decoded frames, or a bare slot of `num_frames`).
 BAGEL_CHAT_TEMPLATE = (

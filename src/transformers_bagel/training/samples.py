@@ -21,7 +21,7 @@ A sample is a plain dict holding an ordered list of segments (the original's "se
 - `vae_image` with `loss=False`: a clean VAE-latent image (editing source), a bidirectional block at one position,
   encoded at flow time 0.
 - `vae_image` with `loss=True`: a flow-matching target. It is noised, no other token can see it, and it does not
-  advance the position counter (SPEC.md section 6).
+  advance the position counter (the original's `PackedDataset.pack_sequence`, `data/dataset_base.py`).
 - `special_token_loss` (any segment, defaults to off): the original's flag of the same name. The segment's closing
   token (`<|im_end|>` of a text, `<|vision_end|>` of an image) becomes a CE position: its logits are trained to predict
   `special_token_label` (a token id or token string; by default the token that opens the next segment kept in the
