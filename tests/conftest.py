@@ -141,13 +141,15 @@ def check_rows_prefilled_together(model, rows: list[dict]) -> None:
     contexts, spans = [], []
     for merged in (False, True):
         context = BagelContext()
-        span = model(input_ids=first, context=context, context_spans=context.new_span()).context_span
+        span = model.prefill_context(input_ids=first, context=context, context_spans=context.new_span()).context_span
         if merged:
             new = [span] + [context.new_span()] * (len(rows) - 1)
-            grown = list(model(**together, context=context, context_spans=new, cache_only=True).context_spans)
+            grown = model.prefill_context(**together, context=context, context_spans=new, cache_only=True).context_spans
+            grown = list(grown)
         else:
-            grown = [model(**rows[0], context=context, context_spans=span).context_span]
-            grown += [model(**row, context=context, context_spans=context.new_span()).context_span for row in rows[1:]]
+            grown = [model.prefill_context(**rows[0], context=context, context_spans=span).context_span]
+            grown += [model.prefill_context(**row, context=context, context_spans=context.new_span()).context_span
+                      for row in rows[1:]]
         contexts.append(context)
         spans.append(grown)
     assert spans[0] == spans[1]

@@ -1,13 +1,15 @@
 """
-The defaults and bounds of BAGEL's image generation, in one place: the pipeline checks its arguments against them,
-and the `bagel` command, the server and the app take their defaults from them. This module imports nothing heavy, so
-that `bagel --help` answers before torch is loaded.
+The defaults and bounds of BAGEL's image generation, in one place: the pipeline resolves its defaults from them and
+checks its arguments against them. The `bagel` command and the server pass on only the arguments they are given (the
+pipeline's defaults apply to the others); `bagel --help` and the app show these. This module imports nothing heavy,
+so that `bagel --help` answers before torch is loaded.
 """
 
 __all__ = [
     "CFG_RENORM_TYPES",
     "DEFAULT_MAX_THINK_TOKENS",
     "EDIT_PRESET",
+    "GEN_THINK_SYSTEM_PROMPT",
     "MAX_GUIDANCE_SCALE",
     "MAX_IMAGES_PER_CALL",
     "MAX_INFERENCE_STEPS",
@@ -29,7 +31,7 @@ TEXT_TO_IMAGE_PRESET = {
 EDIT_PRESET = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 """The renormalisation rules `FlowMatchEulerScheduler.apply_guidance` accepts."""
-RENORM_TYPES = CFG_RENORM_TYPES  # the name the CLI and the app import
+RENORM_TYPES = CFG_RENORM_TYPES  # the name the pipeline's checks use
 MAX_GUIDANCE_SCALE = 1000.0
 MIN_TIMESTEP_SHIFT, MAX_TIMESTEP_SHIFT = 1e-3, 1000.0
 # Bounds that keep a mistyped argument from running for hours or exhausting memory before any error.
@@ -37,3 +39,9 @@ MAX_INFERENCE_STEPS = 10_000
 MAX_IMAGES_PER_CALL = 256
 DEFAULT_MAX_THINK_TOKENS = 1000  # the original's max_think_token_n
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The system prompt of thinking mode for image generation (the original's `inferencer.py`): the plan comes first.
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here"
+)

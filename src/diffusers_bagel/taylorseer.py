@@ -1,23 +1,30 @@
-"""The original BAGEL's TaylorSeer step caching, one state per guidance branch and per pipeline call.
+"""The original BAGEL's TaylorSeer step caching as a diffusers hook on the decoder's layer stack, one state per guidance
+branch and per pipeline call.
 
 Written here because no library implements BAGEL's variant: diffusers' `TaylorSeerCacheConfig` hook predicts module
 outputs with its own schedule (warm-up, refresh interval, per-module states) and counts steps per module call, while the
-original counts decoder-stack calls per guidance branch and runs its own first-enhance / fresh-threshold schedule.
+original (`modeling/cache_utils/taylorseer.py` of ByteDance-Seed/Bagel) counts decoder-stack calls per guidance branch
+and runs its own first-enhance / fresh-threshold schedule. It is built like diffusers' own hooks
+(`diffusers/hooks/taylorseer_cache.py`): a stateful [`~diffusers.hooks.ModelHook`] whose `new_forward` either runs the
+module or returns the predicted output.
 """
 
+import contextlib
 import math
 
 import torch
-
-from transformers_bagel import BagelStepCache
-
-
-__all__ = ["TaylorSeerState", "TaylorSeerStepCache"]
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState
 
 
-class TaylorSeerState:
+__all__ = ["TaylorSeerHook", "TaylorSeerState", "apply_taylorseer", "remove_taylorseer"]
+
+_TAYLORSEER_HOOK = "bagel_taylorseer"
+
+
+class TaylorSeerState(BaseState):
     """
-    TaylorSeer of one guidance branch, as the original (`modeling/cache_utils/taylorseer.py`, SPEC.md section 5):
+    TaylorSeer of one guidance branch, as the original (`modeling/cache_utils/taylorseer.py` of ByteDance-Seed/Bagel):
 
     - the branch's decoder stack runs in full on its first `first_enhance` (5) calls and then on every
       `fresh_threshold`-th (3rd) call; on the others ("Taylor" steps) its output is predicted;
@@ -37,6 +44,9 @@ class TaylorSeerState:
         self.first_enhance = first_enhance
         self.fresh_threshold = fresh_threshold
         self.max_order = max_order
+        self.reset()
+
+    def reset(self) -> None:
         self.step = 0
         self.activated_steps = [0]
         self.cache_counter = 0
@@ -76,25 +86,73 @@ class TaylorSeerState:
         self.step += 1
 
 
-class TaylorSeerStepCache(BagelStepCache):
+class TaylorSeerHook(ModelHook):
     """
-    The [`BagelStepCache`] of one denoising forward whose rows belong to several branches of the same type this step
-    (all full or all Taylor): `rows_per_branch` consecutive rows per state, in order.
+    TaylorSeer on the decoder's layer stack (`BagelDecoderLayers`), one [`TaylorSeerState`] per guidance branch.
+
+    The branches of a denoising step run together, `rows_per_branch` consecutive rows each, in forwards of branches of
+    one step type: the pipeline asks [`~TaylorSeerHook.begin_step`] which branches run in full, then runs each group
+    inside [`~TaylorSeerHook.branches`]. On a Taylor forward the hook returns the branches' predicted stack output and
+    no layer runs; after a full forward it stores each branch's factors.
     """
 
-    def __init__(self, states: list[TaylorSeerState], rows_per_branch: int):
-        kinds = {state.is_full for state in states}
-        if len(kinds) != 1 or None in kinds:
-            raise ValueError("A TaylorSeer forward takes branches whose step type is decided and equal.")
-        self.states = states
+    _is_stateful = True
+
+    def __init__(self, rows_per_branch: int, first_enhance: int = 5, fresh_threshold: int = 3, max_order: int = 6):
+        super().__init__()
         self.rows_per_branch = rows_per_branch
+        self.state_kwargs = {"first_enhance": first_enhance, "fresh_threshold": fresh_threshold, "max_order": max_order}
+        self.states: dict[str, TaylorSeerState] = {}
+        self.running: list[TaylorSeerState] = []
 
-    def cached_output(self) -> torch.Tensor | None:
-        if self.states[0].is_full:
-            return None
-        predictions = [state.predict() for state in self.states]
-        return torch.cat(predictions) if len(predictions) > 1 else predictions[0]
+    def begin_step(self, branches: list[str]) -> tuple[list[str], list[str]]:
+        """Decides this step's type for each of `branches` (the ones that run); returns the branches whose stack runs
+        in full and those predicted by their Taylor factors."""
+        for branch in branches:
+            self.states.setdefault(branch, TaylorSeerState(**self.state_kwargs)).begin_step()
+        full = [branch for branch in branches if self.states[branch].is_full]
+        return full, [branch for branch in branches if not self.states[branch].is_full]
 
-    def store(self, output: torch.Tensor) -> None:
-        for state, rows in zip(self.states, output.split(self.rows_per_branch)):
+    @contextlib.contextmanager
+    def branches(self, branches: list[str]):
+        """The next forward's rows belong to `branches`, in order (one step type, decided by `begin_step`)."""
+        states = [self.states[branch] for branch in branches]
+        if len({state.is_full for state in states}) != 1 or states[0].is_full is None:
+            raise ValueError("A TaylorSeer forward takes branches whose step type is decided and equal.")
+        self.running = states
+        try:
+            yield
+        finally:
+            self.running = []
+
+    def end_step(self, branches: list[str]) -> None:
+        for branch in branches:
+            self.states[branch].end_step()
+
+    def new_forward(self, module: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        if not self.running:
+            raise ValueError("The TaylorSeer hook runs inside `hook.branches(...)` only (the pipeline's denoising).")
+        if not self.running[0].is_full:
+            predictions = [state.predict() for state in self.running]
+            output = torch.cat(predictions) if len(predictions) > 1 else predictions[0]
+            return output.to(hidden_states.dtype)
+        output = self.fn_ref.original_forward(hidden_states, *args, **kwargs)
+        for state, rows in zip(self.running, output.split(self.rows_per_branch)):
             state.store(rows)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.states.clear()
+        return module
+
+
+def apply_taylorseer(layers: torch.nn.Module, rows_per_branch: int) -> TaylorSeerHook:
+    """Registers a fresh [`TaylorSeerHook`] on the decoder's layer stack `layers` and returns it."""
+    hook = TaylorSeerHook(rows_per_branch)
+    HookRegistry.check_if_exists_or_initialize(layers).register_hook(hook, _TAYLORSEER_HOOK)
+    return hook
+
+
+def remove_taylorseer(layers: torch.nn.Module) -> None:
+    """Removes the hook of [`apply_taylorseer`] from `layers`."""
+    HookRegistry.check_if_exists_or_initialize(layers).remove_hook(_TAYLORSEER_HOOK, recurse=False)

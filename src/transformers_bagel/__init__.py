@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from .configuration_bagel import BagelConfig, BagelTextConfig
-from .context_bagel import BagelContext, BagelContextSpan, BagelStepCache
+from .context_bagel import BagelContext, BagelContextSpan
 from .image_processing_bagel import BagelImageProcessor
 from .modeling_bagel import (
     BagelForConditionalGeneration,
@@ -61,7 +61,6 @@ __all__ = [
     "BagelProcessor",
     "BagelContext",
     "BagelContextSpan",
-    "BagelStepCache",
     "BagelSequence",
     "bagel_token_layout",
     "pack_latents",

@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 
-__all__ = ["BagelContext", "BagelContextSpan", "BagelStepCache", "BranchKeys"]
+__all__ = ["BagelContext", "BagelContextSpan", "BranchKeys"]
 
 
 @dataclass(frozen=True)
@@ -80,20 +80,6 @@ class BranchKeys:
             self.context_key_values.append(per_group)
 
 
-class BagelStepCache:
-    """
-    What a step cache (TaylorSeer, ...) gives the decoder: [`BagelTextModel.forward`] calls `cached_output()` before
-    its layers; a tensor returned there is used as the output of the layer stack and the layers do not run. Otherwise
-    the layers run and `store(output)` receives their output (before the final norm). Subclasses decide when to skip.
-    """
-
-    def cached_output(self) -> torch.Tensor | None:
-        raise NotImplementedError
-
-    def store(self, output: torch.Tensor) -> None:
-        raise NotImplementedError
-
-
 class BagelContext:
     """
     Prefilled contexts of one generation call, packed one after another in batch row 0 of a standard transformers
@@ -157,14 +143,3 @@ class BagelContext:
         if inputs is None:
             inputs = self._step_inputs[key] = build()
         return inputs
-
-    def key_value_bytes(self) -> int:
-        """Bytes of the cached keys and values of every layer (what the contexts cost in memory)."""
-        total = 0
-        for layer in self.cache.layers:
-            if not getattr(layer, "is_initialized", False):
-                continue
-            for tensor in (layer.keys, layer.values):
-                if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
-                    total += tensor[:, :, : self.num_keys].numel() * tensor.element_size()
-        return total

@@ -1,7 +1,8 @@
-"""The one builder of BAGEL's token sequences from text / ViT / VAE segments (SPEC.md section 3): token ids,
-positions and labels, used by the processor (chat inputs: the template's text and its image slots), the pipeline
-(guidance contexts) and the training collator (packed samples). The model derives image blocks and expert routing from
-the ids with [`bagel_token_layout`], which reproduces these positions for every sequence without noised targets."""
+"""The one builder of BAGEL's token sequences from text / ViT / VAE segments (as the original's `inferencer.py` and
+`data/dataset_base.py` lay them out): token ids, positions and labels, used by the processor (chat inputs: the
+template's text and its image slots), the pipeline (guidance contexts) and the training collator (packed samples). The
+model derives image blocks and expert routing from the ids with [`bagel_token_layout`], which reproduces these positions
+for every sequence without noised targets."""
 
 from dataclasses import dataclass, field
 

@@ -1,9 +1,9 @@
-"""Pure-PyTorch stand-ins for `flash_attn.flash_attn_func` / `flash_attn_varlen_func` with their exact semantics
-(SPEC.md section 7, item 2): packed `(total, heads, head_dim)` varlen inputs delimited by `cu_seqlens`, grouped-query
-attention (key/value heads shared by `heads // kv_heads` query heads), default scale `1 / sqrt(head_dim)`, and causal
-masking aligned to the bottom right (query i of a sequence with `Lq` queries and `Lk` keys sees keys
-`j <= i + Lk - Lq`; a query that sees no key returns zeros). Substituted for the kernel in tests, so that the wiring
-through transformers' flash-attention integration runs on CPU."""
+"""Pure-PyTorch stand-ins for `flash_attn.flash_attn_func` / `flash_attn_varlen_func` with their exact semantics (as the
+original's `modeling/bagel/qwen2_navit.py` and `siglip_navit.py` call them): packed `(total, heads, head_dim)` varlen
+inputs delimited by `cu_seqlens`, grouped-query attention (key/value heads shared by `heads // kv_heads` query heads),
+default scale `1 / sqrt(head_dim)`, and causal masking aligned to the bottom right (query i of a sequence with `Lq`
+queries and `Lk` keys sees keys `j <= i + Lk - Lq`; a query that sees no key returns zeros). Substituted for the kernel
+in tests, so that the wiring through transformers' flash-attention integration runs on CPU."""
 
 import torch
 

@@ -25,7 +25,8 @@ def test_saved_code_loads_without_the_package(original_model, tmp_path):
                     transformers_bagel.BagelForConditionalGeneration, transformers_bagel.BagelImageProcessor,
                     transformers_bagel.BagelProcessor):  # fmt: skip
             cls._auto_class = None
-    assert (tmp_path / "model" / "modeling_bagel.py").is_file()
+    for module in ("modeling_bagel", "modeling_bagel_text", "modeling_bagel_embeddings", "masking_bagel", "loss_bagel"):
+        assert (tmp_path / "model" / f"{module}.py").is_file(), module  # the modules it imports are copied with it
     _, expected = load_expected("a_text_logits")
     torch.save(expected["input_ids"], tmp_path / "ids.pt")
     script = textwrap.dedent(

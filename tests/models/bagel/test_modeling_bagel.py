@@ -91,7 +91,7 @@ def test_velocity_matches_original(original_model, implementation, no_grad):
     ids = [meta["new_token_ids"]["bos_token_id"]] if "new_token_ids" in meta else [401]
     ids = ids + tokenizer.encode(meta["prompt"]) + [402]
     context = BagelContext()
-    span = model.model(input_ids=torch.tensor([ids]), context=context, context_spans=context.new_span()).context_span
+    span = model.model.prefill_context(torch.tensor([ids]), context, context.new_span()).context_span
     assert context.cache.get_seq_length() == context.num_keys == span.length == meta["kv_lens"][0]
     assert [span.next_position] == meta["ropes"]
     x_t = expected["x_t"][None]
@@ -112,14 +112,14 @@ def test_packed_contexts_equal_single_contexts(original_model, no_grad):
     ids = [401] + tokenizer.encode(meta["prompt"]) + [402]
     short = [401] + tokenizer.encode("a dog") + [402]
     context = BagelContext()
-    first = model(input_ids=torch.tensor([ids[:4]]), context=context, context_spans=context.new_span()).context_span
-    full = model(input_ids=torch.tensor([ids[4:]]), context=context, context_spans=first).context_span
-    second = model(input_ids=torch.tensor([short]), context=context, context_spans=context.new_span()).context_span
+    first = model.prefill_context(torch.tensor([ids[:4]]), context, context.new_span()).context_span
+    full = model.prefill_context(torch.tensor([ids[4:]]), context, first).context_span
+    second = model.prefill_context(torch.tensor([short]), context, context.new_span()).context_span
     assert (first.start, first.length, full.length, second.start, second.length) == (0, 4, len(ids), len(ids), len(short))
     assert context.num_keys == context.cache.get_seq_length() == len(ids) + len(short)
     assert (full.next_position, second.next_position) == (len(ids), len(short))
     with pytest.raises(ValueError, match="Only the last context"):
-        model(input_ids=torch.tensor([short]), context=context, context_spans=full)
+        model.prefill_context(torch.tensor([short]), context, full)
     x_t = expected["x_t"][None].expand(4, -1, -1)
     spans = [full, second, context.new_span(), first]
     packed = model.predict_velocity(x_t, 0.7, (4, 6), context, spans)
@@ -127,7 +127,7 @@ def test_packed_contexts_equal_single_contexts(original_model, no_grad):
     assert (packed[2] - expected["v_uncond_text"]).abs().max() < 1e-5
     for row, tokens in ((1, short), (3, ids[:4])):
         alone = BagelContext()
-        span = model(input_ids=torch.tensor([tokens]), context=alone, context_spans=alone.new_span()).context_span
+        span = model.prefill_context(torch.tensor([tokens]), alone, alone.new_span()).context_span
         assert (packed[row] - model.predict_velocity(x_t[:1], 0.7, (4, 6), alone, [span])[0]).abs().max() < 1e-5
 
 
@@ -152,9 +152,8 @@ def test_attention_implementations_agree_on_packed_contexts_and_denoising(origin
     for implementation in ATTN_IMPLEMENTATIONS:
         with_attn(model, implementation)
         context = BagelContext()
-        first = model(**inputs, context=context, context_spans=context.new_span()).context_span
-        second = model(input_ids=torch.tensor([[401, 60, 61, 402]]), context=context,
-                       context_spans=context.new_span()).context_span  # fmt: skip
+        first = model.prefill_context(**inputs, context=context, context_spans=context.new_span()).context_span
+        second = model.prefill_context(torch.tensor([[401, 60, 61, 402]]), context, context.new_span()).context_span
         velocities[implementation] = model.predict_velocity(x_t, 0.6, (2, 2), context, [first, second, context.new_span()])
     with_attn(model, "sdpa")
     assert (velocities["eager"] - velocities["sdpa"]).abs().max() < 1e-5

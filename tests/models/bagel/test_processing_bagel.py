@@ -29,7 +29,7 @@ def processor(tokenizer):
     return BagelProcessor(BagelImageProcessor(vit_patch_size=14, **TINY_IMAGE_SIZES), tokenizer)
 
 
-# -- the resize rule (SPEC section 4) -----------------------------------------------------------------------------------
+# -- the resize rule (the original's data/transforms.py) -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_vit_patches_are_flattened_in_p_q_c_order():
     out = ip.preprocess([image], return_tensors="pt")
     assert out["image_grid_hw"].tolist() == [[2, 4]]
     pixels = torch.from_numpy(np.array(image)).float() / 255 * 2 - 1  # (H, W, C), normalised with mean=std=0.5
-    # c h p w q -> h w p q c, written from SPEC section 4
+    # c h p w q -> h w p q c, as the original's `patchify` (data/data_utils.py)
     chw = pixels.permute(2, 0, 1)
     expected = chw.reshape(3, 2, 14, 4, 14).permute(1, 3, 2, 4, 0).reshape(8, 14 * 14 * 3)
     torch.testing.assert_close(out["pixel_values"], expected, rtol=0, atol=1e-6)
@@ -247,7 +247,8 @@ def test_chat_template_path_reproduces_original_logits_and_greedy_tokens(auto_lo
 
 
 def _reference_image_features(model, pixel_values, grid_hw):
-    """ViT -> connector -> + vit_pos_embed, one image at a time with plain tensor ops (SPEC sections 3-4)."""
+    """ViT -> connector -> + vit_pos_embed, one image at a time with plain tensor ops (the original's
+    `modeling/bagel/bagel.py`)."""
     inner = model.model
     vision = inner.vision_model
     cfg = vision.config

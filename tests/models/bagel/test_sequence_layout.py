@@ -1,5 +1,6 @@
-"""BagelSequence, the one builder of token sequences: SPEC.md section 3's layout, and the model's own derivation of
-positions from ids (`bagel_token_layout`) agrees with it."""
+"""BagelSequence, the one builder of token sequences: the layout of the original's `inferencer.py` and
+`data/dataset_base.py` (`PackedDataset.pack_sequence`), and the model's own derivation of positions from ids
+(`bagel_token_layout`) agrees with it."""
 
 import torch
 
@@ -26,7 +27,8 @@ def test_layout_of_text_and_images_matches_the_models_derivation():
 
 
 def test_noised_target_and_dropped_image_positions():
-    """Training quirks (SPEC.md section 6): a noised target does not advance the position; a dropped image does."""
+    """Training quirks (the original's `PackedDataset.pack_sequence` in `data/dataset_base.py`): a noised target does
+    not advance the position; a dropped image does."""
     config = BagelConfig()
     sequence = BagelSequence(config).add_text([7]).add_image(2, latent=True, noised=True).skip_image().add_text([8])
     assert sequence.position_ids == [0, 1, 2, 3, 3, 3, 3, 4, 5, 6]

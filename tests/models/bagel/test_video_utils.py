@@ -208,7 +208,7 @@ def test_too_many_frames_for_the_position_table_are_refused(pipe, monkeypatch):
 
 def test_pipeline_takes_a_video_item_as_vit_context(pipe):
     frames = _frames(6, seed=2)
-    contexts = pipe.build_contexts(pipe._normalize_prompts([{"video": frames, "num_frames": 3}, "a poster"], None)[0],
+    contexts = pipe.build_contexts(pipe.normalize_prompts([{"video": frames, "num_frames": 3}, "a poster"], None)[0],
                                    think=False)  # fmt: skip
     kinds = [kind for kind, _ in contexts.full.segments]
     assert kinds == ["vit", "vit", "vit", "text"]

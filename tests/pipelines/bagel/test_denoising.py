@@ -47,7 +47,7 @@ class LayerRuns:
 
 
 def _full_steps(num_calls: int) -> list[int]:
-    """The original's schedule, written from SPEC.md section 5: the first 5 calls, then every 3rd."""
+    """The original's schedule (`modeling/cache_utils/taylorseer.py`): the first 5 calls, then every 3rd."""
     full, counter = [], 0
     for step in range(num_calls):
         if step < 5 or counter == 2:
@@ -78,6 +78,7 @@ def test_taylorseer_matches_original_and_skips_the_layers(pipe, no_grad):
     with LayerRuns(pipe) as runs:
         cached = pipe(**call, enable_taylorseer=True, callback_on_step_end=runs.callback).images
     assert_close_rel(cached, expected["taylorseer_final_latent_unpatchified"], 1e-4)
+    assert not pipe.model.model.language_model.layers._diffusers_hook.hooks  # the hook belonged to that call
     # the decoder layers run on the full steps only, both branches (cond and text-uncond) at once
     assert runs.rows == {step: 2 for step in _full_steps(20)}
     plain = pipe(**call).images
@@ -263,24 +264,25 @@ def test_concurrent_calls_equal_sequential_calls(pipe):
 def test_bad_denoising_inputs_are_refused(pipe, no_grad):
     model = pipe.model
     context = BagelContext()
-    span = model(input_ids=torch.tensor([[401, 30, 402]]), context=context, context_spans=context.new_span()).context_span
+    span = model.prefill_context(torch.tensor([[401, 30, 402]]), context, context.new_span()).context_span
     x = torch.randn(2, 4, 64)
     with pytest.raises(ValueError, match="2 spans for 1 rows|holds 1 spans for 2 rows"):
         model.predict_velocity(x, 0.5, (2, 2), context, [span])
     with pytest.raises(ValueError, match="grid 2x3 needs 6"):
         model.predict_velocity(x, 0.5, (2, 3), context, [span, span])
-    with pytest.raises(ValueError, match="must be `\\[<\\|vision_start\\|>"):
-        model(input_ids=torch.tensor([[401, 30, 402]]), latents=torch.zeros(0, 64), latent_grid_hw=torch.tensor([[0, 0]]),
-              context=context, context_spans=[span], update_cache=False)  # fmt: skip
-    with pytest.raises(ValueError, match="need a `context`"):
-        model(input_ids=torch.tensor([[401]]), update_cache=False)
+    with pytest.raises(ValueError, match="must be \\(rows, h \\* w, patch_latent_dim\\)"):
+        model.predict_velocity(x[0], 0.5, (2, 2), context, [span])
+    with pytest.raises(TypeError, match="prefill_context.*predict_velocity"):
+        model(input_ids=torch.tensor([[401]]), context=context, context_spans=span)
+    with pytest.raises(TypeError, match="takes no `update_cache`"):
+        model.model(input_ids=torch.tensor([[401]]), update_cache=False)
     with pytest.raises(ValueError, match="each row of `input_ids` to its own span: got 2 rows and 1 spans"):
-        model(input_ids=torch.tensor([[401], [401]]), context=context, context_spans=context.new_span())
+        model.prefill_context(torch.tensor([[401], [401]]), context, context.new_span())
     with pytest.raises(ValueError, match="Only the first row of a prefill may extend a context"):
-        model(input_ids=torch.tensor([[401], [401]]), context=context, context_spans=[context.new_span(), span])
+        model.prefill_context(torch.tensor([[401], [401]]), context, [context.new_span(), span])
     with pytest.raises(ValueError, match="Only the last context"):
-        other = model(input_ids=torch.tensor([[401]]), context=context, context_spans=context.new_span()).context_span
-        model(input_ids=torch.tensor([[30]]), context=context, context_spans=span)
+        other = model.prefill_context(torch.tensor([[401]]), context, context.new_span()).context_span
+        model.prefill_context(torch.tensor([[30]]), context, span)
     assert other.start == span.end
     with pytest.raises(TypeError, match="must be a transformers Cache"):
         BagelContext(cache={})
@@ -314,7 +316,7 @@ def test_cache_only_prefill_stores_the_same_keys_without_the_last_layers_work(pi
     forward, while the last layer runs no query, attention, output projection or MLP and no logits are computed."""
     model = pipe.model
     contexts = _edit_contexts(pipe)
-    inputs = pipe._tokenize_contexts([contexts.full], None, sample_posterior=False)
+    inputs = pipe.encode_contexts([contexts.full], None, sample_posterior=False)
     inputs.pop("attention_mask")
     num_tokens = inputs["input_ids"].shape[1]
     last = model.model.language_model.layers[-1]
@@ -343,7 +345,8 @@ def test_cache_only_prefill_stores_the_same_keys_without_the_last_layers_work(pi
 
     # The context path (a prefill into a BagelContext) gives the same keys too.
     context = BagelContext()
-    span = model(**inputs, context=context, context_spans=context.new_span(), cache_only=True).context_span
+    span = model.prefill_context(**inputs, context=context, context_spans=context.new_span(), cache_only=True)
+    span = span.context_span
     assert span.length == num_tokens
     for full_layer, context_layer in zip(full.cache.layers, context.cache.layers, strict=True):
         assert torch.equal(full_layer.keys, context_layer.keys)
@@ -359,9 +362,7 @@ def test_cache_only_is_refused_where_it_cannot_apply(pipe, no_grad):
     with pytest.raises(ValueError, match="output_hidden_states=True"):
         model(input_ids=ids, use_cache=True, cache_only=True, output_hidden_states=True)
     context = BagelContext()
-    span = model(input_ids=ids, context=context, context_spans=context.new_span(), cache_only=True).context_span
-    config = model.config
-    block = torch.tensor([[config.start_of_image_token_id] + [config.latent_token_id] * 4 + [config.end_of_image_token_id]])
-    with pytest.raises(ValueError, match="denoising forward stores nothing"):
-        model(input_ids=block, latents=torch.randn(4, config.patch_latent_dim), latent_grid_hw=torch.tensor([[2, 2]]),
-              context=context, context_spans=[span], update_cache=False, cache_only=True)  # fmt: skip
+    span = model.prefill_context(ids, context, context.new_span(), cache_only=True).context_span
+    assert span.length == 3 and context.num_keys == 3
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        model.prefill_context(ids, context, span, cache_only=True, output_hidden_states=True)

@@ -1,5 +1,6 @@
 """BagelPipeline: the velocity path against the original's numbers, batched CFG against a sequential reference written
-from SPEC.md, batching, inputs and outputs."""
+from the original's inference (`inferencer.py` and `modeling/bagel/bagel.py` of ByteDance-Seed/Bagel), batching,
+inputs and outputs."""
 
 import numpy as np
 import PIL.Image
@@ -49,7 +50,7 @@ def test_vae_of_converted_folder_matches_original(pipe):
     assert_close_rel(decoded, expected["decoded"], 1e-4)
 
 
-# -- an independent, sequential reference written from SPEC.md section 5 ---------------------------------------------
+# -- an independent, sequential reference of the original's inference (`interleave_inference`, `generate_image`) ----
 
 
 def _segment_ids(pipe, segments):
@@ -80,14 +81,15 @@ def _segment_ids(pipe, segments):
 
 
 def _reference_generate(pipe, contexts, noise, steps, shift, st, si, interval, renorm, renorm_min):
-    """One prompt, each context prefilled alone, each branch run one after another, SPEC's formulas inline."""
+    """One prompt, each context prefilled alone, each branch run one after another, the original's formulas inline."""
     model = pipe.model
     caches = []
     for ctx in contexts:
         context = BagelContext()
         span = context.new_span()
         if ctx.segments:
-            span = model.model(**_segment_ids(pipe, ctx.segments), context=context, context_spans=span).context_span
+            span = model.model.prefill_context(**_segment_ids(pipe, ctx.segments), context=context,
+                                               context_spans=span).context_span  # fmt: skip
         caches.append((context, [span]))
     grid = (noise.shape[2] // 2, noise.shape[3] // 2)
     x = pack_latents(noise, 2)
@@ -201,7 +203,7 @@ def test_batched_edits_pair_one_image_per_prompt_and_refuse_other_counts(pipe, n
     that fits neither is refused before any work, saying how to give a prompt several images."""
     a, b, c = (PIL.Image.fromarray(np.full((64, 64, 3), value, dtype=np.uint8)) for value in (30, 130, 230))
     contexts = [[kind for kind, _ in pipe.build_contexts(items, think=False).full.segments] for items in
-                pipe._normalize_prompts(["Make it red.", "Blur it."], [a, b])]  # fmt: skip
+                pipe.normalize_prompts(["Make it red.", "Blur it."], [a, b])]  # fmt: skip
     assert contexts == [["vae", "vit", "text"]] * 2  # one image each, not both
     options = {"num_inference_steps": 2, "output_type": "latent"}
     seeds = lambda: [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]  # noqa: E731
@@ -209,9 +211,9 @@ def test_batched_edits_pair_one_image_per_prompt_and_refuse_other_counts(pipe, n
     lists = pipe(["Make it red.", "Blur it."], image=[[a], [b]], generator=seeds(), **options).images
     alone = pipe("Blur it.", image=b, generator=torch.Generator().manual_seed(1), **options).images
     assert torch.equal(paired, lists) and (paired[1] - alone[0]).abs().max() < 1e-5
-    shared = pipe._normalize_prompts(["Make it red.", "Blur it."], [a])
+    shared = pipe.normalize_prompts(["Make it red.", "Blur it."], [a])
     assert [[item for item in items if not isinstance(item, str)] for items in shared] == [[a], [a]]
-    assert pipe._normalize_prompts("Combine them.", [a, b])[0][:2] == [a, b]  # one prompt: all its images
+    assert pipe.normalize_prompts("Combine them.", [a, b])[0][:2] == [a, b]  # one prompt: all its images
     with pytest.raises(ValueError, match=r"3 images for 2 prompts: give one image per prompt .* list of image lists"):
         pipe(["Make it red.", "Blur it."], image=[a, b, c], **options)
     with pytest.raises(ValueError, match="mixes images and lists of images"):
@@ -303,6 +305,54 @@ def test_thinking_text_with_image_tokens_is_used_as_plain_text(pipe):
     finally:
         del pipe.model.generate
     assert out.text == [""] and torch.isfinite(out.images).all()
+
+
+def test_thinking_plans_once_per_prompt_and_each_image_is_conditioned_on_its_plan(pipe, no_grad):
+    """With several images per prompt, a greedy plan is the prompt's (its images are those of the prompt generated one
+    image at a time); sampled, each image gets a plan of its own and is conditioned on that plan only."""
+    noise = _noise(2, 32, 32, seed=4)
+    call = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "latent", "max_think_tokens": 4}
+    both = pipe("a cat", think=True, num_images_per_prompt=2, latents=noise, **call)
+    assert both.text[0] == both.text[1]
+    for i in range(2):
+        alone = pipe("a cat", think=True, latents=noise[i : i + 1], **call)
+        assert alone.text == [both.text[i]]
+        assert (both.images[i] - alone.images[0]).abs().max() < 1e-5
+    prefilled = []
+    prepare = pipe.prepare_guidance
+    pipe.prepare_guidance = lambda contexts, *args, **kwargs: prefilled.append(contexts) or prepare(contexts, *args, **kwargs)
+    try:
+        torch.manual_seed(0)
+        sampled = pipe("a cat", think=True, think_do_sample=True, num_images_per_prompt=2, latents=noise, **call)
+    finally:
+        del pipe.prepare_guidance
+    fulls = [[value for _, value in contexts.full.segments] for contexts in prefilled[0]]
+    assert [full[-1] for full in fulls] == sampled.text and fulls[0][:-1] == fulls[1][:-1]
+    assert fulls[0][-2] == "a cat"  # the system prompt, the prompt, one plan
+
+
+def test_contexts_say_where_each_guidance_context_cuts_the_full_one(pipe):
+    """`build_contexts` records how many of the full context's first segments each guidance context is, when it opens
+    the full context, so the prefill shares those keys without comparing segments."""
+    a, b = _test_image(seed=1), _test_image(seed=2)
+    for items in (["a cat"], [a, "blue"], ["first", a], ["first", a, "second"], [a], [a, b, "mix"], ["x", "y"]):
+        for think in (False, True):
+            ctx = pipe.build_contexts(items, think=think)
+            full = ctx.full.segments
+            assert ctx.no_text.segments == full[: ctx.no_text_cut]
+            opens = ctx.no_image.segments == full[: len(ctx.no_image.segments)]
+            assert ctx.no_image_cut == (len(ctx.no_image.segments) if opens else None), (items, think)
+
+
+def test_an_edit_with_thinking_encodes_its_image_once(pipe, monkeypatch, no_grad):
+    """Thinking, the position check and the prefill lay the contexts out by one route and share one encoder: the
+    input image goes through the VAE once per call."""
+    encode = pipe.vae.encode
+    calls = []
+    monkeypatch.setattr(pipe.vae, "encode", lambda *args, **kwargs: calls.append(1) or encode(*args, **kwargs))
+    pipe("Make it blue.", image=_test_image(), think=True, max_think_tokens=3, num_inference_steps=2,
+         output_type="latent")  # fmt: skip
+    assert len(calls) == 1
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------------
