@@ -26,13 +26,20 @@ from quickstart import resolve_checkpoint  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
 from _shared import DTYPES, load_pipeline  # noqa: E402
-from transformers_bagel.chat import generate_answer, understanding_messages  # noqa: E402
-from diffusers_bagel.pipeline_bagel import EDIT_PRESET, RENORM_TYPES, TEXT_TO_IMAGE_PRESET  # noqa: E402
+from transformers_bagel.chat import DEFAULT_MAX_NEW_TOKENS, generate_answer, understanding_messages  # noqa: E402
+from diffusers_bagel import BagelPipeline  # noqa: E402
+from diffusers_bagel.defaults import CFG_RENORM_TYPES, DEFAULT_MAX_THINK_TOKENS, EDIT_PRESET  # noqa: E402
+from diffusers_bagel.defaults import TEXT_TO_IMAGE_PRESET  # noqa: E402
 
 
 __all__ = ["build_demo", "describe_model", "main", "pick_examples", "public_error"]
 
 logger = logging.getLogger("bagel.app")
+
+# The pipeline's own defaults, the sliders' initial values (the presets above where generating and editing differ).
+PIPELINE_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(BagelPipeline.__call__).parameters.items()
+}
 
 # System fonts only: the default theme would ask the browser to fetch web fonts.
 THEME = gr.themes.Default(
@@ -119,7 +126,7 @@ def _sampling_controls(pipe, preset: dict, num_inference_steps: int, prefix: str
                 elem_id=f"{prefix}-steps",
             )  # fmt: skip
             controls["timestep_shift"] = gr.Slider(
-                1.0, 10.0, value=3.0, step=0.5, label="Timestep shift", info="Higher for layout, lower for details"
+                1.0, 10.0, value=PIPELINE_DEFAULTS["timestep_shift"], step=0.5, label="Timestep shift", info="Higher for layout, lower for details"
             )
         with gr.Row():
             controls["cfg_text_scale"] = gr.Slider(
@@ -136,11 +143,11 @@ def _sampling_controls(pipe, preset: dict, num_inference_steps: int, prefix: str
             )  # fmt: skip
         with gr.Row():
             controls["cfg_renorm_type"] = gr.Dropdown(
-                list(RENORM_TYPES), value=preset["cfg_renorm_type"], label="CFG renorm type",
+                list(CFG_RENORM_TYPES), value=preset["cfg_renorm_type"], label="CFG renorm type",
                 info="global for text-to-image, text_channel for editing",
             )  # fmt: skip
             controls["cfg_renorm_min"] = gr.Slider(
-                0.0, 1.0, value=0.0, step=0.1, label="CFG renorm min", info="1.0 disables the renormalisation"
+                0.0, 1.0, value=PIPELINE_DEFAULTS["cfg_renorm_min"], step=0.1, label="CFG renorm min", info="1.0 disables the renormalisation"
             )
         if prefix == "t2i":
             step, largest = pipe.latent_downsample, pipe.model.config.max_image_size
@@ -155,15 +162,20 @@ def _sampling_controls(pipe, preset: dict, num_inference_steps: int, prefix: str
             with gr.Row():
                 controls["think_do_sample"] = gr.Checkbox(label="Sample the thinking", value=False)
                 controls["max_think_tokens"] = gr.Slider(
-                    64, 4096, value=1024, step=64, label="Max thinking tokens", elem_id=f"{prefix}-max-think"
+                    1, 4096, value=DEFAULT_MAX_THINK_TOKENS, step=1, label="Max thinking tokens",
+                    elem_id=f"{prefix}-max-think",
                 )
-                controls["think_temperature"] = gr.Slider(0.1, 1.0, value=0.3, step=0.1, label="Thinking temperature")
+                controls["think_temperature"] = gr.Slider(
+                    0.1, 1.0, value=PIPELINE_DEFAULTS["think_temperature"], step=0.1, label="Thinking temperature"
+                )
     controls["_thinking_group"] = thinking_group
     return controls
 
 
-def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -> gr.Blocks:
-    """The three-tab Blocks app around a loaded [`BagelPipeline`] (`model_name` is shown on the page)."""
+def build_demo(pipe, num_inference_steps: int | None = None, model_name: str = "BAGEL") -> gr.Blocks:
+    """The three-tab Blocks app around a loaded [`BagelPipeline`] (`model_name` is shown on the page;
+    `num_inference_steps` is the initial value of the Steps sliders, the pipeline's default when unset)."""
+    num_inference_steps = num_inference_steps or PIPELINE_DEFAULTS["num_inference_steps"]
     examples = pick_examples(pipe.processor)
 
     def text_to_image(prompt, think, *values):
@@ -256,8 +268,13 @@ def build_demo(pipe, num_inference_steps: int = 50, model_name: str = "BAGEL") -
             with gr.Accordion("Inference hyperparameters", open=False):
                 with gr.Row():
                     und_do_sample = gr.Checkbox(label="Sampling", value=False)
-                    und_temperature = gr.Slider(0.05, 1.0, value=0.3, step=0.05, label="Temperature")
-                    und_max_new_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max new tokens")
+                    und_temperature = gr.Slider(
+                        0.05, 1.0, value=inspect.signature(generate_answer).parameters["temperature"].default,
+                        step=0.05, label="Temperature",
+                    )  # fmt: skip
+                    und_max_new_tokens = gr.Slider(
+                        1, 4096, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens"
+                    )
             und_button = gr.Button("Submit", variant="primary", elem_id="und-submit")
 
         t2i_names = [name for name in t2i if not name.startswith("_")]
@@ -298,9 +315,12 @@ def main():
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available).")
     parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
                         help="auto: bfloat16 on CUDA, float32 on the CPU.")  # fmt: skip
-    parser.add_argument("--num_inference_steps", type=int, default=50, help="Initial value of the Steps sliders.")
+    parser.add_argument(
+        "--num_inference_steps", type=int, default=PIPELINE_DEFAULTS["num_inference_steps"],
+        help="Initial value of the Steps sliders (1 to 100).",
+    )  # fmt: skip
     args = parser.parse_args()
-    if not 1 <= args.num_inference_steps <= 100:
+    if not 1 <= args.num_inference_steps <= 100:  # the sliders' range
         parser.error(f"--num_inference_steps must be in 1..100, got {args.num_inference_steps}")
 
     checkpoint = resolve_checkpoint(args.checkpoint, parser)

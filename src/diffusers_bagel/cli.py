@@ -1,35 +1,19 @@
 """
-The `bagel` command: convert an original BAGEL release, generate and edit images, chat about images (streamed), and
-push a converted folder to the Hugging Face Hub.
-
-    bagel convert  --input_dir BAGEL-7B-MoT --output_dir bagel-7b-hf
-    bagel generate --checkpoint bagel-7b-hf --prompt "A red cat on a wooden table" --output cat.png
-    bagel edit     --checkpoint bagel-7b-hf --image cat.png --prompt "Make the cat blue" --output blue.png
-    bagel chat     --checkpoint bagel-7b-hf --image cat.png --prompt "What is in this image?"   (or --video clip.mp4)
-    bagel push     --folder bagel-7b-hf --repo_id your-name/bagel-7b-hf
-    bagel eval     geneval --checkpoint bagel-7b-hf --data evaluation_metadata.jsonl --output_dir geneval_out
-    bagel serve    --checkpoint bagel-7b-hf --port 8000   # OpenAI-compatible server (pip install bagel-hf[serve])
-
-`bagel SUBCOMMAND --help` lists every flag of a subcommand with its default.
+The `bagel` command: its entry point ([`main`]) and what each subcommand runs. The flags, and the usage text that
+`bagel --help` shows, are in `cli_parser.py`; this module loads torch, transformers and diffusers only once the
+arguments are read.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
-# Only light modules here: torch, transformers and diffusers load once the arguments are read, so that `--help` and
-# bad flags answer at once.
-from .defaults import EDIT_PRESET, MAX_GUIDANCE_SCALE, MAX_TIMESTEP_SHIFT, MIN_TIMESTEP_SHIFT, RENORM_TYPES
-from .defaults import TEXT_TO_IMAGE_PRESET
+from .cli_parser import DTYPES, PIPELINE_FLAGS, build_parser
 
 
 __all__ = ["main", "build_parser"]
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
@@ -77,280 +61,6 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         torch_dtype = getattr(torch, dtype)
     pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype)
     return pipe.to(device)
-
-
-# -- argument types ----------------------------------------------------------------------------------------------------
-
-
-def _bounded_int(text: str, low: int, what: str) -> int:
-    """`text` as an integer >= `low`; `what` names it in the error ("a positive integer", "a seed >= 0")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _bounded_int(text, 1, "a positive integer")
-
-
-def _finite_float(text: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise argparse.ArgumentTypeError(f"expected a number <= {high}, got {value}")
-    return value
-
-
-def _scale(text: str) -> float:
-    return _finite_float(text, low=1.0, high=MAX_GUIDANCE_SCALE)
-
-
-def _shift(text: str) -> float:
-    return _finite_float(text, low=MIN_TIMESTEP_SHIFT, high=MAX_TIMESTEP_SHIFT)
-
-
-def _unit(text: str) -> float:
-    return _finite_float(text, low=0.0, high=1.0)
-
-
-def _positive_float(text: str) -> float:
-    return _finite_float(text, low=0.0, low_open=True)
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
-    return path
-
-
-def _seed(text: str) -> int:
-    return _bounded_int(text, 0, "an integer seed >= 0")
-
-
-# -- parser --------------------------------------------------------------------------------------------------------------
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows `(default: ...)` only where there is a default worth showing (not for required flags, None or switches)."""
-
-    def _get_help_string(self, action):
-        if action.required or action.default in (None, []) or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _add_model_flags(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--checkpoint", required=True, type=Path, help="Converted BAGEL folder (from `bagel convert`).")
-    group.add_argument("--device", default=None, help="Device to run on (default: cuda when available, else cpu).")
-    group.add_argument(
-        "--dtype", default="auto", choices=["auto", *DTYPES], help="Weights dtype; auto = bfloat16 on CUDA, else float32."
-    )
-
-
-def _add_image_flags(parser, preset: dict, size_default: str, output_default: str):
-    parser.add_argument(
-        "--output", type=Path, default=Path(output_default),
-        help="PNG path; with several images, _0, _1, ... are added before the suffix.",
-    )  # fmt: skip
-    group = parser.add_argument_group("sampling")
-    group.add_argument(
-        "--height", type=_positive_int, default=None, help=f"Output height, a multiple of 16 (default: {size_default})."
-    )
-    group.add_argument("--width", type=_positive_int, default=None, help="Output width (same rules as --height).")
-    group.add_argument(
-        "--num_inference_steps", "--steps", type=_positive_int, default=50,
-        help="Euler steps (the original's num_timesteps minus one).",
-    )  # fmt: skip
-    group.add_argument("--timestep_shift", type=_shift, default=3.0, help="Schedule shift s in st/(1+(s-1)t).")
-    group.add_argument(
-        "--cfg_text_scale", type=_scale, default=preset["cfg_text_scale"], help="Text guidance scale (1 disables it)."
-    )
-    group.add_argument(
-        "--cfg_img_scale", type=_scale, default=preset["cfg_img_scale"],
-        help="Image guidance scale (1 disables it; only applied while text guidance is on).",
-    )  # fmt: skip
-    group.add_argument(
-        "--cfg_interval", type=_unit, nargs=2, metavar=("START", "END"), default=list(preset["cfg_interval"]),
-        help="Guidance is applied at flow times START < t <= END (t runs from 1, noise, to 0, image).",
-    )  # fmt: skip
-    group.add_argument(
-        "--cfg_renorm_type", choices=RENORM_TYPES, default=preset["cfg_renorm_type"],
-        help="How the guided velocity is renormalised to the conditional one's norm.",
-    )  # fmt: skip
-    group.add_argument(
-        "--cfg_renorm_min", type=_unit, default=0.0, help="Lower clamp of the renormalisation factor (1 disables it)."
-    )
-    group.add_argument("--seed", type=_seed, default=0, help="Seed of the initial noise (and of thinking's sampling).")
-    group.add_argument("--num_images", type=_positive_int, default=1, help="Images per prompt.")
-    group.add_argument(
-        "--sample_posterior", action="store_true", help="Sample the VAE posterior of input images instead of its mean."
-    )
-    think = parser.add_argument_group("thinking")
-    think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")
-    think.add_argument("--max_think_tokens", type=_positive_int, default=None,
-                       help="Longest plan, in tokens (default: 1000, or what the model's positions leave).")
-    think.add_argument("--think_do_sample", action="store_true", help="Sample the plan instead of greedy decoding.")
-    think.add_argument("--think_temperature", type=_positive_float, default=0.3, help="Sampling temperature of the plan.")
-
-
-def _add_eval_parser(commands, full: bool):
-    """The `eval` subcommand. Its benchmarks come from the evaluation package, which loads torch: only when `eval` is
-    the subcommand asked for (`full`); otherwise the entry only lists the subcommand."""
-    help_text = "Generate a benchmark's images in its official layout."
-    if not full:
-        commands.add_parser("eval", help=help_text, add_help=False)
-        return
-    from .evaluation import BENCHMARKS
-
-    evaluate = commands.add_parser(
-        "eval", formatter_class=_HelpFormatter, help=help_text,
-        description="Seeded, batched, resumable generation for an image benchmark, written where its official\n"
-                    "scorer reads it. Defaults are the original BAGEL evaluation's settings (docs/evaluation.md);\n"
-                    "a rerun skips finished items. Benchmarks: "
-                    + "; ".join(f"{b.name}: --data {b.data_help}" for b in BENCHMARKS.values()),
-    )  # fmt: skip
-    evaluate.add_argument("benchmark", choices=sorted(BENCHMARKS), help="Which benchmark.")
-    _add_model_flags(evaluate)
-    evaluate.add_argument("--data", required=True, type=Path, help="The benchmark's input file (see above).")
-    evaluate.add_argument("--image_root", type=Path, default=None, help="Folder of the input images (editing).")
-    evaluate.add_argument("--output_dir", required=True, type=Path, help="Where the outputs go (and are resumed).")
-    evaluate.add_argument("--seed", type=_seed, default=0, help="Run seed; each sample's seed derives from it and its index.")
-    evaluate.add_argument("--batch_size", type=_positive_int, default=1, help="Entries per pipeline call.")
-    evaluate.add_argument(
-        "--n_samples", type=_positive_int, default=None, help="Images per entry (default: the benchmark's, 4 for GenEval)."
-    )
-    evaluate.add_argument("--limit", type=_positive_int, default=None, help="Only the first N entries.")
-    evaluate.add_argument("--think", action="store_true", help="Thinking mode (writes each plan beside its image).")
-    evaluate.add_argument("--max_think_tokens", type=_positive_int, default=None, help="Longest plan, in tokens.")
-    evaluate.add_argument("--think_do_sample", action="store_true", help="Sample the plan (seeded) instead of greedy.")
-    evaluate.add_argument(
-        "--num_inference_steps", "--steps", type=_positive_int, default=None,
-        help="Euler steps (default: the benchmark's, 49 = the original's 50 timesteps).",
-    )  # fmt: skip
-    evaluate.add_argument("--resolution", type=_positive_int, default=None, help="Text-to-image output side.")
-    evaluate.add_argument("--cfg_text_scale", type=_scale, default=None, help="Override the text guidance scale.")
-    evaluate.add_argument("--cfg_img_scale", type=_scale, default=None, help="Override the image guidance scale.")
-    evaluate.add_argument("--skip_grid", action="store_true", help="GenEval: do not write grid.png.")
-    evaluate.add_argument(
-        "--overwrite", action="store_true",
-        help="Let a run with other settings than the folder's record (bagel_eval_settings.json) delete that run's "
-             "outputs and draw them again (refused otherwise).",
-    )  # fmt: skip
-    evaluate.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
-
-
-def _add_serve_parser(commands):
-    serve = commands.add_parser(
-        "serve", formatter_class=_HelpFormatter, help="OpenAI-compatible HTTP server with request batching.",
-        description="Serve a converted BAGEL with OpenAI's API: /v1/chat/completions (images as base64 data URLs,\n"
-                    "streamed with stream=true), /v1/images/generations, /v1/images/edits, /v1/models, /health,\n"
-                    "/metrics. Concurrent image requests with the same size and settings share one pipeline call.\n"
-                    "Needs the serve extra: pip install bagel-hf[serve].",
-    )  # fmt: skip
-    _add_model_flags(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="Address to bind; anything but loopback deserves --api_key.")
-    serve.add_argument("--port", type=_positive_int, default=8000, help="TCP port.")
-    serve.add_argument("--model_name", default=None, help="Model id of /v1/models (default: the checkpoint's folder name).")
-    serve.add_argument(
-        "--max_batch_size", type=_positive_int, default=8, help="Most images of one batched pipeline call (1: no batching)."
-    )
-    serve.add_argument("--max_queue", type=_positive_int, default=64, help="Requests allowed to wait; more get HTTP 429.")
-    serve.add_argument("--batch_wait_ms", type=_finite_float, default=10.0, help="How long a request waits for companions.")
-    serve.add_argument("--api_key", default=None, help="Require `Authorization: Bearer KEY` (or set BAGEL_API_KEY).")
-    serve.add_argument(
-        "--request_timeout", type=_positive_float, default=600.0, help="Seconds a request may wait and run (then 504)."
-    )
-    serve.add_argument(
-        "--allow_remote_images", action="store_true", help="Fetch http(s) image URLs of chat messages (refused otherwise)."
-    )
-    serve.add_argument(
-        "--image_dir", type=Path, default=None, help="Folder for response_format=url images (that format needs it)."
-    )
-    serve.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                       help="uvicorn's log level.")  # fmt: skip
-
-
-def build_parser(eval_benchmarks: bool = True) -> argparse.ArgumentParser:
-    """The `bagel` argument parser with its subcommands (`eval_benchmarks=False`: the `eval` entry without its flags,
-    which need the evaluation package)."""
-    parser = argparse.ArgumentParser(prog="bagel", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-
-    commands.add_parser(
-        "convert", add_help=False,
-        help="Convert an original BAGEL release folder into the transformers/diffusers layout (`bagel convert -h`).",
-    )  # fmt: skip
-
-    generate = commands.add_parser(
-        "generate", formatter_class=_HelpFormatter, help="Text-to-image.",
-        description="Generate images from a text prompt and write them as PNG files.",
-    )  # fmt: skip
-    _add_model_flags(generate)
-    generate.add_argument("--prompt", required=True, help="What to draw.")
-    _add_image_flags(generate, TEXT_TO_IMAGE_PRESET, "1024, capped by the model's largest image side", "bagel_generate.png")
-
-    edit = commands.add_parser(
-        "edit", formatter_class=_HelpFormatter, help="Edit images by an instruction.",
-        description="Edit one image (or combine several) following an instruction, and write the result as PNG.",
-    )  # fmt: skip
-    _add_model_flags(edit)
-    edit.add_argument(
-        "--image", type=_existing_file, action="append", required=True,
-        help="Input image file; repeat the flag for several images (they come before the prompt, in order).",
-    )  # fmt: skip
-    edit.add_argument("--prompt", required=True, help="The editing instruction.")
-    _add_image_flags(edit, EDIT_PRESET, "the last input image's size after BAGEL's VAE resize", "bagel_edit.png")
-
-    chat = commands.add_parser(
-        "chat", formatter_class=_HelpFormatter, help="Ask about images; the answer is streamed.",
-        description="Image understanding. With --prompt, answers once; without it, reads one question per line\n"
-                    "from standard input and keeps the conversation (an empty line or end of input stops).",
-    )  # fmt: skip
-    _add_model_flags(chat)
-    chat.add_argument(
-        "--image", type=_existing_file, action="append", default=[],
-        help="Image file to ask about; repeat the flag for several images.",
-    )  # fmt: skip
-    chat.add_argument(
-        "--video", type=Path, default=None,
-        help="Video file (PyAV: the `video` extra) or folder of frames to ask about; its frames come after the images.",
-    )  # fmt: skip
-    chat.add_argument("--num_frames", type=_positive_int, default=None, help="Frames taken from --video (default 8).")
-    chat.add_argument("--prompt", default=None, help="The question; omit it to chat on standard input.")
-    chat.add_argument("--think", action="store_true", help="Let BAGEL reason inside <think> tags before answering.")
-    chat.add_argument("--max_new_tokens", type=_positive_int, default=None,
-                      help="Longest answer, in tokens (default: 512, or what the model's positions leave).")
-    chat.add_argument("--do_sample", action="store_true", help="Sample the answer instead of greedy decoding.")
-    chat.add_argument("--temperature", type=_positive_float, default=0.3, help="Sampling temperature.")
-    chat.add_argument("--seed", type=_seed, default=0, help="Seed for sampling.")
-
-    _add_eval_parser(commands, full=eval_benchmarks)
-    _add_serve_parser(commands)
-
-    push = commands.add_parser(
-        "push", formatter_class=_HelpFormatter, help="Upload a converted folder to the Hugging Face Hub.",
-        description="Create (if needed) a Hub model repository and upload a converted folder to it. The folder's "
-                    "README.md model card is rewritten so its usage snippets name the repository. Needs a token "
-                    "(`hf auth login` or --token).",
-    )  # fmt: skip
-    push.add_argument("--folder", required=True, type=Path, help="Converted BAGEL folder (from `bagel convert`).")
-    push.add_argument("--repo_id", required=True, help="Target repository, e.g. your-name/bagel-7b-hf.")
-    push.add_argument("--private", action="store_true", help="Create the repository as private.")
-    push.add_argument("--token", default=None, help="Hub token (default: the one saved by `hf auth login`).")
-    push.add_argument("--commit_message", default="Upload BAGEL converted with bagel-hf", help="Commit message.")
-    return parser
 
 
 # -- subcommands ---------------------------------------------------------------------------------------------------------
@@ -404,26 +114,14 @@ def _run_image(args, images=None):
     paths = _output_paths(args.output, args.num_images)
     _check_size_fits(args.checkpoint, args.height, args.width)
     pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
+    arguments = {name: getattr(args, name) for name in PIPELINE_FLAGS if getattr(args, name) is not None}
+    if "cfg_interval" in arguments:
+        arguments["cfg_interval"] = tuple(arguments["cfg_interval"])
     output = pipe(
-        args.prompt,
-        image=images,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.num_inference_steps,
-        timestep_shift=args.timestep_shift,
-        cfg_text_scale=args.cfg_text_scale,
-        cfg_img_scale=args.cfg_img_scale,
-        cfg_interval=tuple(args.cfg_interval),
-        cfg_renorm_type=args.cfg_renorm_type,
-        cfg_renorm_min=args.cfg_renorm_min,
-        think=args.think,
-        max_think_tokens=args.max_think_tokens,
-        think_do_sample=args.think_do_sample,
-        think_temperature=args.think_temperature,
-        num_images_per_prompt=args.num_images,
-        generator=torch.Generator().manual_seed(args.seed),
-        sample_posterior=args.sample_posterior,
-    )
+        args.prompt, image=images, think=args.think, think_do_sample=args.think_do_sample,
+        num_images_per_prompt=args.num_images, sample_posterior=args.sample_posterior,
+        generator=torch.Generator().manual_seed(args.seed), **arguments,
+    )  # fmt: skip
     if output.text:
         print(f"thinking: {output.text[0]}")
     for image, path in zip(output.images, paths):
@@ -474,9 +172,9 @@ def _run_chat(args):
         # The frames are sampled already (--num_frames): the processor keeps them all instead of sampling again.
         count = None if frames is None else len(frames)
         messages = understanding_messages(question, images, history, think=args.think, video=frames, num_frames=count)
-        return generate_answer(
-            pipe.model, pipe.processor, messages, args.max_new_tokens, args.do_sample, args.temperature, streamer
-        )
+        sampling = {} if args.temperature is None else {"temperature": args.temperature}
+        return generate_answer(pipe.model, pipe.processor, messages, args.max_new_tokens, args.do_sample,
+                               streamer=streamer, **sampling)  # fmt: skip
 
     if args.prompt is not None:
         turn(args.prompt, [])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .chat import understanding_messages
+from .chat import generate_answers, understanding_messages
 
 
 try:
@@ -199,17 +199,8 @@ class BagelLmms(lmms):
             max_new_tokens = max(max_new_tokens, 2048)
         temperature = float(gen_kwargs.pop("temperature", 0) or 0)
         do_sample = bool(gen_kwargs.pop("do_sample", False)) and temperature > 0
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
         if do_sample and not math.isfinite(temperature):
             raise ValueError(f"gen_kwargs temperature must be finite, got {temperature}.")
         conversations = [self._messages(request) for request in batch]
-        inputs = self.processor.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        ).to(self.model.device)  # left padding: the processor's default
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [self._answer(text, until) for text in texts]
+        answers = generate_answers(self.model, self.processor, conversations, max_new_tokens, do_sample, temperature)
+        return [self._answer(text, until) for text in answers.texts]

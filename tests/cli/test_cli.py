@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from conftest import ORIGINAL_DIR, TINY_IMAGE_SIZES
-from diffusers_bagel import BagelPipeline
 from diffusers_bagel.cli import build_parser, main
 from transformers_bagel.chat import generate_answer, understanding_messages
 
@@ -305,6 +304,26 @@ def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
     assert "could not upload to the Hub repo 'me/bagel-tiny' (OSError: Max retries exceeded" in err
 
 
+def test_flags_left_out_are_not_passed_so_the_pipeline_defaults_apply(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers_bagel import cli
+
+    calls = []
+
+    def pipe(prompt, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(images=[PIL.Image.new("RGB", (16, 16))], text=None)
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *args: pipe)
+    code, _, err = _run(["generate", "--checkpoint", tmp_path, "--prompt", "x", "--output", tmp_path / "x.png",
+                         "--cfg_img_scale", 2, "--cfg_interval", 0.1, 0.9], capsys)  # fmt: skip
+    assert code == 0, err
+    given = {"image", "think", "think_do_sample", "num_images_per_prompt", "sample_posterior", "generator"}
+    assert set(calls[0]) == given | {"cfg_img_scale", "cfg_interval"}
+    assert calls[0]["cfg_img_scale"] == 2.0 and calls[0]["cfg_interval"] == (0.1, 0.9)
+
+
 # -- errors a user can act on --------------------------------------------------------------------------------------------
 
 
@@ -317,9 +336,9 @@ def test_push_offline_is_one_line(converted_dir, capsys, monkeypatch):
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--width", "4096"], "multiples of 16 up to 256 px"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "   ", "--steps", "1"], "prompt is empty"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--output", "x.gif"], "ending in .png, .jpg"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_text_scale", "0.5"], "expected a number >= 1.0"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_interval", "0.5", "nan"], "finite number"),
-        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--steps", "0"], "expected a positive integer"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_text_scale", "0.5"], "`cfg_text_scale` must be a number in [1.0"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_interval", "0.5", "nan"], "`cfg_interval` must be (start, end)"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--steps", "0"], "`num_inference_steps` must be a positive integer"),
         (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--cfg_renorm_type", "local"], "invalid choice"),
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{empty}/none.png"], "no such file"),
         (["edit", "--checkpoint", "{ckpt}", "--prompt", "x", "--image", "{text}"], "could not be decoded"),

@@ -253,6 +253,43 @@ def test_lmms_eval_answers_a_local_task(tmp_path, digits, monkeypatch):
     assert results["results"]["local_digits"]["exact_match,none"] >= 2 / 3, answers
 
 
+def test_lmms_eval_model_answers_a_batch_as_each_request_alone(digits, monkeypatch):
+    """`BagelLmms` answers a batch with one `generate_answers` call; each answer is the one `generate_answer` gives
+    the request alone. Without the `eval` extra, lmms-eval's base class is stubbed (the model needs nothing else)."""
+    import types
+
+    from transformers_bagel.chat import generate_answer, understanding_messages
+
+    module_name = "transformers_bagel.lmms_eval_bagel"
+    stubbed = False
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("lmms_eval.api.model")
+        stub.lmms = type("lmms", (), {})
+        for name in ("lmms_eval", "lmms_eval.api"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        monkeypatch.setitem(sys.modules, "lmms_eval.api.model", stub)
+        stubbed = module_name not in sys.modules
+    try:
+        from transformers_bagel.lmms_eval_bagel import BagelLmms
+
+        model = BagelLmms(pretrained=str(CHECKPOINT), device="cpu", batch_size=3, max_new_tokens=8)
+    finally:
+        if stubbed:  # the next import of the module finds the real lmms-eval (or its clear ImportError)
+            sys.modules.pop(module_name, None)
+    model.task_dict = {"digits": {"test": dict(enumerate(digits))}}
+    questions = ["Which digit is this?", "Which digit is it? Answer in one word.", "Which digit is this?"]
+    gen_kwargs = {"max_new_tokens": 8, "until": ["\n"]}  # prompts of two lengths: the batch is left-padded
+    requests = [types.SimpleNamespace(args=(question, gen_kwargs, lambda doc: [doc], index, "digits", "test"))
+                for index, question in enumerate(questions)]  # fmt: skip
+    batched = model._generate(requests)
+    alone = [model._answer(generate_answer(model.model, model.processor, understanding_messages(question, [image]), 8),
+                           ["\n"]) for question, image in zip(questions, digits)]  # fmt: skip
+    assert batched == alone
+    assert "seven" in batched[0].lower(), batched
+
+
 def test_lmms_eval_entry_point_is_declared():
     import tomllib
 

@@ -20,7 +20,6 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from diffusers_bagel import BagelPipeline  # noqa: E402
 from diffusers_bagel.serving import ServerConfig, create_app  # noqa: E402
 
 

@@ -29,7 +29,6 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from diffusers_bagel import BagelPipeline  # noqa: E402
 from diffusers_bagel.serving import (  # noqa: E402
     ServerConfig,
     ServerLimits,
@@ -39,7 +38,7 @@ from diffusers_bagel.serving import (  # noqa: E402
     is_public_address,
     resolve_api_key,
 )
-from diffusers_bagel.serving import app as app_module  # noqa: E402
+from diffusers_bagel.serving import outputs as outputs_module  # noqa: E402
 from diffusers_bagel.serving import remote as remote_module  # noqa: E402
 
 
@@ -676,17 +675,43 @@ def test_client_mistakes_get_400_naming_the_field(serve):
     _still_serving(server)
 
 
+def test_the_pipelines_refusals_name_the_field_before_queueing(serve):
+    """The bounds are the pipeline's: the server passes on what the client set, and the pipeline's own checks refuse a
+    bad value before the request is queued, as a 400 naming the field with the pipeline's message."""
+    server = serve()
+    gate = _Gate(server.worker)
+    gate.release.set()
+    request = {"prompt": "a handwritten digit seven", "seed": 0, **STEPS}
+    cases = [
+        ({"size": "72x64"}, "size", "must be divisible by"),
+        ({"size": "1024x1024"}, "size", "exceeds the model's largest image side"),
+        ({"cfg_text_scale": 0.5}, "cfg_text_scale", "`cfg_text_scale` must be a number in [1.0"),
+        ({"cfg_interval": [0.9, 0.1]}, "cfg_interval", "`cfg_interval` must be (start, end)"),
+        ({"cfg_renorm_type": "local"}, "cfg_renorm_type", "`cfg_renorm_type` must be one of"),
+        ({"timestep_shift": 0}, "timestep_shift", "`timestep_shift` must be a number in"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "`num_inference_steps` must be a positive integer"),
+        ({"prompt": "   "}, "prompt", "A prompt is empty"),
+        ({"think": True, "think_do_sample": True, "think_temperature": 0}, "think_temperature", "`think_temperature`"),
+    ]  # fmt: skip
+    for fields, param, message in cases:
+        response = httpx.post(f"{server.url}/v1/images/generations", json={**request, **fields}, timeout=60)
+        error = _assert_error(response, 400, param=param, code="invalid_value")
+        assert message in error["message"], error
+    assert gate.ran == []  # none was queued
+    _still_serving(server)
+
+
 def test_a_full_image_folder_answers_507_without_a_path(serve, tmp_path, monkeypatch):
     server = serve(image_dir=tmp_path / "served")
     request = {"prompt": "a handwritten digit seven", "size": "64x64", "seed": 0, "response_format": "url", **STEPS}
-    real_write = app_module._write_image_file
+    real_write = outputs_module.write_image_file
 
     def full_disk(path, data):
         with open(path, "xb") as file:  # a partial file, as a real full disk leaves one
             file.write(data[:10])
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(app_module, "_write_image_file", full_disk)
+    monkeypatch.setattr(outputs_module, "write_image_file", full_disk)
     response = httpx.post(f"{server.url}/v1/images/generations", json=request, timeout=300)
     error = _assert_error(response, 507, code="image_storage_full")
     assert error["type"] == "server_error" and "folder is full" in error["message"]
@@ -696,13 +721,13 @@ def test_a_full_image_folder_answers_507_without_a_path(serve, tmp_path, monkeyp
     def read_only(path, data):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(app_module, "_write_image_file", read_only)
+    monkeypatch.setattr(outputs_module, "write_image_file", read_only)
     response = httpx.post(f"{server.url}/v1/images/generations", json=request, timeout=300)
     _assert_error(response, 503, code="image_storage_unavailable")
     assert str(tmp_path) not in response.text
 
     _still_serving(server)  # b64_json still works with the folder full
-    monkeypatch.setattr(app_module, "_write_image_file", real_write)
+    monkeypatch.setattr(outputs_module, "write_image_file", real_write)
     url = httpx.post(f"{server.url}/v1/images/generations", json=request, timeout=300).json()["data"][0]["url"]
     assert httpx.get(url).status_code == 200
 

@@ -83,11 +83,6 @@ class ServerMetrics:
         with self._lock:
             return self._dropped.get((kind, reason), 0)
 
-    def batch_sizes(self, kind: str) -> list[float]:
-        """The recent batch sizes of `kind` (for tests and logs)."""
-        with self._lock:
-            return list(self._batch_size[kind].recent)
-
     def render(self) -> str:
         """All metrics in the Prometheus text exposition format (version 0.0.4)."""
         lines = []

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import PIL.Image
 
+from transformers_bagel.chat import DEFAULT_MAX_NEW_TOKENS
+
 from .errors import APIError
 
 
@@ -28,7 +30,6 @@ __all__ = [
     "parse_bool",
     "parse_size",
     "check_image_bytes",
-    "decode_image_bytes",
     "decode_data_url",
     "chat_messages_to_bagel",
     "decode_message_images",
@@ -51,7 +52,7 @@ class ServerLimits:
         max_n (`int`): images asked by one generation or edit request.
         max_inference_steps (`int`): denoising steps of one request.
         max_tokens (`int`): largest `max_tokens` of a chat request.
-        default_max_tokens (`int`): `max_tokens` of a chat request that sets none.
+        default_max_tokens (`int`): `max_tokens` of a chat request that sets none (`generate_answer`'s default).
         max_think_tokens (`int`): largest `max_think_tokens` of thinking mode.
         max_body_bytes (`int`): largest request body, counted while it arrives (chunked bodies too).
         remote_image_timeout (`float`): seconds one remote image may take, redirects included
@@ -67,7 +68,7 @@ class ServerLimits:
     max_n: int = 4
     max_inference_steps: int = 200
     max_tokens: int = 4096
-    default_max_tokens: int = 512
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_think_tokens: int = 2048
     max_body_bytes: int = 64 * 1024 * 1024
     remote_image_timeout: float = 10.0
@@ -93,8 +94,16 @@ def _invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def _bounds(low, high, left: str = "[") -> str:
+    """The text of the interval [`low`, `high`] (either side open-ended when `None`)."""
+    if low is None:
+        return f"<= {high}"
+    return f"{left}{low}, {high}]" if high is not None else (f"> {low}" if left == "(" else f">= {low}")
+
+
 def parse_int(value, param: str, low: int | None = None, high: int | None = None) -> int:
-    """`value` (an integer, or its text from a form) as an int within [`low`, `high`], else a 400 naming `param`."""
+    """`value` (an integer, or its text from a form) as an int, within [`low`, `high`] where given (the server's own
+    limits; the pipeline checks its arguments itself), else a 400 naming `param`."""
     if isinstance(value, str):
         try:
             value = int(value.strip())
@@ -107,13 +116,15 @@ def parse_int(value, param: str, low: int | None = None, high: int | None = None
     if not isinstance(value, int) or isinstance(value, bool):
         raise _invalid(param, f"`{param}` must be an integer, got {type(value).__name__}.")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise _invalid(param, f"`{param}` must be an integer {bounds}, got {describe(value)}.")
+        bounds = _bounds(low, high)
+        raise _invalid(param, f"`{param}` must be an integer {'in ' if bounds[0] == '[' else ''}{bounds}, got "
+                       f"{describe(value)}.")  # fmt: skip
     return value
 
 
 def parse_float(value, param: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:
-    """`value` (a number, or its text from a form) as a finite float within the bounds, else a 400 naming `param`."""
+    """`value` (a number, or its text from a form) as a finite float, within the bounds where given, else a 400
+    naming `param`."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -126,13 +137,12 @@ def parse_float(value, param: str, low: float | None = None, high: float | None 
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise _invalid(param, f"`{param}` must be a finite number in [{low}, {high}], got {describe(value)}.")
-    value = number
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        left = "(" if low_open else "["
-        raise _invalid(param, f"`{param}` must be a number in {left}{low}, {high}], got {value}.")
-    return value
+        raise _invalid(param, f"`{param}` must be a finite number, got {describe(value)}.")
+    too_low = low is not None and (number <= low if low_open else number < low)
+    if too_low or (high is not None and number > high):
+        bounds = _bounds(low, high, "(" if low_open else "[")
+        raise _invalid(param, f"`{param}` must be a number {'in ' if bounds[0] in '[(' else ''}{bounds}, got {number}.")
+    return number
 
 
 def parse_bool(value, param: str) -> bool:
@@ -144,23 +154,15 @@ def parse_bool(value, param: str) -> bool:
     return value
 
 
-def parse_size(value, stride: int, largest: int) -> tuple[int, int] | None:
-    """An OpenAI `size` ("WIDTHxHEIGHT", or "auto"/None for the default) as `(width, height)`: multiples of `stride`,
-    at most `largest` a side."""
+def parse_size(value) -> tuple[int, int] | None:
+    """An OpenAI `size` ("WIDTHxHEIGHT", or "auto"/None for the pipeline's default) as `(width, height)`; the
+    pipeline checks the sides."""
     if value is None or value == "auto":
         return None
     match = re.fullmatch(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*", value) if isinstance(value, str) else None
     if match is None:
-        raise _invalid(
-            "size", f"`size` must look like 'WIDTHxHEIGHT' (e.g. '{largest}x{largest}'), got {describe(value)}."
-        )
-    width, height = int(match.group(1)), int(match.group(2))
-    for side in (width, height):
-        if side < stride or side % stride or side > largest:
-            raise _invalid(
-                "size", f"`size` sides must be multiples of {stride} between {stride} and {largest}, got {value!r}."
-            )
-    return width, height
+        raise _invalid("size", f"`size` must look like 'WIDTHxHEIGHT' (e.g. '512x512'), got {describe(value)}.")
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,11 +231,6 @@ def check_image_bytes(data: bytes, param: str, limits: ServerLimits) -> EncodedI
     except Exception:  # PIL raises several kinds here (SyntaxError, OSError, struct.error, ...)
         raise _invalid(param, f"`{param}` could not be decoded as an image.", code="invalid_image") from None
     return EncodedImage(bytes(data), width, height, param)
-
-
-def decode_image_bytes(data: bytes, param: str, limits: ServerLimits) -> PIL.Image.Image:
-    """Encoded image bytes as an RGB PIL image now: [`check_image_bytes`], then [`EncodedImage.decode`]."""
-    return check_image_bytes(data, param, limits).decode()
 
 
 def decode_data_url(url: str, param: str, limits: ServerLimits) -> EncodedImage:
