@@ -13,9 +13,9 @@
 # limitations under the License.
 """BAGEL's flow-matching Euler schedule and its dual classifier-free-guidance combination."""
 
-import inspect
 import math
 from numbers import Real
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,8 +29,7 @@ from .defaults import CFG_RENORM_TYPES
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-__all__ = ["BAGEL_SCHEDULER_DEFAULTS", "CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
-
+__all__ = ["CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
 
 
 def _is_real(value) -> bool:
@@ -45,24 +44,6 @@ def _check_shift(name: str, value) -> float:
     if not _is_real(value) or not math.isfinite(value) or not value > 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
     return float(value)
-
-
-BAGEL_SCHEDULER_DEFAULTS = {"shift": 3.0}
-"""The defaults in which [`FlowMatchEulerScheduler`]'s config differs from `FlowMatchEulerDiscreteScheduler`'s:
-BAGEL's `timestep_shift` of 3.0."""
-
-
-def _signature_with_defaults(function, defaults: dict) -> inspect.Signature:
-    """`function`'s signature (through its decorators) with some parameters' defaults replaced."""
-    signature = inspect.signature(function)
-    unknown = set(defaults) - set(signature.parameters)
-    if unknown:
-        raise TypeError(f"{function.__qualname__} has no parameters {sorted(unknown)}.")
-    parameters = [p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()]
-    return signature.replace(parameters=parameters)
-
-
-_INIT_SIGNATURE = _signature_with_defaults(FlowMatchEulerDiscreteScheduler.__init__, BAGEL_SCHEDULER_DEFAULTS)
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -89,29 +70,52 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
         shift (`float`, defaults to 3.0):
             BAGEL's `timestep_shift` `s`, used unless `set_timesteps` gets its own `timestep_shift`.
         The other arguments are [`FlowMatchEulerDiscreteScheduler`]'s (`use_dynamic_shifting`, `use_karras_sigmas`,
-        `stochastic_sampling`, ...), with its defaults, which reproduce BAGEL. The signature is the parent's with the
-        defaults of `BAGEL_SCHEDULER_DEFAULTS`, so the config always has the parent's keys.
+        `stochastic_sampling`, ...), in its order and with its defaults, which reproduce BAGEL: the config has the
+        parent's keys.
     """
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
     order = 1
 
-    def __init__(self, *args, **kwargs):
-        arguments = _INIT_SIGNATURE.bind(self, *args, **kwargs)
-        arguments.apply_defaults()
-        config = {name: value for name, value in arguments.arguments.items() if name != "self"}
-        if not _is_positive_int(config["num_train_timesteps"]):
-            raise ValueError(f"`num_train_timesteps` must be a positive int, got {config['num_train_timesteps']!r}.")
-        _check_shift("shift", config["shift"])
-        # The parent's `__init__` (decorated with `register_to_config`) registers the config. Every argument is
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 3.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: Literal["exponential", "linear"] = "exponential",
+        stochastic_sampling: bool = False,
+    ):
+        if not _is_positive_int(num_train_timesteps):
+            raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
+        _check_shift("shift", shift)
+        # Not decorated with `register_to_config`: the parent's `__init__` registers the config, and every argument is
         # passed to it by name, so none is recorded as a default that `from_config` may replace with the loading
-        # class's own: BAGEL's `shift` travels with the config into a `FlowMatchEulerDiscreteScheduler`.
-        super().__init__(**config)
-
-    # The parent's signature with BAGEL's defaults: `ConfigMixin` reads a scheduler's config keys and defaults from its
-    # `__init__` signature, so the config is exactly the parent's (all its options, as the installed diffusers has
-    # them) and only the defaults in `BAGEL_SCHEDULER_DEFAULTS` differ.
-    __init__.__signature__ = _INIT_SIGNATURE
+        # class's own (BAGEL's `shift` travels with the config into a `FlowMatchEulerDiscreteScheduler`).
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            shift=shift,
+            use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift,
+            max_shift=max_shift,
+            base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len,
+            invert_sigmas=invert_sigmas,
+            shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            time_shift_type=time_shift_type,
+            stochastic_sampling=stochastic_sampling,
+        )
 
     def set_timesteps(
         self,

@@ -135,7 +135,7 @@ def test_7b_configuration_has_the_published_size(tmp_path):
     assert 7.5e9 < params["active_per_token"] < 7.7e9
     assert params["decoder_generation_expert"] == params["decoder_understanding_expert"]
     # 2 x the weights one latent token passes through: 28 layers of q, k, v, o (with biases) and the SwiGLU MLP,
-    # plus vae2llm / llm2vae, from SPEC section 2's sizes.
+    # plus vae2llm / llm2vae, from the sizes of the BAGEL-7B-MoT release (its `llm_config.json`).
     h, i, kv, n = 3584, 18944, 4 * 128, 28
     per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i
     expected = 2 * (n * per_layer + (64 * h + h) + (h * 64 + 64))

@@ -194,7 +194,8 @@ def test_apply_guidance_matches_original_fixture(renorm_type):
 
 
 def _reference_guidance(v, v_t, v_i, st, si, renorm_type, renorm_min):
-    """SPEC section 5 spelled out token by token in float64, for one unbatched image."""
+    """The original's guidance combination (`_forward_flow` of ByteDance-Seed/Bagel's `modeling/bagel/bagel.py`)
+    spelled out token by token in float64, for one unbatched image."""
     v, v_t = v.double(), v_t.double()
     v_i = v_i.double() if v_i is not None else None
     if st <= 1:

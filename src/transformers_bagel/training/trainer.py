@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from ..hardware import PEAK_TFLOPS_BF16, device_peak_tflops
 from ..modeling_bagel import pack_latents
 from .callbacks import BagelEMACallback
 from .collator import IGNORE_INDEX
@@ -153,26 +154,6 @@ def freeze_modules(model, freeze_vit: bool = False, freeze_und: bool = False, fr
     return frozen
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common accelerators, by a substring of the device name; the
-# first match wins (so longer names come before their prefixes). Anything else needs `peak_tflops`.
-PEAK_TFLOPS_BF16 = {
-    "GH200": 989.0,
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "H800": 989.0,
-    "H20": 148.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "L20": 119.5,
-    "L4": 121.0,
-    "MI300X": 1307.0,
-}
-
-
 def bagel_flops_per_token(config) -> float:
     """
     Training FLOPs per token of BAGEL, from the model config: `6 * N`, with `N` the parameters one token passes
@@ -200,18 +181,6 @@ def bagel_attention_flops_coefficient(config) -> float:
     text = config.text_config if hasattr(config, "text_config") else config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return 12.0 * text.num_hidden_layers * text.num_attention_heads * head_dim
-
-
-def device_peak_tflops(device) -> float | None:
-    """The dense bf16 peak of a CUDA device from `PEAK_TFLOPS_BF16`, or None (CPU, unknown accelerator)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return value
-    return None
 
 
 class _CollatorEpochCallback(TrainerCallback):

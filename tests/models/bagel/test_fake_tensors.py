@@ -5,22 +5,22 @@ analysed on any machine. Whatever a step needs to know (the grid, the spans, the
 step that read a value would raise `DataDependentOutputException` here. The FLOPs counted on the fake step equal the
 count derived from the configuration's sizes."""
 
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.cache_utils import DynamicCache
 
 from transformers_bagel import BagelConfig, BagelContext, BagelForConditionalGeneration
 from transformers_bagel.context_bagel import BagelContextSpan
 
 
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode has no formula for the CPU's fused attention kernel; it counts it as the CUDA ones.
-SDPA_ON_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
+# The benchmark's FLOP formula of the CPU's fused attention kernel (FlopCounterMode has none; counted as the CUDA ones)
+sys.path.insert(0, str(ROOT / "examples"))
+from benchmarking.flops import SDPA_ON_CPU  # noqa: E402
 
 
 @pytest.fixture(scope="module")
