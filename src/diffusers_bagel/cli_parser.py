@@ -22,7 +22,17 @@ from pathlib import Path
 
 # Only light modules here: torch, transformers and diffusers load once the arguments are read, so that `--help` and
 # bad flags answer at once.
-from .defaults import CFG_RENORM_TYPES, EDIT_PRESET, MAX_GUIDANCE_SCALE, TEXT_TO_IMAGE_PRESET
+from .defaults import (
+    CFG_RENORM_TYPES,
+    DEFAULT_CFG_RENORM_MIN,
+    DEFAULT_MAX_THINK_TOKENS,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_THINK_TEMPERATURE,
+    DEFAULT_TIMESTEP_SHIFT,
+    EDIT_PRESET,
+    MAX_GUIDANCE_SCALE,
+    TEXT_TO_IMAGE_PRESET,
+)
 
 
 __all__ = ["DTYPES", "PIPELINE_FLAGS", "build_parser"]
@@ -104,10 +114,10 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     group.add_argument("--width", type=int, default=None, help="Output width (same rules as --height).")
     group.add_argument(
         "--num_inference_steps", "--steps", type=int, default=None,
-        help="Euler steps, the original's num_timesteps minus one (default: the pipeline's).",
+        help=f"Euler steps, the original's num_timesteps minus one (default: {DEFAULT_NUM_INFERENCE_STEPS}).",
     )  # fmt: skip
     group.add_argument(
-        "--timestep_shift", type=float, default=None, help="Schedule shift s in st/(1+(s-1)t) (default: the pipeline's)."
+        "--timestep_shift", type=float, default=None, help=f"Schedule shift s in st/(1+(s-1)t) (default: {DEFAULT_TIMESTEP_SHIFT})."
     )
     group.add_argument(
         "--cfg_text_scale", type=float, default=None,
@@ -130,7 +140,7 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     )  # fmt: skip
     group.add_argument(
         "--cfg_renorm_min", type=float, default=None,
-        help="Lower clamp of the renormalisation factor, 1 disables it (default: the pipeline's).",
+        help=f"Lower clamp of the renormalisation factor, 1 disables it (default: {DEFAULT_CFG_RENORM_MIN}).",
     )  # fmt: skip
     group.add_argument("--seed", type=_seed, default=0, help="Seed of the initial noise (and of thinking's sampling).")
     group.add_argument("--num_images", type=_positive_int, default=1, help="Images per prompt.")
@@ -140,10 +150,11 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     think = parser.add_argument_group("thinking")
     think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")
     think.add_argument("--max_think_tokens", type=int, default=None,
-                       help="Longest plan, in tokens (default: the pipeline's, or what the model's positions leave).")
+                       help=f"Longest plan, in tokens (default: {DEFAULT_MAX_THINK_TOKENS}, or what the model's positions "
+                       "leave).")
     think.add_argument("--think_do_sample", action="store_true", help="Sample the plan instead of greedy decoding.")
     think.add_argument(
-        "--think_temperature", type=float, default=None, help="Sampling temperature of the plan (default: the pipeline's)."
+        "--think_temperature", type=float, default=None, help=f"Sampling temperature of the plan (default: {DEFAULT_THINK_TEMPERATURE})."
     )
 
 

@@ -44,13 +44,13 @@ from .pipeline_inputs import (
 )
 from .pipeline_output import BagelPipelineOutput
 from .pipeline_thinking import check_positions, generate_thinking
-from .defaults import (  # re-exported: the server and the app import them from here
+from .defaults import (  # the presets and the thinking prompt are re-exported: examples import them from here
+    DEFAULT_CFG_RENORM_MIN,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    DEFAULT_THINK_TEMPERATURE,
+    DEFAULT_TIMESTEP_SHIFT,
     EDIT_PRESET,
     GEN_THINK_SYSTEM_PROMPT,
-    MAX_GUIDANCE_SCALE,
-    MAX_TIMESTEP_SHIFT,
-    MIN_TIMESTEP_SHIFT,
-    RENORM_TYPES,
     TEXT_TO_IMAGE_PRESET,
 )
 from .lora_loading import BagelLoraLoaderMixin
@@ -507,17 +507,17 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         image=None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        timestep_shift: float = 3.0,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        timestep_shift: float = DEFAULT_TIMESTEP_SHIFT,
         cfg_text_scale: float | None = None,
         cfg_img_scale: float | None = None,
         cfg_interval: tuple[float, float] | None = None,
         cfg_renorm_type: str | None = None,
-        cfg_renorm_min: float = 0.0,
+        cfg_renorm_min: float = DEFAULT_CFG_RENORM_MIN,
         think: bool = False,
         max_think_tokens: int | None = None,
         think_do_sample: bool = False,
-        think_temperature: float = 0.3,
+        think_temperature: float = DEFAULT_THINK_TEMPERATURE,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,

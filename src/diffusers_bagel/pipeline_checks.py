@@ -16,7 +16,7 @@ from .defaults import (
     MAX_TIMESTEP_SHIFT,
     MIN_TIMESTEP_SHIFT,
     OUTPUT_TYPES,
-    RENORM_TYPES,
+    CFG_RENORM_TYPES,
 )
 
 
@@ -136,8 +136,8 @@ def check_call_arguments(
         or not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0
     ):
         raise ValueError(f"`cfg_interval` must be (start, end) with 0 <= start <= end <= 1, got {cfg_interval!r}.")
-    if cfg_renorm_type not in RENORM_TYPES:
-        raise ValueError(f"`cfg_renorm_type` must be one of {RENORM_TYPES}, got {cfg_renorm_type!r}.")
+    if cfg_renorm_type not in CFG_RENORM_TYPES:
+        raise ValueError(f"`cfg_renorm_type` must be one of {CFG_RENORM_TYPES}, got {cfg_renorm_type!r}.")
     if not isinstance(cfg_renorm_min, (int, float)) or not 0.0 <= cfg_renorm_min <= 1.0:
         raise ValueError(f"`cfg_renorm_min` must be in [0, 1], got {cfg_renorm_min!r}.")
     if (

@@ -413,8 +413,8 @@ def test_set_shift_is_the_default_of_later_schedules():
 
 
 def test_renorm_types_are_defined_once():
-    from diffusers_bagel import pipeline_bagel
+    from diffusers_bagel import cli_parser, pipeline_checks
     from diffusers_bagel.scheduling_flow_match_euler import CFG_RENORM_TYPES
 
-    assert pipeline_bagel.RENORM_TYPES is CFG_RENORM_TYPES
+    assert pipeline_checks.CFG_RENORM_TYPES is CFG_RENORM_TYPES is cli_parser.CFG_RENORM_TYPES
     assert list(CFG_RENORM_TYPES) == RENORM_TYPES
