@@ -6,6 +6,7 @@ arguments are read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -108,12 +109,50 @@ def _check_size_fits(checkpoint: Path, height: int | None, width: int | None) ->
             )
 
 
-def _run_image(args, images=None):
+@contextlib.contextmanager
+def _guidance_parallel_group(parallel: str | None, device: str | None):
+    """
+    For `--parallel cfg`: the process group of the `torchrun` that started this process (gloo on CPU, nccl on CUDA,
+    where each process takes the GPU of its LOCAL_RANK), destroyed on the way out. Yields the device to load the
+    pipeline on and whether this process writes the outputs (rank 0); without `--parallel`, `device` and True.
+    """
+    if parallel is None:
+        yield device, True
+        return
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            "--parallel cfg runs one process per guidance branch under torchrun: start it as `torchrun "
+            "--nproc_per_node 2 --no-python bagel ... --parallel cfg` (WORLD_SIZE is not set)."
+        )
     import torch
+    import torch.distributed as dist
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield device, dist.get_rank() == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_image(args, images=None):
     paths = _output_paths(args.output, args.num_images)
     _check_size_fits(args.checkpoint, args.height, args.width)
-    pipe = _load_pipeline(args.checkpoint, args.device, args.dtype)
+    with _guidance_parallel_group(args.parallel, args.device) as (device, writes):
+        _draw_and_write(args, images, paths, device, writes)
+
+
+def _draw_and_write(args, images, paths, device, writes: bool):
+    import torch
+
+    pipe = _load_pipeline(args.checkpoint, device, args.dtype)
+    if args.parallel is not None:
+        pipe.enable_guidance_parallel()
     arguments = {name: getattr(args, name) for name in PIPELINE_FLAGS if getattr(args, name) is not None}
     if "cfg_interval" in arguments:
         arguments["cfg_interval"] = tuple(arguments["cfg_interval"])
@@ -122,6 +161,8 @@ def _run_image(args, images=None):
         num_images_per_prompt=args.num_images, sample_posterior=args.sample_posterior,
         generator=torch.Generator().manual_seed(args.seed), **arguments,
     )  # fmt: skip
+    if not writes:
+        return
     if output.text:
         print(f"thinking: {output.text[0]}")
     for image, path in zip(output.images, paths):

@@ -147,6 +147,11 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
     group.add_argument(
         "--sample_posterior", action="store_true", help="Sample the VAE posterior of input images instead of its mean."
     )
+    group.add_argument(
+        "--parallel", choices=["cfg"], default=None,
+        help="cfg: run the guidance branches on the processes of `torchrun --nproc_per_node N --no-python bagel ...` "
+             "(2 or 3; gloo on CPU, nccl on CUDA, one GPU per process); rank 0 writes the images.",
+    )  # fmt: skip
     think = parser.add_argument_group("thinking")
     think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")
     think.add_argument("--max_think_tokens", type=int, default=None,

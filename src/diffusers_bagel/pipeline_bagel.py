@@ -31,6 +31,7 @@ from transformers_bagel.modeling_bagel import (
 from transformers_bagel.numerics import non_finite_message
 from transformers_bagel.processing_bagel import BagelProcessor
 
+from .guidance_parallel import GuidanceParallel
 from .pipeline_checks import as_int, check_batch, check_call_arguments, unknown_arguments_message
 from .pipeline_contexts import ContextEncoder, Guidance, prefill_guidance
 from .pipeline_folder import CLASS_NAME, pipeline_index_class_name, write_pipeline_code_and_pointers
@@ -63,6 +64,11 @@ logger = logging.get_logger(__name__)
 # diffusers' step caches that apply to BAGEL's decoder layers (block-level hooks; the layer takes and returns
 # `hidden_states`). Registering the layer's metadata lets diffusers' own hooks find its hidden states.
 STEP_CACHE_CONFIGS = (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig)
+GUIDANCE_PARALLEL_CACHE_MESSAGE = (
+    "Guidance parallelism runs each guidance branch on its own process, but a diffusers step cache (`enable_cache`) "
+    "decides which layers to skip over all the branches run together; use one of them (`pipe.disable_cache()` or "
+    "`pipe.disable_guidance_parallel()`). `enable_taylorseer=True` works with guidance parallelism."
+)
 TransformerBlockRegistry.register(BagelDecoderLayer, TransformerBlockMetadata(hidden_states_argument_name="hidden_states"))
 
 EXAMPLE_DOC_STRING = """
@@ -383,11 +389,13 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
             batch_invariant (`bool`, defaults to `False`): see `__call__`.
             encoder (`ContextEncoder`, *optional*): the call's encoder of contexts (its tokenised texts and encoded
                 images are reused); by default a new one with `generator` and `sample_posterior`.
+
+        With guidance parallelism enabled, this process prefills only the contexts of its own branches.
         """
         encoder = self._context_encoder(generator, sample_posterior) if encoder is None else encoder
         return prefill_guidance(
             encoder, contexts, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, cache,
-            reuse_full_for_image, batch_invariant,
+            reuse_full_for_image, batch_invariant, self.guidance_parallel,
         )  # fmt: skip
 
     def guided_velocity(
@@ -403,14 +411,20 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         prompt and branch, each against its own context span) and the branches are combined by the scheduler's
         dual-CFG rule; outside it only the full-context branch runs. With `taylorseer` (the call's TaylorSeer hook on
         the decoder layers, one state per branch), the branches whose stack runs in full this step share one forward
-        and those predicted by their Taylor factors another one, in which no decoder layer runs.
+        and those predicted by their Taylor factors another one, in which no decoder layer runs. With guidance
+        parallelism (see [`~BagelPipeline.enable_guidance_parallel`]) this process runs its own branches only and
+        receives the others' velocities, so every process combines the same ones.
         `x`: `(batch, h * w, patch_latent_dim)` packed latents at flow time `t`.
         """
         g = guidance
         active = ["cond"]
         if g.use_text and self.scheduler.cfg_active(t, g.cfg_interval):
             active += ["text", "image"] if g.use_image else ["text"]
-        groups = [active] if taylorseer is None else [kinds for kinds in taylorseer.begin_step(active) if kinds]
+        local = g.local_branches(active)  # with guidance parallelism, this process's share
+        if taylorseer is None:
+            groups = [local] if local else []
+        else:
+            groups = [kinds for kinds in taylorseer.begin_step(local) if kinds]
         velocities = {}
         for kinds in groups:
             spans = [span for kind in kinds for span in g.spans[kind]]
@@ -420,7 +434,9 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 v = self.model.predict_velocity(rows.to(self.model.dtype), t, grid, g.context, spans).float()
             velocities.update(zip(kinds, v.split(g.batch_size)))
         if taylorseer is not None:
-            taylorseer.end_step(active)
+            taylorseer.end_step(local)
+        if g.parallel is not None:
+            velocities = g.parallel.exchange(velocities, active, g.owners, like=x)
         if len(active) == 1:
             return velocities["cond"]
         v_image = velocities.get("image", velocities["cond"] if g.image_reuses_full else None)
@@ -495,6 +511,67 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         if guidance.hooked_decoder is None:
             return contextlib.nullcontext()
         return guidance.hooked_decoder.cache_context(name)
+
+    # -- guidance parallelism ---------------------------------------------------------------------------------------
+
+    @property
+    def guidance_parallel(self) -> GuidanceParallel | None:
+        """The processes sharing each call's guidance branches (see `enable_guidance_parallel`), or None."""
+        return getattr(self, "_guidance_parallel", None)
+
+    def enable_guidance_parallel(self, process_group: "torch.distributed.ProcessGroup | None" = None) -> None:
+        """
+        Runs the guidance branches of each denoising step on the processes of `process_group` (the default group
+        when None), as [`torchrun`](https://pytorch.org/docs/stable/elastic/run.html) starts them: every process
+        loads the whole pipeline and makes the same call (same prompt, inputs and settings), and each runs its share
+        of the branches (`"cond"`: the full context, `"text"`: without the text, `"image"`: without the images)
+        against the contexts only it prefills. One branch per process while there are processes enough (rank 0
+        "cond", rank 1 "text", rank 2 "image"; more processes idle); with three branches on two processes rank 0 runs
+        "cond" and "text" (the no-text context is the full one's first keys) and rank 1 "image". After each step's
+        forwards the velocities are gathered (one `(batch, h * w, patch_latent_dim)` float32 tensor per branch) and
+        every process combines them alike, so all hold the same latents and the same images; outside `cfg_interval`
+        the process running "cond" broadcasts its velocity. The initial noise is rank 0's (broadcast once), thinking
+        mode writes its plan on every process, and every process decodes the images (write them from rank 0).
+
+        A branch's velocity is computed as with `batch_invariant=True`, whose rows do not depend on one another:
+        each image of a call is then bit for bit, on CPU in float32, the single-process
+        `pipe(..., batch_invariant=True)` with the same inputs and seed, run with as many torch threads (the VAE's
+        convolutions round by thread count; the latents do not). On GPUs GEMM kernels are chosen by shape, so there it
+        is close, not bitwise. `enable_taylorseer=True` is supported (TaylorSeer counts each branch's steps
+        on its own process); diffusers' step caches (`enable_cache`) decide over all the branches run together and
+        are refused.
+
+        diffusers' `enable_parallelism(config=ParallelConfig(...))` shards one model's attention or weights over a
+        device mesh; this splits a pipeline's denoising loop instead (every process holds the whole model), so it is
+        a pipeline switch in the `enable_*` / `disable_*` form of `enable_cache`, taking the process group that
+        torch's collectives take.
+
+        Raises `ValueError` unless `torch.distributed` is initialised (`torch.distributed.init_process_group`), or
+        with a step cache enabled.
+        """
+        if self.is_cache_enabled:
+            raise ValueError(GUIDANCE_PARALLEL_CACHE_MESSAGE)
+        self._guidance_parallel = GuidanceParallel(process_group)
+
+    def disable_guidance_parallel(self) -> None:
+        """Back to running every guidance branch in this process (see `enable_guidance_parallel`)."""
+        self._guidance_parallel = None
+
+    def _check_guidance_parallel(self) -> None:
+        """Refuses, before any work, a call in guidance-parallel mode that cannot run."""
+        if self.guidance_parallel is None:
+            return
+        self.guidance_parallel.check_initialized()
+        if self.is_cache_enabled:
+            raise ValueError(GUIDANCE_PARALLEL_CACHE_MESSAGE)
+
+    def _shared_initial_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """With guidance parallelism, rank 0's initial latents on every process (every process then denoises the
+        same image even where the generators differ)."""
+        if self.guidance_parallel is not None:
+            x = x.contiguous()
+            self.guidance_parallel.broadcast_from_first(x)
+        return x
 
     # -- call -------------------------------------------------------------------------------------------------------
 
@@ -577,7 +654,9 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 it). Every prompt's context is always prefilled on its own, the flow time embedded once and each
                 image VAE-decoded alone; this adds per-row matmuls for the two boundary tokens of each image, which
                 cost a few percent of a step on CPU. GPU GEMM kernels are chosen by shape, so there it narrows the
-                differences but promises no bitwise equality.
+                differences but promises no bitwise equality. A guidance context that is not a prefix of the full one
+                (an edit's no-image context) is prefilled on its own too, so that each guidance branch's velocity is
+                the same whichever branches run with it (as guidance parallelism runs them).
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return a [`BagelPipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
@@ -607,6 +686,7 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 "`enable_taylorseer=True` and a diffusers step cache (`enable_cache`) both skip decoder layers; use "
                 "one of them (`pipe.disable_cache()`)."
             )
+        self._check_guidance_parallel()
         # numpy / torch integers (sizes read from an array, a config) are integers too.
         height, width, num_inference_steps, num_images_per_prompt, max_think_tokens = (
             as_int(value) for value in (height, width, num_inference_steps, num_images_per_prompt, max_think_tokens)
@@ -639,7 +719,9 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         # 3. Prepare the latents: the noise is drawn before the contexts are encoded, whose VAE posterior samples
         # (`sample_posterior`) come next from the same generator.
         grid = (height // self.latent_downsample, width // self.latent_downsample)
-        x = self.prepare_latents(len(contexts), height, width, torch.float32, device, generator, latents)
+        x = self._shared_initial_latents(
+            self.prepare_latents(len(contexts), height, width, torch.float32, device, generator, latents)
+        )
 
         # 4. Prepare the timesteps.
         scheduler = self.scheduler

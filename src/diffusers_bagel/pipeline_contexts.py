@@ -18,6 +18,7 @@ from transformers_bagel.context_bagel import BagelContext, BagelContextSpan
 from transformers_bagel.modeling_bagel import pack_latents
 from transformers_bagel.sequence_layout import BagelSequence
 
+from .guidance_parallel import GuidanceParallel
 from .pipeline_inputs import Context, GuidanceContexts
 
 
@@ -159,10 +160,19 @@ class Guidance:
     cfg_renorm_type: str
     cfg_renorm_min: float
     hooked_decoder: object = None  # the decoder carrying this call's diffusers step-cache hooks, if any
+    # With guidance parallelism: the processes, and the rank of each branch (`spans` holds this rank's branches only).
+    parallel: GuidanceParallel | None = None
+    owners: dict[str, int] | None = None
 
     @property
     def num_branches(self) -> int:
         return 1 + self.use_text + self.use_image
+
+    def local_branches(self, active: list[str]) -> list[str]:
+        """The branches of `active` this process runs (all of them without guidance parallelism)."""
+        if self.parallel is None:
+            return active
+        return [branch for branch in active if self.owners[branch] == self.parallel.rank]
 
 
 def prefill_guidance(
@@ -176,12 +186,19 @@ def prefill_guidance(
     cache: Cache | None = None,
     reuse_full_for_image: bool = True,
     batch_invariant: bool = False,
+    parallel: GuidanceParallel | None = None,
 ) -> Guidance:
     """Prefills every context the guidance of `contexts` (one per image) needs, through `encoder`; see
-    [`BagelPipeline.prepare_guidance`]."""
+    [`BagelPipeline.prepare_guidance`]. With `parallel`, only the contexts of this process's branches, computed as
+    with `batch_invariant=True`."""
     use_text = cfg_text_scale > 1.0
     image_reuses_full = all(c.no_image_cut == len(c.full.segments) for c in contexts)
     use_image = use_text and cfg_img_scale > 1.0 and not (image_reuses_full and reuse_full_for_image)
+    branches = ["cond"] + ["text"] * use_text + ["image"] * use_image
+    owners = None if parallel is None else parallel.owners(branches)
+    if owners is not None:
+        branches = [branch for branch in branches if owners[branch] == parallel.rank]
+    batch_invariant = batch_invariant or parallel is not None
     context = BagelContext(cache, batch_invariant=batch_invariant)
     spans = {"cond": [], "text": [], "image": []}
     done = {}
@@ -191,7 +208,7 @@ def prefill_guidance(
             # keys (and a seeded image) are exactly those of the prompt generated alone; prefilled into the shared
             # row, its attention would also run over the earlier prompts' keys (masked out) and round differently.
             alone = BagelContext() if done and cache is None else context
-            prompt_spans = _prefill_prompt(encoder, alone, prompt, use_text, use_image)
+            prompt_spans = _prefill_prompt(encoder, alone, prompt, branches, batch_invariant and cache is None)
             if alone is not context:
                 offset = context.append_context(alone)
                 prompt_spans = {kind: span.shifted(offset) for kind, span in prompt_spans.items()}
@@ -210,36 +227,46 @@ def prefill_guidance(
         cfg_interval=tuple(cfg_interval),
         cfg_renorm_type=cfg_renorm_type,
         cfg_renorm_min=cfg_renorm_min,
+        parallel=parallel,
+        owners=owners,
     )
 
 
 def _prefill_prompt(
-    encoder: ContextEncoder, context: BagelContext, prompt: GuidanceContexts, use_text: bool, use_image: bool
+    encoder: ContextEncoder, context: BagelContext, prompt: GuidanceContexts, branches: list[str], apart: bool
 ) -> dict[str, BagelContextSpan]:
-    """The spans of one prompt's branches: the full context prefilled once, cut where a guidance context is its
-    prefix; a guidance context that is not a prefix is a span of its own, prefilled in the forward of the full
-    context's last segment (an edit's instruction after the image and alone: one forward of two rows)."""
+    """
+    The spans of one prompt's `branches`: the full context prefilled once, as far as the branches need it (all of it
+    for "cond"), cut where a guidance context is its prefix; a guidance context that is not a prefix is a span of its
+    own, prefilled in the forward of the full context's last segment (an edit's instruction after the image and
+    alone: one forward of two rows), or with `apart` on its own and appended, so that its keys do not depend on the
+    other branches' (`batch_invariant`, guidance parallelism).
+    """
     full = prompt.full.segments
-    cuts = {"cond": len(full)}
-    if use_text and prompt.no_text_cut is not None:
-        cuts["text"] = prompt.no_text_cut
-    if use_image and prompt.no_image_cut is not None:
-        cuts["image"] = prompt.no_image_cut
-    branches = (("text", use_text, prompt.no_text), ("image", use_image, prompt.no_image))
-    separate = [(kind, branch.segments) for kind, needed, branch in branches if needed and kind not in cuts]
+    prefix_cuts = {"cond": len(full), "text": prompt.no_text_cut, "image": prompt.no_image_cut}
+    cuts = {kind: prefix_cuts[kind] for kind in branches if prefix_cuts[kind] is not None}
+    guidance_contexts = {"text": prompt.no_text, "image": prompt.no_image}
+    separate = [(kind, guidance_contexts[kind].segments) for kind in branches if kind not in cuts]
+    together = [] if apart else separate
     span, done_at = context.new_span(), 0
     at_cut, spans = {0: span}, {}
     for cut in sorted(set(cuts.values())):
         # One forward per segment, as the original prefills: an image block alone sees every earlier key, so its
         # attention needs no mask, and a lone latent block takes the experts by slices (no gather / scatter).
         for index in range(done_at, cut):
-            rows = [[full[index]]] + ([segments for _, segments in separate] if index == len(full) - 1 else [])
+            rows = [[full[index]]] + ([segments for _, segments in together] if index == len(full) - 1 else [])
             span, *others = encoder.prefill(context, span, rows)
-            spans.update(zip((kind for kind, _ in separate), others))
+            spans.update(zip((kind for kind, _ in together), others))
         done_at = max(done_at, cut)
         at_cut[cut] = span
     spans.update({kind: at_cut[cut] for kind, cut in cuts.items()})
     for kind, segments in separate:
-        if kind not in spans:  # an empty full context
+        if kind in spans:
+            continue
+        if not apart:  # the full context's last segment was not prefilled here (an empty full context)
             spans[kind] = encoder.prefill(context, context.new_span(), [segments])[0]
+            continue
+        alone = BagelContext()
+        span = encoder.prefill(alone, alone.new_span(), [segments])[0]
+        spans[kind] = span.shifted(context.append_context(alone))
     return spans
