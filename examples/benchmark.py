@@ -4,6 +4,7 @@ Speed, FLOPs and memory of BAGEL (text-to-image, editing with dual CFG, image un
     python examples/benchmark.py                                  # GPU: the 7B in bf16, 1024x1024, 50 steps
     python examples/benchmark.py --config small                   # CPU: a small model, 256x256, same tables
     python examples/benchmark.py --config 7b --meta_only          # any machine: 7B sizes, parameters, FLOPs/token
+    python examples/benchmark.py --communication                  # any machine: 7B bytes between GPUs per step
 
 The model is built from its configuration with random weights directly on the device (speed does not depend on weight
 values; nothing is downloaded). Each generation task (t2i: a prompt; edit: an image and an instruction) is measured in
@@ -85,6 +86,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from benchmarking.communication import communication_report, communication_table
 from benchmarking.fake_tensors import analyse_on_fake_tensors
 from benchmarking.flops import FlopModel, count_model
 from benchmarking.generation import STEP_CACHES, make_task, run_generation
@@ -262,6 +264,18 @@ def print_targets_table(figures: dict, args) -> None:
     print_table(["figure", "value", "target", "met"], table)
 
 
+def run_communication(meta_model, args) -> dict:
+    peak = args.peak_tflops or H200_BF16_TFLOPS[0]
+    report = communication_report(meta_model, args.height, args.width, args.steps, peak,
+                                  PRESETS[args.config]["image_sizes"])
+    print(f"## Communication per denoising step: {args.config}, {report['image']}, bf16, compute at {peak:g} TFLOP/s "
+          "(per training step for fsdp; speed-ups over one GPU: no overlap / full overlap)")  # fmt: skip
+    print_table(*communication_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return report
+
+
 # -- main --------------------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +334,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Weight-only quantisation of every decoder linear (both experts) with torchao "
                              "(pip install -e '.[quant]'): int8 on CPU or CUDA, int4 (group size 128) on CUDA. "
                              "Default: none.")
+    parser.add_argument("--communication", action="store_true",
+                        help="Count, from the model's shapes, the bytes each GPU sends per denoising step for "
+                             "guidance branches in parallel, tensor parallelism, Ulysses and ring sequence parallelism "
+                             "and FSDP2 training on 2-8 GPUs, their time on NVLink and PCIe and the implied speed-up "
+                             "(benchmarking/communication.py explains the counts). --config 7b by default. Then exit.")
     parser.add_argument("--json", type=Path, default=None, help="Also write every figure to this JSON file.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of weights and noise.")
     parser.add_argument("--threads", type=int, default=None,
@@ -330,7 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but CUDA is not available.")
     on_gpu = args.device.type == "cuda"
-    args.config = args.config or ("7b" if on_gpu else "small")
+    args.config = args.config or ("7b" if on_gpu or args.communication else "small")
     # --meta_only counts the release's own dtype by default: nothing runs, so the CPU's float32 is no reason to change.
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu or args.meta_only else torch.float32)
     args.height = args.height or PRESETS[args.config]["default_size"]
@@ -360,6 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--step_caches must name some of {','.join(STEP_CACHES)} (or none), got {unknown}.")
     if args.num_layers is not None and args.num_layers < 1:
         parser.error(f"--num_layers must be >= 1, got {args.num_layers}.")
+    if args.communication and (args.meta_only or args.targets):
+        parser.error("--communication counts alone: drop --meta_only and --targets.")
     if args.targets and (args.meta_only or args.quantize != "none" or args.compile):
         parser.error("--targets runs its own set (int8 and compiled included): drop --meta_only, --quantize, --compile.")
     if args.quantize != "none" or args.targets:
@@ -381,6 +402,8 @@ def main(argv=None):
     config = build_config(args.config, tokenizer, args.num_layers)
     with torch.device("meta"):
         meta_model = BagelForConditionalGeneration(config)
+    if args.communication:
+        return run_communication(meta_model, args)
     flops = count_model(meta_model)
     del meta_model
     print_model_summary(args.config, flops, config)
