@@ -20,7 +20,7 @@ __all__ = ["main", "build_parser"]
 # -- loading ---------------------------------------------------------------------------------------------------------
 
 
-def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
+def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto", tensor_parallel: bool = False):
     """
     `BagelPipeline.from_pretrained(checkpoint)` for the subcommands' `--checkpoint`, `--device`, `--dtype`, each
     checked with a message naming the flag's value.
@@ -30,6 +30,8 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         device (`str`, *optional*): `"cuda"`, `"cpu"`, ...; default: CUDA when available, else CPU.
         dtype (`str`, defaults to `"auto"`): `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`, `"bfloat16"`
             or `"float16"`.
+        tensor_parallel (`bool`, defaults to `False`): load the model split over the processes of the initialised
+            process group (`--parallel tp`, transformers' `tp_plan="auto"`), every other component whole.
     """
     import torch
 
@@ -60,7 +62,16 @@ def _load_pipeline(checkpoint, device: str | None = None, dtype: str = "auto"):
         torch_dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype)
+    components = {}
+    if tensor_parallel:
+        from transformers import DistributedConfig
+
+        from transformers_bagel import BagelForConditionalGeneration
+
+        components["model"] = BagelForConditionalGeneration.from_pretrained(
+            folder, subfolder="model", dtype=torch_dtype, distributed_config=DistributedConfig(tp_plan="auto")
+        )
+    pipe = BagelPipeline.from_pretrained(str(folder), dtype=torch_dtype, **components)
     return pipe.to(device)
 
 
@@ -109,11 +120,15 @@ def _check_size_fits(checkpoint: Path, height: int | None, width: int | None) ->
             )
 
 
+# What each `--parallel` choice runs on the processes of a torchrun, for the message when WORLD_SIZE is not set.
+PARALLEL_RUNS = {"cfg": "one process per guidance branch", "tp": "the decoder split over the processes"}
+
+
 @contextlib.contextmanager
-def _guidance_parallel_group(parallel: str | None, device: str | None):
+def _parallel_group(parallel: str | None, device: str | None):
     """
-    For `--parallel cfg`: the process group of the `torchrun` that started this process (gloo on CPU, nccl on CUDA,
-    where each process takes the GPU of its LOCAL_RANK), destroyed on the way out. Yields the device to load the
+    For `--parallel cfg` / `tp`: the process group of the `torchrun` that started this process (gloo on CPU, nccl on
+    CUDA, where each process takes the GPU of its LOCAL_RANK), destroyed on the way out. Yields the device to load the
     pipeline on and whether this process writes the outputs (rank 0); without `--parallel`, `device` and True.
     """
     if parallel is None:
@@ -121,8 +136,8 @@ def _guidance_parallel_group(parallel: str | None, device: str | None):
         return
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
-            "--parallel cfg runs one process per guidance branch under torchrun: start it as `torchrun "
-            "--nproc_per_node 2 --no-python bagel ... --parallel cfg` (WORLD_SIZE is not set)."
+            f"--parallel {parallel} runs {PARALLEL_RUNS[parallel]} under torchrun: start it as `torchrun "
+            f"--nproc_per_node 2 --no-python bagel ... --parallel {parallel}` (WORLD_SIZE is not set)."
         )
     import torch
     import torch.distributed as dist
@@ -143,15 +158,15 @@ def _guidance_parallel_group(parallel: str | None, device: str | None):
 def _run_image(args, images=None):
     paths = _output_paths(args.output, args.num_images)
     _check_size_fits(args.checkpoint, args.height, args.width)
-    with _guidance_parallel_group(args.parallel, args.device) as (device, writes):
+    with _parallel_group(args.parallel, args.device) as (device, writes):
         _draw_and_write(args, images, paths, device, writes)
 
 
 def _draw_and_write(args, images, paths, device, writes: bool):
     import torch
 
-    pipe = _load_pipeline(args.checkpoint, device, args.dtype)
-    if args.parallel is not None:
+    pipe = _load_pipeline(args.checkpoint, device, args.dtype, args.parallel == "tp")
+    if args.parallel == "cfg":
         pipe.enable_guidance_parallel()
     arguments = {name: getattr(args, name) for name in PIPELINE_FLAGS if getattr(args, name) is not None}
     if "cfg_interval" in arguments:

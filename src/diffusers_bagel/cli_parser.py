@@ -148,9 +148,11 @@ def _add_image_flags(parser, preset: dict, size_default: str, output_default: st
         "--sample_posterior", action="store_true", help="Sample the VAE posterior of input images instead of its mean."
     )
     group.add_argument(
-        "--parallel", choices=["cfg"], default=None,
-        help="cfg: run the guidance branches on the processes of `torchrun --nproc_per_node N --no-python bagel ...` "
-             "(2 or 3; gloo on CPU, nccl on CUDA, one GPU per process); rank 0 writes the images.",
+        "--parallel", choices=["cfg", "tp"], default=None,
+        help="Run on the processes of `torchrun --nproc_per_node N --no-python bagel ...` (gloo on CPU, nccl on CUDA, "
+             "one GPU per process); rank 0 writes the images. cfg: each process runs its guidance branches (N = 2 or "
+             "3). tp: tensor parallelism, each process holds 1/N of the decoder's attention and MLP weights (N must "
+             "divide the key/value heads: 1, 2 or 4 for the 7B).",
     )  # fmt: skip
     think = parser.add_argument_group("thinking")
     think.add_argument("--think", action="store_true", help="Let BAGEL write a plan first, then draw from it.")

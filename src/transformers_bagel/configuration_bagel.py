@@ -67,6 +67,30 @@ class BagelTextConfig(Qwen2Config):
     model_type = "bagel_text"
     base_config_key = "text_config"
 
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun), Qwen2's plan for both experts:
+    # q/k/v/gate/up split by output features (whole heads: the per-head q/k RMSNorm stays local), o/down by input
+    # features and summed. The embeddings stay replicated (transformers would otherwise split the vocabulary), and so
+    # do the norms; the ViT, the connector and the heads on `BagelForConditionalGeneration` have no plan.
+    base_model_tp_plan = {
+        "embed_tokens": "replicate",
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.self_attn.q_proj_moe_gen": "colwise",
+        "layers.*.self_attn.k_proj_moe_gen": "colwise",
+        "layers.*.self_attn.v_proj_moe_gen": "colwise",
+        "layers.*.self_attn.o_proj_moe_gen": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp_moe_gen.gate_proj": "colwise",
+        "layers.*.mlp_moe_gen.up_proj": "colwise",
+        "layers.*.mlp_moe_gen.down_proj": "rowwise",
+    }
+    # Qwen2's pipeline plan does not fit: BAGEL's layer stack is one module taking the experts' routing.
+    base_model_pp_plan = None
+
     vocab_size: int = 152064
     hidden_size: int = 3584
     intermediate_size: int = 18944

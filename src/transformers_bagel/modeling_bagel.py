@@ -447,7 +447,8 @@ class BagelModel(BagelPreTrainedModel):
         branch_keys = BranchKeys(spans)
         text_config = config.text_config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-        empty = torch.empty((1, text_config.num_key_value_heads, 0, head_dim), dtype=shape_only.dtype, device=device)
+        kv_heads = text_model.key_value_heads_per_rank()  # the cache's heads: a share under tensor parallelism
+        empty = torch.empty((1, kv_heads, 0, head_dim), dtype=shape_only.dtype, device=device)
         branch_keys.gather(context.cache, text_config.num_hidden_layers, empty, empty)
         return _DenoisingInputs(
             boundary_ids=torch.tensor([[config.start_of_image_token_id, config.end_of_image_token_id]] * rows,

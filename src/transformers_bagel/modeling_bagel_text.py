@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.distributed.utils import is_dtensor
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -42,6 +43,7 @@ __all__ = [
     "BagelPreTrainedModel",
     "BagelTextModel",
     "ExpertRouting",
+    "check_tensor_parallel_size",
 ]
 
 
@@ -143,6 +145,18 @@ def _is_latent_block(gen_token_mask: torch.Tensor | None) -> bool:
         return False
     ends = gen_token_mask[:, :: gen_token_mask.shape[1] - 1]
     return bool(gen_token_mask[:, 1:-1].all()) and not bool(ends.any())
+
+
+def check_tensor_parallel_size(config: BagelTextConfig, tp_size: int) -> None:
+    """Refuses a tensor-parallel size that does not divide the decoder's key/value heads: every process must hold
+    whole heads (its queries' key/value heads among them, and the per-head q/k RMSNorm)."""
+    if config.num_key_value_heads % tp_size:
+        divisors = [n for n in range(1, config.num_key_value_heads + 1) if config.num_key_value_heads % n == 0]
+        raise ValueError(
+            f"Tensor parallelism over {tp_size} processes would split BAGEL's attention heads: the decoder has "
+            f"{config.num_key_value_heads} key/value heads ({config.num_attention_heads} query heads), so the number "
+            f"of processes must divide {config.num_key_value_heads} (one of {divisors})."
+        )
 
 
 def _check_cache_only(cache: Cache | None, denoising: bool, kwargs: dict) -> None:
@@ -453,6 +467,14 @@ class BagelPreTrainedModel(PreTrainedModel):
     def _initialize_weights(self, module, is_custom_code: bool = False):
         in_tree_initialize_weights(super(), module)
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """[`~PreTrainedModel.maybe_distribute_model`], refusing before any weight is read a tensor-parallel size
+        that would split an attention head across processes (the key/value heads must divide by it)."""
+        if distributed_config is not None and mesh_manager is not None and distributed_config.tp_size > 1:
+            check_tensor_parallel_size(model.config.get_text_config(), distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
 
 class BagelTextModel(BagelPreTrainedModel):
     """
@@ -479,6 +501,15 @@ class BagelTextModel(BagelPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
+
+    def key_value_heads_per_rank(self) -> int:
+        """The key/value heads this process computes and caches: `config.num_key_value_heads`, or its share of them
+        when the decoder is tensor-parallel (`k_proj` split by output features into whole heads, see
+        `BagelTextConfig.base_model_tp_plan`)."""
+        weight = self.layers[0].self_attn.k_proj.weight
+        if is_dtensor(weight):
+            return weight.to_local().shape[0] // self.layers[0].self_attn.head_dim
+        return self.config.num_key_value_heads
 
     def _warn_if_flex_heads_too_small(self) -> None:
         """torch's compiled CPU flex-attention kernel (torch 2.13) returns wrong values for heads under 32 features when
