@@ -527,7 +527,7 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         of the branches (`"cond"`: the full context, `"text"`: without the text, `"image"`: without the images)
         against the contexts only it prefills. One branch per process while there are processes enough (rank 0
         "cond", rank 1 "text", rank 2 "image"; more processes idle); with three branches on two processes rank 0 runs
-        "cond" and "text" (the no-text context is the full one's first keys) and rank 1 "image". After each step's
+        "cond" alone (it attends the most keys) and rank 1 "text" and "image". After each step's
         forwards the velocities are gathered (one `(batch, h * w, patch_latent_dim)` float32 tensor per branch) and
         every process combines them alike, so all hold the same latents and the same images; outside `cfg_interval`
         the process running "cond" broadcasts its velocity. The initial noise is rank 0's (broadcast once), thinking

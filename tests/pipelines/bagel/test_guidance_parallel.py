@@ -135,8 +135,8 @@ def test_branch_assignment():
     assert assign_branches(["cond", "text"], 2) == {"cond": 0, "text": 1}
     assert assign_branches(["cond", "text"], 3) == {"cond": 0, "text": 1}  # rank 2 idles
     assert assign_branches(["cond", "text", "image"], 3) == {"cond": 0, "text": 1, "image": 2}
-    # the no-text context is the full one's first keys: "text" joins "cond" on rank 0
-    assert assign_branches(["cond", "text", "image"], 2) == {"cond": 0, "text": 0, "image": 1}
+    # the full-context branch attends the most keys: it runs alone, the two cheaper ones share rank 1
+    assert assign_branches(["cond", "text", "image"], 2) == {"cond": 0, "text": 1, "image": 1}
     assert assign_branches(["cond", "text", "image"], 1) == {"cond": 0, "text": 0, "image": 0}
     assert assign_branches(["cond"], 3) == {"cond": 0}
 
