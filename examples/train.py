@@ -27,14 +27,15 @@ and the data are read before the model loads, so a bad file fails at once, namin
 
 Logs carry ce_loss, mse_loss, tokens_per_second and, given --peak_tflops or on a known GPU, mfu.
 
-Multi-GPU with FSDP2 (decoder and ViT layers sharded, as the original):
+Several processes or machines with FSDP2 (decoder and ViT layers sharded, as the original; sharded checkpoints;
+the weights read once per machine), on GPUs or CPUs (see the README, "Training on several processes or machines"):
 
-    accelerate launch --num_processes 8 examples/train.py --checkpoint BAGEL-7B-MoT-hf --data train.parquet \\
-        --task edit --fsdp --bf16 --activation_checkpointing --max_tokens 16384 --output_dir runs/edit
-    torchrun --nproc_per_node 8 examples/train.py ... --fsdp --bf16        # the same with torchrun
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/train.py --checkpoint BAGEL-7B-MoT-hf \
+        --data train.parquet --task edit --max_tokens 16384 --output_dir runs/edit
+    torchrun --nproc_per_node 8 examples/train.py ... --fsdp --bf16        # FSDP2 from --fsdp instead of a config
 
-(--fsdp sets `fsdp=True` with `fsdp_config=bagel_fsdp_config()`; accelerate applies FSDP on GPUs only. Resume
-with --resume_from_checkpoint (a checkpoint folder, or "last").) A LoRA run saves a standard PEFT adapter in
+(--fsdp sets `fsdp=True` with `fsdp_config=bagel_fsdp_config()`, full-state-dict checkpoints. Resume with
+--resume_from_checkpoint (a checkpoint folder, or "last").) A LoRA run saves a standard PEFT adapter in
 OUTPUT_DIR/final; load it with `transformers_bagel.training.load_bagel_lora(pipe, path)` or
 `PeftModel.from_pretrained(model, path)`. A full run saves the model there (and EMA weights in checkpoints).
 """
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--bf16", action="store_true", help="bf16 mixed precision.")
     add("--activation_checkpointing", "--gradient_checkpointing", action="store_true",
         help="Recompute decoder / ViT layer activations in the backward pass to save memory.")  # fmt: skip
-    add("--fsdp", action="store_true", help="FSDP2 over the decoder and ViT layers (multi-GPU launches).")
+    add("--fsdp", action="store_true",
+        help="FSDP2 over the decoder and ViT layers (under torchrun / accelerate launch; or use the "
+             "examples/accelerate/fsdp2.yaml config).")  # fmt: skip
     add("--use_cpu", action="store_true", help="Train on the CPU even when an accelerator is present.")
     add("--save_steps", type=int, default=500, help="Checkpoint every N steps.")
     add("--logging_steps", type=int, default=10, help="Log every N steps.")
@@ -260,7 +263,31 @@ def main(argv=None):
         rows = samples
     else:
         rows = synthetic_rows() if args.data is None else load_rows(args.data)
+    extra = {}
+    if args.lr_scheduler == "cosine":
+        extra = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": args.min_lr}}
+    if args.fsdp:
+        extra.update(fsdp=True, fsdp_config=bagel_fsdp_config(args.activation_checkpointing))
+    training_args = bagel_training_arguments(
+        str(args.output_dir),
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        bf16=args.bf16,
+        activation_checkpointing=args.activation_checkpointing and not args.fsdp,  # FSDP checkpoints its units
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        use_cpu=args.use_cpu or torch.accelerator.current_accelerator() is None,  # gloo processes on a CPU machine
+        dataloader_num_workers=0,
+        **extra,
+    )
     torch.manual_seed(args.seed)
+    # The training arguments set up the process group first: under an FSDP launch with cpu_ram_efficient_loading
+    # (examples/accelerate/fsdp2.yaml) only local rank 0 then reads the weights; the others load on `meta` and
+    # receive their shards from it when the trainer shards the model.
     model = BagelForConditionalGeneration.from_pretrained(checkpoint / "model", dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(checkpoint / "vae")
     if args.timestep_shift is not None:
@@ -290,27 +317,6 @@ def main(argv=None):
     else:
         freeze_modules(model, freeze_vit=args.freeze_vit, freeze_und=args.freeze_und, freeze_llm=args.freeze_llm)
 
-    extra = {}
-    if args.lr_scheduler == "cosine":
-        extra = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": args.min_lr}}
-    if args.fsdp:
-        extra.update(fsdp=True, fsdp_config=bagel_fsdp_config(args.activation_checkpointing))
-    training_args = bagel_training_arguments(
-        str(args.output_dir),
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_grad_norm=args.max_grad_norm,
-        bf16=args.bf16,
-        activation_checkpointing=args.activation_checkpointing and not args.fsdp,  # FSDP checkpoints its units
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        use_cpu=args.use_cpu,
-        dataloader_num_workers=0,
-        **extra,
-    )
     callbacks = [BagelEMACallback(args.ema)] if args.ema > 0 else []
     trainer = BagelTrainer(
         model=model,
@@ -329,6 +335,11 @@ def main(argv=None):
     final = args.output_dir / "final"
     if args.lora:
         trainer.save_model(str(final))  # a standard PEFT adapter
+    elif trainer.is_fsdp_enabled and "SHARDED" in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Trainer.save_model writes no weights for sharded-state-dict FSDP: gather them (every rank takes part).
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(final / "model", state_dict=state_dict)
     else:
         trainer.save_model(str(final / "model"))  # the converted layout: loads with BagelPipeline.from_pretrained
     if trainer.is_world_process_zero():

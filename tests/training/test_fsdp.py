@@ -1,6 +1,7 @@
 """FSDP2 on CPU (gloo, two processes): parameters really sharded as DTensors over the decoder / ViT layer units,
 data-parallel training lowers the loss, and a sharded checkpoint reloads into an unsharded model with identical
-weights, and the EMA callback averages sharded parameters. (accelerate's Trainer applies FSDP on accelerators only, see HF_NOTES pitfall 3, so this uses raw FSDP2.)"""
+weights, and the EMA callback averages sharded parameters. This is raw FSDP2, without the Trainer; the Trainer under
+`accelerate launch` (accelerate alone would train CPU processes under DDP) is tested in test_accelerate_fsdp.py."""
 
 import os
 import socket

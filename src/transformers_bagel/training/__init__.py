@@ -14,7 +14,9 @@ Training BAGEL with the Hugging Face Trainer.
   [`bagel_fsdp_config`].
 - `callbacks`: [`BagelEMACallback`] (EMA of the weights, saved with checkpoints).
 - `lora`: LoRA on the generation experts with peft.
-- `fsdp`: FSDP2 sharding and sharded checkpoints without the Trainer.
+- `fsdp`: FSDP2 sharding and sharded checkpoints without the Trainer, and what [`BagelTrainer`] adds to
+  accelerate's FSDP2 on CPU launches (sharding there at all, weights streamed into the shards, lenient optimizer
+  resume).
 
 The loss itself (`ce_loss`, `mse_loss`) is computed by `BagelForConditionalGeneration.forward`. A full example:
 `examples/train.py`.

@@ -15,11 +15,14 @@ trainer.train()
 """
 
 import math
+import os
 import time
 
 import torch
+from accelerate.utils.constants import OPTIMIZER_NAME as FSDP_OPTIMIZER_NAME
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
@@ -27,6 +30,7 @@ from ..hardware import PEAK_TFLOPS_BF16, device_peak_tflops
 from ..modeling_bagel import pack_latents
 from .callbacks import BagelEMACallback
 from .collator import IGNORE_INDEX
+from .fsdp import enable_fsdp2_on_cpu, load_sharded_optimizer, shard_from_checkpoint
 
 
 logger = logging.get_logger(__name__)
@@ -102,8 +106,9 @@ def bagel_fsdp_config(activation_checkpointing: bool = False, **overrides) -> di
     encoder layer (`SiglipEncoderLayer`) is its own unit, as the original wraps them. With
     `activation_checkpointing=True` FSDP checkpoints each unit (prefer it to the `activation_checkpointing` training
     argument under FSDP). Checkpoints are full, HF-loadable state dicts unless
-    `state_dict_type="SHARDED_STATE_DICT"` is passed. Use with `fsdp=True` on accelerators (accelerate applies FSDP
-    only there; on CPU see `transformers_bagel.training.fsdp`).
+    `state_dict_type="SHARDED_STATE_DICT"` is passed. Use with `fsdp=True` under `torchrun` / `accelerate launch`, or
+    launch with `examples/accelerate/fsdp2.yaml` instead (the same units); on CPU launches [`BagelTrainer`] applies it
+    through accelerate too (see `transformers_bagel.training.fsdp.enable_fsdp2_on_cpu`).
     """
     config = {
         "version": 2,
@@ -211,6 +216,10 @@ class BagelTrainer(Trainer):
       without either, e.g. on a CPU, whose peak depends on cores, vector units and clocks, only tokens/s is logged);
     - a seeded [`BagelDataCollator`] gets the epoch, and a [`BagelEMACallback`] among the callbacks resumes its averages
       from the checkpoint given to `train(resume_from_checkpoint=...)`.
+    - under FSDP (an FSDP `accelerate launch` config or `fsdp=` arguments) on CPU processes, which accelerate would
+      train under DDP, the run is sharded with FSDP2 through accelerate's own code, the weights streamed from the
+      checkpoint files into the shards (`enable_fsdp2_on_cpu`, `shard_from_checkpoint`); a sharded optimizer
+      checkpoint resumes even when some parameters never had a gradient (`load_sharded_optimizer`).
 
     Args:
         vae (`AutoencoderKL`, *optional*): the FLUX autoencoder; frozen and put in eval mode here.
@@ -239,6 +248,8 @@ class BagelTrainer(Trainer):
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
         super().__init__(*args, **kwargs)
         freeze_modules(self.model)  # only the fixed sin-cos position tables; the optimiser is built later
+        if self._fsdp_on_cpu:  # stream the weights into the shards (accelerate's path holds them all on rank 0)
+            self.model = self.model_wrapped = shard_from_checkpoint(self.accelerator, self.model)
         if self.args.remove_unused_columns:
             raise ValueError(
                 "BagelTrainer needs TrainingArguments(remove_unused_columns=False): the collator's keys (e.g. "
@@ -262,6 +273,26 @@ class BagelTrainer(Trainer):
         self._log_clock = None
         if hasattr(self.data_collator, "set_epoch"):
             self.add_callback(_CollatorEpochCallback(self.data_collator))
+
+    def create_accelerator_and_postprocess(self) -> None:
+        # accelerate applies FSDP on accelerators only: on a CPU launch that asks for it, shard through its code too.
+        super().create_accelerator_and_postprocess()
+        self._fsdp_on_cpu = enable_fsdp2_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+        if self._fsdp_on_cpu:
+            self.is_fsdp_enabled = True
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.args.activation_checkpointing:
+                raise ValueError(
+                    "`fsdp_config['activation_checkpointing']` and the `activation_checkpointing` training argument "
+                    "can't both be set: use FSDP's activation checkpointing under FSDP."
+                )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # A sharded FSDP2 checkpoint may lack the state of parameters that never had a gradient; read it leniently.
+        folder = os.path.join(checkpoint, f"{FSDP_OPTIMIZER_NAME}_0") if checkpoint else None
+        if folder is None or not self.accelerator.is_fsdp2 or not os.path.isdir(folder):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded_optimizer(self.model, self.optimizer, folder)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
