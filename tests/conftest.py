@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny original checkpoint, its conversion, and the reference outputs of the original code."""
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,10 @@ def mixed_inputs(config, seed=0):
         "latents": torch.randn(4, config.patch_latent_dim, generator=generator),
         "latent_grid_hw": torch.tensor([[2, 2]]),
     }
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test's process group or torchrun."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

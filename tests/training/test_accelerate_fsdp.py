@@ -11,13 +11,13 @@ two rows, in both runs."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import free_port
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,11 +25,6 @@ CONFIG = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 TRAIN = ROOT / "examples" / "train.py"
 ONE_ROW_TOKENS, TWO_ROW_TOKENS = 48, 96
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(launcher: list[str], checkpoint: Path, data: Path, out: Path, max_tokens: int, *extra) -> list[float]:
@@ -45,7 +40,7 @@ def _train(launcher: list[str], checkpoint: Path, data: Path, out: Path, max_tok
 
 def _accelerate(processes: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-            "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
+            "--num_processes", str(processes), "--main_process_port", str(free_port())]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

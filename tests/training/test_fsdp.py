@@ -4,13 +4,12 @@ weights, and the EMA callback averages sharded parameters. This is raw FSDP2, wi
 `accelerate launch` (accelerate alone would train CPU processes under DDP) is tested in test_accelerate_fsdp.py."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import shrunk_config
+from conftest import free_port, shrunk_config
 from transformers_bagel import BagelForConditionalGeneration, BagelProcessor
 from transformers_bagel.training import (
     BagelDataCollator,
@@ -111,16 +110,11 @@ def _worker(rank, port, converted_dir, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_fsdp2_shards_trains_and_checkpoints(converted_dir, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(_free_port(), converted_dir, tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), converted_dir, tmp_path), nprocs=WORLD, join=True)
     result = torch.load(tmp_path / "result.pt")
     losses = result["losses"]
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses

@@ -4,7 +4,6 @@ gloo) holds half of them, and generation, the pipeline and `bagel generate --par
 tokens and images (within 1e-4, float32)."""
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -19,7 +18,7 @@ from torch import nn
 from transformers import DistributedConfig
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-from conftest import DIGITS_CHECKPOINT
+from conftest import DIGITS_CHECKPOINT, free_port
 from transformers_bagel import BagelConfig, BagelForConditionalGeneration
 from transformers_bagel.chat import understanding_messages
 from transformers_bagel.modeling_bagel_text import check_tensor_parallel_size
@@ -108,11 +107,6 @@ def _worker(rank, port, converted_dir, out_dir):
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.slow  # spawns two processes
 def test_two_processes_hold_half_the_projections_and_give_the_single_process_outputs(converted_dir, one_thread,
@@ -120,7 +114,7 @@ def test_two_processes_hold_half_the_projections_and_give_the_single_process_out
     if not (DIGITS_CHECKPOINT / "model_index.json").is_file():
         pytest.skip("the digits checkpoint is not shipped in this checkout")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(_free_port(), converted_dir, tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), converted_dir, tmp_path), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     for name in (TINY, DIGITS):
         expected = _outputs(name, _load_model(_folder(name, converted_dir)), converted_dir)
@@ -180,7 +174,7 @@ def test_cli_under_torchrun_writes_the_single_process_png(digits_pipe, one_threa
     script = os.path.join(os.path.dirname(sys.executable), "bagel")
     output = tmp_path / "seven.png"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "--no-python", script, "generate", "--checkpoint",
+               "127.0.0.1", "--master_port", str(free_port()), "--no-python", script, "generate", "--checkpoint",
                str(DIGITS_CHECKPOINT), "--prompt", "a handwritten digit seven", "--steps", "3", "--seed", "5",
                "--output", str(output), "--parallel", "tp"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

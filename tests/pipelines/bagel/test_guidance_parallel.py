@@ -3,7 +3,6 @@ torchrun): each rank runs its branches against the contexts only it prefilled, a
 the single-process call with `batch_invariant=True` (CPU, float32, gloo)."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DIGITS_CHECKPOINT, load_pipeline
+from conftest import DIGITS_CHECKPOINT, free_port, load_pipeline
 from diffusers_bagel import BagelPipeline
 from diffusers_bagel.guidance_parallel import assign_branches
 
@@ -86,11 +85,6 @@ def _worker(rank, world, port, converted_dir, cases, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _context_lengths(pipe, case: str) -> dict[str, int]:
     """Tokens of the full context, of its prefix that is the no-text context, and of the no-image context."""
@@ -109,7 +103,7 @@ def test_parallel_images_equal_the_single_process_call(converted_dir, pipe, digi
     # One torch thread everywhere: the VAE's convolutions round differently with other thread counts.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cases = WORLD_CASES[world]
-    mp.spawn(_worker, args=(world, _free_port(), converted_dir, cases, tmp_path), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), converted_dir, cases, tmp_path), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
     pipes = {TINY: pipe, DIGITS: digits_pipe}
     for case in cases:
@@ -150,7 +144,7 @@ def test_refused_without_an_initialised_process_group(pipe):
 
 @pytest.fixture()
 def one_process_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:
@@ -198,7 +192,7 @@ def test_cli_under_torchrun_writes_the_single_process_png(digits_pipe, one_threa
     script = os.path.join(os.path.dirname(sys.executable), "bagel")
     output = tmp_path / "seven.png"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "--no-python", script, "generate", "--checkpoint",
+               "--master_port", str(free_port()), "--no-python", script, "generate", "--checkpoint",
                str(DIGITS_CHECKPOINT), "--prompt", "a handwritten digit seven", "--steps", "3", "--seed", "5",
                "--output", str(output), "--parallel", "cfg"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
