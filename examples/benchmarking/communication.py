@@ -49,7 +49,6 @@ from diffusers_bagel import FlowMatchEulerScheduler
 from diffusers_bagel.defaults import EDIT_PRESET, TEXT_TO_IMAGE_PRESET
 from transformers_bagel import BagelForConditionalGeneration, BagelImageProcessor
 from transformers_bagel.convert_bagel_to_hf import BAGEL_7B_IMAGE_SIZES
-from transformers_bagel.training import bagel_fsdp_config
 
 from .flops import FlopModel, count_model
 from .generation import schedule
@@ -119,6 +118,10 @@ def branch_flops(flops: FlopModel, block: int, context: int) -> float:
 def fsdp_units(model: BagelForConditionalGeneration) -> dict:
     """Parameters of FSDP2's units (`bagel_fsdp_config`): the decoder layers, the ViT encoder layers, and the root
     (everything else). Works on the meta device."""
+    # Imported here: `transformers_bagel.training` loads datasets and peft, which the other benchmarks (and the GPU
+    # machine of scripts/gpu_benchmark.sh, which has no datasets) do without.
+    from transformers_bagel.training import bagel_fsdp_config
+
     layer_classes = bagel_fsdp_config()["transformer_layer_cls_to_wrap"]
     units = {"decoder_layers": 0, "vit_layers": 0}
     for module in model.modules():

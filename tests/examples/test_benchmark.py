@@ -220,3 +220,13 @@ def test_prepared_gpu_run_prints_every_figure_against_its_target(tmp_path):
     assert 0 < figures["int8_latent_error"] < 0.05  # int8 rounding moves the latents, a little
     assert figures["compiled_latent_error"] < 1e-4  # the compiled layers compute what the eager ones compute
     assert figures["compile_warmup_s"] > 0 and figures["build_s"] > 0
+
+
+def test_benchmark_imports_no_training_stack():
+    """The GPU machine of scripts/gpu_benchmark.sh has no `datasets`: the benchmark (communication counts included)
+    must not import the training package, which loads it."""
+    code = ("import sys; sys.path.insert(0, 'examples'); import benchmark; "
+            "print(sorted(m for m in ('datasets', 'transformers_bagel.training') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
