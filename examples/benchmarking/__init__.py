@@ -10,4 +10,6 @@ and prints the tables. It runs with `examples/` on `sys.path`, so this imports a
 - `sequential`: the unoptimised denoising path (every branch alone, no cache), timed against the pipeline's step.
 - `fake_tensors`: `--meta_only`, FLOPs and memory of the full-size model on fake weights.
 - `targets`: `--targets`, the prepared GPU run against BAGEL-7B's targets.
+- `communication`: `--communication`, the bytes between GPUs per denoising step in each multi-GPU mode, counted from
+  the model's shapes.
 """
