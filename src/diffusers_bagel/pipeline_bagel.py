@@ -56,6 +56,7 @@ from .defaults import (  # the presets and the thinking prompt are re-exported: 
 )
 from .lora_loading import BagelLoraLoaderMixin
 from .scheduling_flow_match_euler import FlowMatchEulerScheduler
+from .sde_sampling import DenoisingSampler, check_sde_arguments
 from .taylorseer import TaylorSeerHook, apply_taylorseer, remove_taylorseer
 
 
@@ -605,6 +606,9 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        sde_noise_level: float = 0.0,
+        sde_steps: list[int] | None = None,
+        return_trajectory: bool = False,
         **kwargs,
     ):
         r"""
@@ -669,11 +673,22 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 The tensors passed to `callback_on_step_end`, from `._callback_tensor_inputs` (`"latents"`: the
                 current latents, `(batch, 16, H/8, W/8)`). For a `PipelineCallback` or `MultiPipelineCallbacks`, its
                 `tensor_inputs` are used instead.
+            sde_noise_level (`float`, defaults to 0.0): with a value > 0, the steps sample Flow-GRPO's SDE, whose
+                marginals are the flow ODE's, with this noise level (0.7 in Flow-GRPO; see
+                [`~FlowMatchEulerScheduler.sde_step`]), on the guided velocity; the noise comes from `generator`. 0
+                runs the Euler steps. Not with guidance parallelism.
+            sde_steps (`list[int]`, *optional*): the step indices that sample the SDE (e.g. a window of a few steps,
+                as Flow-GRPO trains on); the others are Euler steps. Default: every step when `sde_noise_level > 0`.
+            return_trajectory (`bool`, defaults to `False`): also return the packed latents of every step
+                (`trajectory`), the SDE steps' log-probabilities (`log_probs`), the `timesteps` and the `sde_steps`
+                run, for reinforcement learning; not with TaylorSeer or a step cache. A step callback must not replace
+                the latents then.
 
         Examples:
 
         Returns:
-            [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), or a tuple.
+            [`BagelPipelineOutput`] with `images` and `text` (the thinking, or None per image), and with
+            `return_trajectory=True` `trajectory`, `log_probs`, `timesteps` and `sde_steps`; or a tuple of them.
         """
         # 1. Check inputs and resolve the defaults. Building the contexts only resizes the input images: no model runs
         # before every check has passed.
@@ -701,6 +716,10 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
             height, width, num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval,
             cfg_renorm_type, cfg_renorm_min, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
             think, max_think_tokens, think_do_sample, think_temperature, callback_on_step_end,
+        )  # fmt: skip
+        sde_steps = check_sde_arguments(
+            sde_noise_level, sde_steps, return_trajectory, num_inference_steps,
+            step_cache=enable_taylorseer or self.is_cache_enabled, guidance_parallel=self.guidance_parallel is not None,
         )  # fmt: skip
         contexts = [ctx for ctx in contexts for _ in range(num_images_per_prompt)]
         check_batch(
@@ -745,7 +764,8 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
             reuse_full_for_image=not enable_taylorseer or guided_from_start, batch_invariant=batch_invariant,
         )  # fmt: skip
 
-        # 6. Denoising loop.
+        # 6. Denoising loop: Euler steps, or SDE steps (recording the trajectory when asked).
+        sampler = DenoisingSampler(scheduler, x, sde_noise_level, sde_steps, generator, record=return_trajectory)
         with self._denoising_cache_hooks(guidance, enable_taylorseer) as taylorseer, self.progress_bar(
             total=num_inference_steps
         ) as progress_bar:
@@ -753,7 +773,7 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
                 if self.interrupt:
                     break
                 v = self.guided_velocity(x, sigmas[i], grid, guidance, taylorseer)
-                x = scheduler.step(v, timestep, x, return_dict=False)[0]
+                x = sampler.step(i, v, timestep, x)
                 if callback_on_step_end is not None:
                     x = self._run_step_callback(
                         callback_on_step_end, callback_on_step_end_tensor_inputs, i, timestep, x, grid
@@ -764,9 +784,10 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         # 7. Decode, offload, return.
         images = self._decode(x, grid, output_type)
         self.maybe_free_model_hooks()
+        trajectory = sampler.outputs(x)  # empty unless `return_trajectory`
         if not return_dict:
-            return (images, thoughts)
-        return BagelPipelineOutput(images=images, text=thoughts)
+            return (images, thoughts, *trajectory.values())
+        return BagelPipelineOutput(images=images, text=thoughts, **trajectory)
 
     def _run_step_callback(self, callback, tensor_inputs, step, timestep, x, grid) -> torch.Tensor:
         """Calls `callback_on_step_end` with the tensors it asks for; returns the packed latents, replaced by the ones

@@ -37,7 +37,23 @@ class BagelPipelineOutput(BaseOutput):
         text (`list[str | None]`, *optional*):
             The reasoning BAGEL wrote before drawing each image when thinking was enabled (`None` for an image
             generated without it), or `None` when no image was generated with thinking.
+        trajectory (`torch.Tensor`, *optional*):
+            With `return_trajectory=True`: the packed latents the denoising steps went through, `(num_steps + 1,
+            batch_size, num_tokens, channels)` float32 on the call's device (the initial noise, then each step's
+            output); `trajectory[i]` is step `i`'s input and `trajectory[i + 1]` its output, as the model and
+            [`~FlowMatchEulerScheduler.sde_step`] take them.
+        log_probs (`torch.Tensor`, *optional*):
+            With `return_trajectory=True`: `(len(sde_steps), batch_size)` float32, the log-probability of each SDE
+            step's transition, summed over the image's latent elements; `None` when no SDE step ran.
+        timesteps (`torch.Tensor`, *optional*):
+            With `return_trajectory=True`: `(num_steps,)`, the timesteps of the steps run (`sigmas * 1000`).
+        sde_steps (`tuple[int, ...]`, *optional*):
+            With `return_trajectory=True`: the indices of the steps that ran the SDE, in order (rows of `log_probs`).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     text: list[str | None] | None = None
+    trajectory: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    sde_steps: tuple[int, ...] | None = None

@@ -14,6 +14,7 @@
 """BAGEL's flow-matching Euler schedule and its dual classifier-free-guidance combination."""
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 from typing import Literal
 
@@ -22,14 +23,15 @@ import torch
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 # diffusers' loader finds a component's base class by name in the module `model_index.json` points at.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
-from diffusers.utils import logging
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
 
 from .defaults import CFG_RENORM_TYPES
 
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
-__all__ = ["CFG_RENORM_TYPES", "FlowMatchEulerScheduler"]
+__all__ = ["CFG_RENORM_TYPES", "FlowMatchEulerScheduler", "FlowMatchEulerSDEStepOutput"]
 
 
 def _is_real(value) -> bool:
@@ -44,6 +46,31 @@ def _check_shift(name: str, value) -> float:
     if not _is_real(value) or not math.isfinite(value) or not value > 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
     return float(value)
+
+
+@dataclass
+class FlowMatchEulerSDEStepOutput(BaseOutput):
+    """
+    Output of [`~FlowMatchEulerScheduler.sde_step`].
+
+    Args:
+        prev_sample (`torch.Tensor`):
+            The sample at the next (lower) flow time, shaped like `sample`, in `model_output`'s dtype (the drawn one,
+            or the given `prev_sample`).
+        log_prob (`torch.Tensor` or `None`):
+            `(batch,)` float32: the Gaussian log-density of `prev_sample` under the transition, summed over each
+            sample's elements. `None` when `noise_level == 0` (the Euler step is deterministic).
+        prev_sample_mean (`torch.Tensor`):
+            The transition's mean, float32 (the Euler step itself when `noise_level == 0`).
+        std_dev (`torch.Tensor` or `None`):
+            The transition's standard deviation `sigma_t * sqrt(sigma - sigma_next)`, float32, a scalar or one per
+            sample shaped to broadcast against `sample`; `None` when `noise_level == 0`.
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor | None
+    prev_sample_mean: torch.Tensor
+    std_dev: torch.Tensor | None
 
 
 class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -170,6 +197,134 @@ class FlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         finally:
             self.set_shift(shift)
+
+    def sde_step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        noise_level: float,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prev_sample: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> FlowMatchEulerSDEStepOutput | tuple:
+        r"""
+        One step of the stochastic sampler whose marginals are the flow ODE's (Flow-GRPO, Liu et al. 2025), with the
+        Gaussian log-probability of the transition.
+
+        With BAGEL's flow `x_t = (1 - t) x_0 + t noise` and velocity `v = noise - x_0`, the score is
+        `-(x_t + (1 - t) v) / t`, and adding `sigma_t^2 / 2` times the score to the drift of the reverse-time
+        process (with a diffusion `sigma_t dW`) keeps every marginal. For `dt = sigma_next - sigma < 0`:
+
+            mean = x + dt * (v + sigma_t^2 / (2 t) * (x + (1 - t) v)),    std = sigma_t * sqrt(-dt),
+            sigma_t = noise_level * sqrt(t / (1 - t)),
+
+        where at `t = 1` the denominator uses the second sigma of the schedule instead (`1 - sigmas[1]`), as
+        Flow-GRPO does, so the first step's noise is finite.
+
+        Two uses:
+        - sampling (`prev_sample=None`): draws `prev_sample = mean + std * noise` (noise from `generator`) and, like
+          [`~FlowMatchEulerDiscreteScheduler.step`], takes the step from the scheduler's step index and advances it,
+          so `step` and `sde_step` can be mixed in one loop;
+        - scoring (`prev_sample` given, e.g. a stored transition recomputed under the current policy in training):
+          the step is located from `timestep` (one of `timesteps`, or one per sample), the scheduler's step index is
+          neither used nor changed, and gradients flow through `model_output` into `log_prob` and `prev_sample_mean`.
+
+        With `noise_level == 0` the SDE is the flow ODE: sampling returns `step(...)`'s result bit for bit, with
+        `log_prob=None` and `std_dev=None`; scoring a `prev_sample` is refused (a deterministic step has no density).
+
+        Args:
+            model_output (`torch.Tensor`):
+                The (guided) velocity `noise - data` predicted at `sample`, shaped like `sample`.
+            timestep (`float` or `torch.Tensor`):
+                The current timestep, one of `timesteps`; when scoring, a tensor of one timestep per sample works too.
+            sample (`torch.Tensor`):
+                The current sample, `(batch, ...)`.
+            noise_level (`float`):
+                Flow-GRPO's `a` in `sigma_t = a * sqrt(t / (1 - t))`, a finite number `>= 0` (0.7 in Flow-GRPO).
+            generator (`torch.Generator` or a list of one per sample, *optional*):
+                The generator of the step's noise (sampling only).
+            prev_sample (`torch.Tensor`, *optional*):
+                A sample at the next flow time to score instead of drawing one.
+            return_dict (`bool`, defaults to `True`):
+                Return a [`FlowMatchEulerSDEStepOutput`] instead of a tuple.
+
+        Returns:
+            [`FlowMatchEulerSDEStepOutput`] or `tuple`: `(prev_sample, log_prob, prev_sample_mean, std_dev)`.
+        """
+        if not _is_real(noise_level) or not math.isfinite(noise_level) or noise_level < 0:
+            raise ValueError(f"`noise_level` must be a finite number >= 0, got {noise_level!r}.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"`model_output` has shape {tuple(model_output.shape)}, but `sample` has {tuple(sample.shape)}."
+            )
+        scoring = prev_sample is not None
+        if scoring and prev_sample.shape != sample.shape:
+            raise ValueError(
+                f"`prev_sample` has shape {tuple(prev_sample.shape)}, but `sample` has {tuple(sample.shape)}."
+            )
+        if scoring and generator is not None:
+            raise ValueError("`generator` draws a new sample; it cannot be combined with a given `prev_sample`.")
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError("Run `set_timesteps` before `sde_step`.")
+
+        if noise_level == 0:
+            if scoring:
+                raise ValueError(
+                    "With `noise_level=0` the step is the deterministic Euler step, whose `log_prob` is undefined; "
+                    "score transitions with the `noise_level` they were sampled with (> 0)."
+                )
+            euler = self.step(model_output, timestep, sample, return_dict=False)[0]
+            output = (euler, None, euler, None)
+            return FlowMatchEulerSDEStepOutput(*output) if return_dict else output
+
+        if scoring:
+            index = self._indices_of_timesteps(timestep, sample)
+            shape = (-1,) + (1,) * (sample.ndim - 1)
+            sigma = self.sigmas[index].to(sample.device).view(shape)
+            sigma_next = self.sigmas[index + 1].to(sample.device).view(shape)
+        else:
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            sigma = self.sigmas[self.step_index].to(sample.device)
+            sigma_next = self.sigmas[self.step_index + 1].to(sample.device)
+
+        x = sample.float()
+        v = model_output.float()
+        dt = sigma_next - sigma
+        # Flow-GRPO's noise schedule; at t = 1, 1 - t is replaced by 1 - sigmas[1] (finite noise on the first step).
+        sigma_max = self.sigmas[1].to(sample.device)
+        noise_scale = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma)))
+        mean = x + dt * (v + noise_scale**2 / (2 * sigma) * (x + (1 - sigma) * v))
+        std_dev = noise_scale * torch.sqrt(-dt)
+
+        if scoring:
+            prev_sample = prev_sample.to(model_output.dtype)
+        else:
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+            prev_sample = (mean + std_dev * noise).to(model_output.dtype)
+            self._step_index += 1
+        # The log-density of the returned sample (as stored), summed over each sample's elements.
+        log_density = (
+            -((prev_sample.float() - mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - 0.5 * math.log(2 * math.pi)
+        )
+        log_prob = log_density.sum(dim=tuple(range(1, sample.ndim)))
+        output = (prev_sample, log_prob, mean, std_dev)
+        return FlowMatchEulerSDEStepOutput(*output) if return_dict else output
+
+    def _indices_of_timesteps(self, timestep: float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The schedule index of `timestep` (one, or one per sample of `sample`); refused if not in `timesteps`."""
+        wanted = torch.as_tensor(timestep, dtype=self.timesteps.dtype).to(self.timesteps.device).reshape(-1)
+        if wanted.numel() not in (1, sample.shape[0]):
+            raise ValueError(
+                f"`timestep` must be one value or one per sample ({sample.shape[0]}), got {wanted.numel()} values."
+            )
+        matches = wanted[:, None] == self.timesteps[None, :]
+        found = matches.any(dim=1)
+        if not bool(found.all()):
+            missing = wanted[~found].tolist()
+            raise ValueError(f"`timestep` {missing} is not one of the scheduler's `timesteps`.")
+        return matches.int().argmax(dim=1).to(self.sigmas.device)
 
     @staticmethod
     def cfg_active(sigma: float | torch.Tensor, cfg_interval: tuple[float, float] | list[float]) -> bool:
