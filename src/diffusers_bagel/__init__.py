@@ -8,9 +8,11 @@ in a converted folder's `model_index.json` are resolvable."""
 import importlib
 
 
-__all__ = ["BagelPipeline", "BagelPipelineOutput", "FlowMatchEulerScheduler"]
+__all__ = ["BagelGRPOConfig", "BagelGRPOTrainer", "BagelPipeline", "BagelPipelineOutput", "FlowMatchEulerScheduler"]
 
 _MODULES = {
+    "BagelGRPOConfig": ".grpo",
+    "BagelGRPOTrainer": ".grpo",
     "BagelPipeline": ".pipeline_bagel",
     "BagelPipelineOutput": ".pipeline_output",
     "FlowMatchEulerScheduler": ".scheduling_flow_match_euler",
