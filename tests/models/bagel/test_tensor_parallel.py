@@ -4,8 +4,6 @@ gloo) holds half of them, and generation, the pipeline and `bagel generate --par
 tokens and images (within 1e-4, float32)."""
 
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -18,7 +16,7 @@ from torch import nn
 from transformers import DistributedConfig
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-from conftest import DIGITS_CHECKPOINT, free_port
+from conftest import DIGITS_CHECKPOINT, free_port, torchrun_bagel
 from transformers_bagel import BagelConfig, BagelForConditionalGeneration
 from transformers_bagel.chat import understanding_messages
 from transformers_bagel.modeling_bagel_text import check_tensor_parallel_size
@@ -171,14 +169,10 @@ def test_cli_parallel_tp_needs_torchrun(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow  # a real torchrun of two processes
 def test_cli_under_torchrun_writes_the_single_process_png(digits_pipe, one_thread, tmp_path):
-    script = os.path.join(os.path.dirname(sys.executable), "bagel")
     output = tmp_path / "seven.png"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "--no-python", script, "generate", "--checkpoint",
-               str(DIGITS_CHECKPOINT), "--prompt", "a handwritten digit seven", "--steps", "3", "--seed", "5",
-               "--output", str(output), "--parallel", "tp"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = torchrun_bagel(WORLD, "generate", "--checkpoint", str(DIGITS_CHECKPOINT), "--prompt",
+                            "a handwritten digit seven", "--steps", "3", "--seed", "5", "--output", str(output),
+                            "--parallel", "tp")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1, result.stdout  # rank 0 only
     expected = digits_pipe("a handwritten digit seven", num_inference_steps=3,

@@ -3,8 +3,6 @@ torchrun): each rank runs its branches against the contexts only it prefilled, a
 the single-process call with `batch_invariant=True` (CPU, float32, gloo)."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
@@ -13,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DIGITS_CHECKPOINT, free_port, load_pipeline
+from conftest import DIGITS_CHECKPOINT, free_port, load_pipeline, torchrun_bagel
 from diffusers_bagel import BagelPipeline
 from diffusers_bagel.guidance_parallel import assign_branches
 
@@ -189,14 +187,10 @@ def test_cli_parallel_needs_torchrun(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow  # a real torchrun of two processes
 def test_cli_under_torchrun_writes_the_single_process_png(digits_pipe, one_thread, tmp_path):
-    script = os.path.join(os.path.dirname(sys.executable), "bagel")
     output = tmp_path / "seven.png"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "--no-python", script, "generate", "--checkpoint",
-               str(DIGITS_CHECKPOINT), "--prompt", "a handwritten digit seven", "--steps", "3", "--seed", "5",
-               "--output", str(output), "--parallel", "cfg"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = torchrun_bagel(2, "generate", "--checkpoint", str(DIGITS_CHECKPOINT), "--prompt",
+                            "a handwritten digit seven", "--steps", "3", "--seed", "5", "--output", str(output),
+                            "--parallel", "cfg")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote ") == 1, result.stdout  # rank 0 only
     expected = digits_pipe("a handwritten digit seven", num_inference_steps=3, batch_invariant=True,
