@@ -158,6 +158,16 @@ def _parallel_group(parallel: str | None, device: str | None):
 def _run_image(args, images=None):
     paths = _output_paths(args.output, args.num_images)
     _check_size_fits(args.checkpoint, args.height, args.width)
+    if args.lora is not None:
+        from transformers_bagel.training.lora import check_bagel_lora_path
+
+        if args.parallel == "tp":
+            raise ValueError("--lora and --parallel tp cannot be combined: peft's LoRA layers do not wrap the "
+                             "tensor-parallel linears; merge the adapter into a converted folder first.")
+        try:
+            check_bagel_lora_path(args.lora)
+        except FileNotFoundError as error:
+            raise ValueError(f"--lora: {error}") from None
     with _parallel_group(args.parallel, args.device) as (device, writes):
         _draw_and_write(args, images, paths, device, writes)
 
@@ -166,6 +176,10 @@ def _draw_and_write(args, images, paths, device, writes: bool):
     import torch
 
     pipe = _load_pipeline(args.checkpoint, device, args.dtype, args.parallel == "tp")
+    if args.lora is not None:
+        from transformers_bagel.training.lora import load_bagel_lora
+
+        load_bagel_lora(pipe, args.lora)
     if args.parallel == "cfg":
         pipe.enable_guidance_parallel()
     arguments = {name: getattr(args, name) for name in PIPELINE_FLAGS if getattr(args, name) is not None}

@@ -93,13 +93,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _add_model_flags(parser):
+def _add_model_flags(parser, lora: bool = False):
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", required=True, type=Path, help="Converted BAGEL folder (from `bagel convert`).")
     group.add_argument("--device", default=None, help="Device to run on (default: cuda when available, else cpu).")
     group.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPES], help="Weights dtype; auto = bfloat16 on CUDA, else float32."
     )
+    if lora:
+        group.add_argument(
+            "--lora", default=None, metavar="ADAPTER",
+            help="A LoRA adapter of the generation experts (a folder written by peft, e.g. by examples/train.py or "
+                 "examples/train_grpo.py), loaded onto the model.",
+        )  # fmt: skip
 
 
 def _add_image_flags(parser, preset: dict, size_default: str, output_default: str):
@@ -263,7 +269,7 @@ def build_parser(eval_benchmarks: bool = True) -> argparse.ArgumentParser:
         "generate", formatter_class=_HelpFormatter, help="Text-to-image.",
         description="Generate images from a text prompt and write them as PNG files.",
     )  # fmt: skip
-    _add_model_flags(generate)
+    _add_model_flags(generate, lora=True)
     generate.add_argument("--prompt", required=True, help="What to draw.")
     _add_image_flags(generate, TEXT_TO_IMAGE_PRESET, "1024, capped by the model's largest image side", "bagel_generate.png")
 
@@ -271,7 +277,7 @@ def build_parser(eval_benchmarks: bool = True) -> argparse.ArgumentParser:
         "edit", formatter_class=_HelpFormatter, help="Edit images by an instruction.",
         description="Edit one image (or combine several) following an instruction, and write the result as PNG.",
     )  # fmt: skip
-    _add_model_flags(edit)
+    _add_model_flags(edit, lora=True)
     edit.add_argument(
         "--image", type=_existing_file, action="append", required=True,
         help="Input image file; repeat the flag for several images (they come before the prompt, in order).",

@@ -146,6 +146,34 @@ def test_generate_passes_every_sampling_flag_to_the_pipeline(converted_dir, pipe
     assert not np.array_equal(np.asarray(expected[0]), np.asarray(expected[1]))
 
 
+def test_generate_with_lora_draws_what_the_adapted_pipeline_draws(converted_dir, tmp_path, capsys):
+    from conftest import load_pipeline
+    from transformers_bagel.training.lora import get_bagel_lora_model
+
+    pipe = load_pipeline(converted_dir)  # its own model: peft adds the adapter in place
+    torch.manual_seed(0)
+    lora = get_bagel_lora_model(pipe.model, r=4)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
+                parameter.normal_(0.0, 0.5)
+    lora.save_pretrained(tmp_path / "adapter")
+    call = dict(height=32, width=32, num_inference_steps=3, cfg_text_scale=1.0)
+    adapted = pipe("A red cat.", generator=torch.Generator().manual_seed(2), **call).images[0]
+    with lora.disable_adapter():
+        plain = pipe("A red cat.", generator=torch.Generator().manual_seed(2), **call).images[0]
+    assert not np.array_equal(np.asarray(adapted), np.asarray(plain))
+
+    output = tmp_path / "lora.png"
+    code, _, err = _run(
+        ["generate", "--checkpoint", converted_dir, "--lora", tmp_path / "adapter", "--prompt", "A red cat.",
+         "--output", output, "--height", 32, "--width", 32, "--steps", 3, "--cfg_text_scale", 1.0, "--seed", 2],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert np.array_equal(np.asarray(PIL.Image.open(output)), np.asarray(adapted))
+
+
 def test_edit_with_thinking_prints_the_plan_and_matches_the_pipeline(converted_dir, pipe, picture, tmp_path, capsys):
     output = tmp_path / "edit.png"
     code, out, err = _run(
@@ -354,6 +382,10 @@ def test_flags_left_out_are_not_passed_so_the_pipeline_defaults_apply(tmp_path, 
         (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}_out"], "not a BAGEL release folder"),
         (["convert", "--input_dir", "{empty}", "--output_dir", "{empty}/out"], "never writes into its input"),
         (["convert", "--input_dir", "{empty}", "--output_dir", "{ckpt}"], "is not empty; pass overwrite=True"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--lora", "{empty}/none"], "--lora: LoRA adapter folder"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--lora", "{empty}"], "holds no adapter_config.json"),
+        (["generate", "--checkpoint", "{ckpt}", "--prompt", "x", "--lora", "{empty}", "--parallel", "tp"],
+         "--lora and --parallel tp cannot be combined"),
         (["paint"], "invalid choice"),
     ],
 )
