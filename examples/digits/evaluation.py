@@ -41,14 +41,17 @@ class DigitClassifier:
     Args:
         images (`np.ndarray`): `uint8` `(N, H, W, 3)` real digits to fit on.
         labels (`np.ndarray`): their labels.
+        probability (`bool`, defaults to `False`): also fit sklearn's Platt scaling (a seeded internal
+            cross-validation), for [`~DigitClassifier.probabilities`].
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, probability: bool = False):
         from sklearn.svm import SVC
 
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"Need as many labels as images, at least one (got {len(images)} and {len(labels)}).")
-        self.svc = SVC(gamma=0.001, C=10.0).fit(self.features(images), np.asarray(labels))
+        svc = SVC(gamma=0.001, C=10.0, probability=probability, random_state=0 if probability else None)
+        self.svc = svc.fit(self.features(images), np.asarray(labels))
 
     @staticmethod
     def features(images) -> np.ndarray:
@@ -58,6 +61,14 @@ class DigitClassifier:
     def predict(self, images) -> np.ndarray:
         """Predicted digits of PIL images or `uint8` arrays."""
         return self.svc.predict(self.features(images))
+
+    def probabilities(self, images) -> np.ndarray:
+        """`(N, 10)` probabilities of the ten digits for PIL images or `uint8` arrays (needs `probability=True`)."""
+        if not self.svc.probability:
+            raise ValueError("This DigitClassifier was fitted without `probability=True`.")
+        probabilities = np.zeros((len(images), 10))
+        probabilities[:, self.svc.classes_] = self.svc.predict_proba(self.features(images))
+        return probabilities
 
     def accuracy(self, images, labels) -> float:
         """Fraction of `images` classified as `labels`."""
