@@ -195,15 +195,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_bagel(nproc: int, *args: str):
-    """Runs `bagel ARGS` under `torchrun --nproc_per_node NPROC` (one torch thread per process, as torchrun sets by
-    default) and returns the finished process, its output captured."""
+def torchrun(nproc: int, *command: str, no_python: bool = False):
+    """Runs `torchrun --nproc_per_node NPROC COMMAND` (a Python script and its arguments; with `no_python`, an
+    executable) with one torch thread per process, as torchrun sets by default, and returns the finished process, its
+    output captured."""
     import os
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(sys.executable), "bagel")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "--no-python", script, *args]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port()), *(["--no-python"] if no_python else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*launcher, *command], capture_output=True, text=True, timeout=600, env=env)
+
+
+def torchrun_bagel(nproc: int, *args: str):
+    """Runs `bagel ARGS` under [`torchrun`]."""
+    import os
+    import sys
+
+    return torchrun(nproc, os.path.join(os.path.dirname(sys.executable), "bagel"), *args, no_python=True)

@@ -225,6 +225,12 @@ class BagelGRPOTrainer(Trainer):
         kwargs.setdefault("data_collator", _collate_prompts)
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean: Trainer divides it by the accumulation steps
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "BagelGRPOTrainer runs on one process or under DDP (`torchrun` / `accelerate launch` without FSDP or "
+                "DeepSpeed): its loss calls the pipeline's model directly, which FSDP's and DeepSpeed's wrappers would "
+                "not see. The LoRA's weights are small; replicate them."
+            )
 
     # -- sampling ----------------------------------------------------------------------------------------------------
 
@@ -309,9 +315,32 @@ class BagelGRPOTrainer(Trainer):
         batch = self._sampled_batch(inputs)
         sampled = time.perf_counter()
         loss = super().training_step(model, batch, num_items_in_batch)
+        self._average_gradients_over_processes()
         self._metrics["sampling_seconds"].append(sampled - start)
         self._metrics["training_seconds"].append(time.perf_counter() - sampled)
         return loss
+
+    def _average_gradients_over_processes(self) -> None:
+        """
+        Under DDP, averages the trainable parameters' gradients over the processes once per optimiser step (on the
+        accumulation's last micro-step), as DDP's own reducer would. DDP's reducer never runs here: the loss calls
+        the pipeline's model, not the DDP wrapper's `forward`, and without this each process would step on its own
+        gradients and the replicas would drift apart. One all-reduce of the flattened gradients (LoRA weights only).
+        """
+        world = self.accelerator.num_processes
+        if world == 1 or not self.accelerator.sync_gradients:
+            return
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        for parameter in parameters:
+            if parameter.grad is None:  # no gradient on this process: a zero one, so every process sends as much
+                parameter.grad = torch.zeros_like(parameter)
+        flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for parameter in parameters:
+            parameter.grad.copy_(flat[offset : offset + parameter.numel()].view_as(parameter.grad))
+            offset += parameter.numel()
 
     def _sampled_batch(self, inputs: dict[str, list]) -> dict:
         """This micro-step's samples: drawn on every `num_iterations`-th step, reused (with their old log-probs) on

@@ -197,3 +197,48 @@ def test_resumed_run_gives_the_unbroken_runs_second_step(converted_dir, tmp_path
         assert _logged(resumed, key) == _logged(unbroken, key), key  # step 1's entry comes from the checkpoint
     a, b = _lora_weights(unbroken), _lora_weights(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+DDP_SCRIPT = '''
+import sys
+
+import datasets
+import numpy as np
+import torch
+
+from diffusers_bagel import BagelPipeline
+from diffusers_bagel.grpo import BagelGRPOConfig, BagelGRPOTrainer
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = BagelPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+args = BagelGRPOConfig(
+    output_dir=out, per_device_train_batch_size=1, num_generations=2, num_inference_steps=3, sde_window_size=2,
+    height=32, width=32, cfg_interval=[0.5, 1.0], max_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
+    seed=0, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
+)
+reward = lambda images, prompts, **columns: [float(np.asarray(image, dtype=np.float32).mean()) / 255 for image in images]
+trainer = BagelGRPOTrainer(pipe, reward, args, train_dataset=datasets.Dataset.from_dict({"prompt": ["a cat", "a dog"]}))
+lora = lambda: {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" in name}
+initial = lora()
+trainer.train()
+torch.save({"initial": initial, "final": lora(), "world": trainer.accelerator.num_processes},
+           f"{out}/rank{trainer.args.process_index}.pt")
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_under_ddp_keep_one_adapter(converted_dir, tmp_path):
+    """Under torchrun (DDP, gloo) each process samples its own images, and the gradients are averaged over the
+    processes: both end with the same adapter, which moved."""
+    from conftest import torchrun
+
+    script = tmp_path / "grpo_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    result = torchrun(2, str(script), str(converted_dir), str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0]["world"] == 2
+    names = ranks[0]["final"].keys()
+    assert all(torch.equal(ranks[0]["final"][name], ranks[1]["final"][name]) for name in names)
+    assert any(not torch.equal(ranks[0]["final"][name], ranks[0]["initial"][name]) for name in names)
