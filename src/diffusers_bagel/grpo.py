@@ -325,22 +325,19 @@ class BagelGRPOTrainer(Trainer):
         Under DDP, averages the trainable parameters' gradients over the processes once per optimiser step (on the
         accumulation's last micro-step), as DDP's own reducer would. DDP's reducer never runs here: the loss calls
         the pipeline's model, not the DDP wrapper's `forward`, and without this each process would step on its own
-        gradients and the replicas would drift apart. One all-reduce of the flattened gradients (LoRA weights only).
+        gradients and the replicas would drift apart. One all-reduce (accelerate's `reduce`) of the flattened
+        gradients (LoRA weights only).
         """
-        world = self.accelerator.num_processes
-        if world == 1 or not self.accelerator.sync_gradients:
+        if self.accelerator.num_processes == 1 or not self.accelerator.sync_gradients:
             return
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         for parameter in parameters:
             if parameter.grad is None:  # no gradient on this process: a zero one, so every process sends as much
                 parameter.grad = torch.zeros_like(parameter)
-        flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for parameter in parameters:
-            parameter.grad.copy_(flat[offset : offset + parameter.numel()].view_as(parameter.grad))
-            offset += parameter.numel()
+        grads = [parameter.grad for parameter in parameters]
+        mean = self.accelerator.reduce(torch.cat([grad.reshape(-1) for grad in grads]), reduction="mean")
+        for grad, part in zip(grads, mean.split([grad.numel() for grad in grads])):
+            grad.copy_(part.view_as(grad))
 
     def _sampled_batch(self, inputs: dict[str, list]) -> dict:
         """This micro-step's samples: drawn on every `num_iterations`-th step, reused (with their old log-probs) on
