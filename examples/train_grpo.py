@@ -39,6 +39,7 @@ from digits import (
 from train_digits_vae import positive_float, positive_int
 
 from diffusers_bagel import BagelGRPOConfig, BagelGRPOTrainer, BagelPipeline
+from diffusers_bagel.defaults import DEFAULT_TIMESTEP_SHIFT
 from transformers_bagel.training.lora import bagel_lora_config
 
 
@@ -207,7 +208,8 @@ def main():
         config = BagelGRPOConfig(
             output_dir=str(args.output_dir), per_device_train_batch_size=args.prompts_per_step,
             num_generations=args.num_generations, num_inference_steps=args.steps, sde_window_size=args.sde_window_size,
-            sde_noise_level=args.sde_noise_level, cfg_text_scale=args.cfg_text_scale, timestep_shift=3.0,
+            sde_noise_level=args.sde_noise_level, cfg_text_scale=args.cfg_text_scale,
+            timestep_shift=DEFAULT_TIMESTEP_SHIFT,
             beta=args.beta, epsilon=args.epsilon, num_iterations=args.num_iterations, learning_rate=args.learning_rate,
             lr_scheduler_type="constant", warmup_steps=0, max_steps=args.max_steps, logging_steps=5, save_strategy="no",
             report_to=[], seed=args.seed, use_cpu=True, dataloader_num_workers=0, weight_decay=0.0,
@@ -219,7 +221,9 @@ def main():
     split = split_digits(seed=0)  # the shipped model's split
     reward_judge = DigitClassifier(split.train_images, split.train_labels, probability=True)
     eval_judge = DigitClassifier(split.held_out_images, split.held_out_labels)
-    setting = {"num_inference_steps": args.steps, "cfg_text_scale": args.cfg_text_scale, "timestep_shift": 3.0}
+    setting = {
+        "num_inference_steps": args.steps, "cfg_text_scale": args.cfg_text_scale, "timestep_shift": DEFAULT_TIMESTEP_SHIFT
+    }  # fmt: skip
 
     pipe = BagelPipeline.from_pretrained(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)

@@ -278,7 +278,7 @@ class BagelPipeline(DiffusionPipeline, BagelLoraLoaderMixin):
         think=False,
         max_think_tokens=None,
         think_do_sample=False,
-        think_temperature=0.3,
+        think_temperature=DEFAULT_THINK_TEMPERATURE,
         callback_on_step_end=None,
     ):
         """Refuses, before any work, the arguments of a call that the model cannot run or that are out of bounds (see

@@ -17,6 +17,7 @@ from .defaults import (
     MIN_TIMESTEP_SHIFT,
     OUTPUT_TYPES,
     CFG_RENORM_TYPES,
+    DEFAULT_THINK_TEMPERATURE,
 )
 
 
@@ -80,7 +81,7 @@ def check_call_arguments(
     think=False,
     max_think_tokens=None,
     think_do_sample=False,
-    think_temperature=0.3,
+    think_temperature=DEFAULT_THINK_TEMPERATURE,
     callback_on_step_end=None,
 ) -> None:
     """Refuses the arguments of a call (see `BagelPipeline.__call__`) that the model (its `config`) cannot run or that

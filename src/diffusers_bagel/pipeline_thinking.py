@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from diffusers.utils import logging
 
-from .defaults import DEFAULT_MAX_THINK_TOKENS
+from .defaults import DEFAULT_MAX_THINK_TOKENS, DEFAULT_THINK_TEMPERATURE
 from .pipeline_contexts import ContextEncoder
 from .pipeline_inputs import Context, GuidanceContexts, image_structure_tokens_in
 
@@ -58,7 +58,7 @@ def generate_thinking(
     contexts: list[GuidanceContexts],
     max_think_tokens: int,
     do_sample: bool = False,
-    temperature: float = 0.3,
+    temperature: float = DEFAULT_THINK_TEMPERATURE,
 ) -> tuple[list[str], list[GuidanceContexts]]:
     """
     Generates the planning text from each full context and appends it to that context, as the original's `gen_text`:
