@@ -71,6 +71,33 @@ def test_shipped_adapter_draws_the_requested_digit_without_guidance(split):
     assert adapted.accuracy >= guided.accuracy - 0.05, (guided.per_digit, adapted.per_digit)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--checkpoint", "{tmp}"], "is not a pipeline folder"),
+        (["--cfg_text_scale", "0.5"], "--cfg_text_scale must be >= 1"),
+        (["--sde_window_size", "20"], "--sde_window_size (20) exceeds --steps (16)"),
+        (["--beta", "-1"], "`beta` must be >= 0"),
+        (["--num_generations", "1"], "`num_generations` must be an integer >= 2"),
+        (["--steps", "0"], "expected a positive integer"),
+    ],
+)
+def test_training_script_refuses_bad_settings_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    import train_grpo
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded")
+
+    monkeypatch.setattr(train_grpo.BagelPipeline, "from_pretrained", no_loading)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    monkeypatch.setattr(sys, "argv", ["train_grpo.py", "--adapter_dir", str(tmp_path / "adapter"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        train_grpo.main()
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "adapter").exists()
+
+
 @pytest.mark.slow
 def test_training_script_writes_the_adapter_its_setting_and_readme(tmp_path):
     command = [sys.executable, str(ROOT / "examples" / "train_grpo.py"), "--adapter_dir", str(tmp_path / "adapter"),
